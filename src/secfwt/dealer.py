@@ -1,0 +1,283 @@
+"""The dealer: correlated randomness for the two servers, sent as PRG seeds plus corrections.
+
+Seed compression: the dealer shares one AES key with each server. For request number ``i`` both the dealer
+and server 0 derive server 0's *entire* material from stream ``i`` of key 0, so server 0 never talks to the
+dealer online. Server 1 derives its random parts from stream ``i`` of key 1 and receives only the
+*corrections* (for a Beaver triple: ``c1 = a*b - c0``), which is the dealer's only online traffic.
+Server 1 sends the request (kind + public shapes) and reads the answer lazily, so the dealer's latency
+overlaps with the servers' own round.
+
+Kinds of correlation (``S0`` = server 0's material, all pseudo-random; ``S1`` = random parts + corrections):
+
+============  ==========================================================  ========================================
+kind          secret relation                                             bytes dealer -> server 1
+============  ==========================================================  ========================================
+mul           c = a * b  (elementwise, broadcasting)                      8 * numel(c)
+matmul        c = a @ b                                                   8 * numel(c)
+square        c = a * a                                                   8 * numel(a)
+trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
+compare       r (arith), rb = r (XOR shares), AND triples, bit s as A/B    8 * n * (2 + 2 * 5 + 1)
+cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
+bit2a         random bit s as XOR share and arithmetic share               8 * n
+============  ==========================================================  ========================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secfwt import ring
+from secfwt.comm.base import DEALER, SERVER0, SERVER1, Communicator
+from secfwt.errors import ProtocolMismatchError
+from secfwt.prg import PRG, PRGStream
+
+Material = dict[str, Tensor]
+Shape = tuple[int, ...]
+
+COMPARE_LEVELS = 6  # log2(64): levels of the carry tree in the comparison protocol
+
+
+def _shape(params: dict[str, Any], key: str) -> Shape:
+    return tuple(int(s) for s in params[key])
+
+
+# -- per-kind definitions: draw0 (server 0, all random), draw1 (server 1 random parts), correct (dealer) --
+
+
+def _mul_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    a, b = st.ring(_shape(p, "a")), st.ring(_shape(p, "b"))
+    return {"a": a, "b": b, "c": st.ring(_out_shape(p, a, b))}
+
+
+def _out_shape(p: dict[str, Any], a: Tensor, b: Tensor) -> Shape:
+    if p.get("op") == "matmul":
+        return tuple(torch.empty(a.shape, device="meta").matmul(torch.empty(b.shape, device="meta")).shape)
+    return tuple(torch.broadcast_shapes(a.shape, b.shape))
+
+
+def _mul_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a")), "b": st.ring(_shape(p, "b"))}
+
+
+def _mul_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    a = m0["a"] + m1["a"]
+    b = m0["b"] + m1["b"]
+    c = ring.matmul(a, b) if p.get("op") == "matmul" else a * b
+    return {"c": c - m0["c"]}
+
+
+def _square_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "a")
+    return {"a": st.ring(shape), "c": st.ring(shape)}
+
+
+def _square_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a"))}
+
+
+def _square_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    a = m0["a"] + m1["a"]
+    return {"c": a * a - m0["c"]}
+
+
+def _trunc_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "shape")
+    return {"r": st.ring(shape), "rq": st.ring(shape), "rm": st.ring(shape)}
+
+
+def _trunc_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"r": st.ring(_shape(p, "shape"))}
+
+
+def _trunc_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    r = m0["r"] + m1["r"]
+    k = int(p["bits"])
+    return {"rq": ring.logical_rshift(r, k) - m0["rq"], "rm": ring.msb(r) - m0["rm"]}
+
+
+def _compare_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "shape")
+    m = {"r": st.ring(shape), "rb": st.ring(shape), "sb": st.bits(shape), "sa": st.ring(shape)}
+    for lv in range(COMPARE_LEVELS):
+        for name in ("ta", "tb1", "tb2", "tc1", "tc2"):
+            m[f"{name}{lv}"] = st.ring(shape)
+    return m
+
+
+def _compare_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "shape")
+    m = {"r": st.ring(shape), "sb": st.bits(shape)}
+    for lv in range(COMPARE_LEVELS):
+        for name in ("ta", "tb1", "tb2"):
+            m[f"{name}{lv}"] = st.ring(shape)
+    return m
+
+
+def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    r = m0["r"] + m1["r"]
+    out = {"rb": r ^ m0["rb"]}
+    for lv in range(COMPARE_LEVELS):
+        ta = m0[f"ta{lv}"] ^ m1[f"ta{lv}"]
+        out[f"tc1{lv}"] = (ta & (m0[f"tb1{lv}"] ^ m1[f"tb1{lv}"])) ^ m0[f"tc1{lv}"]
+        out[f"tc2{lv}"] = (ta & (m0[f"tb2{lv}"] ^ m1[f"tb2{lv}"])) ^ m0[f"tc2{lv}"]
+    s = m0["sb"] ^ m1["sb"]
+    out["sa"] = s - m0["sa"]
+    return out
+
+
+def _cossin_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "shape")
+    return {"t": st.ring(shape), "cos": st.ring(shape), "sin": st.ring(shape)}
+
+
+def _cossin_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"t": st.ring(_shape(p, "shape"))}
+
+
+def _cossin_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    f = int(p["frac_bits"])
+    t = (m0["t"] + m1["t"]) & ((1 << f) - 1)
+    theta = t.to(torch.float64) * (2.0 * math.pi / 2.0**f)
+    return {
+        "cos": ring.encode(torch.cos(theta), f) - m0["cos"],
+        "sin": ring.encode(torch.sin(theta), f) - m0["sin"],
+    }
+
+
+def _bit2a_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "shape")
+    return {"sb": st.bits(shape), "sa": st.ring(shape)}
+
+
+def _bit2a_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"sb": st.bits(_shape(p, "shape"))}
+
+
+def _bit2a_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    return {"sa": (m0["sb"] ^ m1["sb"]) - m0["sa"]}
+
+
+_Draw = Callable[[dict[str, Any], PRGStream], Material]
+_Correct = Callable[[dict[str, Any], Material, Material], Material]
+
+KINDS: dict[str, tuple[_Draw, _Draw, _Correct]] = {
+    "mul": (_mul_draw0, _mul_draw1, _mul_correct),
+    "square": (_square_draw0, _square_draw1, _square_correct),
+    "trunc": (_trunc_draw0, _trunc_draw1, _trunc_correct),
+    "compare": (_compare_draw0, _compare_draw1, _compare_correct),
+    "cossin": (_cossin_draw0, _cossin_draw1, _cossin_correct),
+    "bit2a": (_bit2a_draw0, _bit2a_draw1, _bit2a_correct),
+}
+
+
+def _check_kind(kind: str) -> tuple[_Draw, _Draw, _Correct]:
+    spec = KINDS.get(kind)
+    if spec is None:
+        raise ProtocolMismatchError(f"unknown correlation kind '{kind}' (known: {sorted(KINDS)})")
+    return spec
+
+
+class Pending:
+    """Server 1's view of an outstanding request: own random parts now, corrections when read."""
+
+    def __init__(self, client: DealerClient, material: Material, kind: str, names: list[str]) -> None:
+        self._client = client
+        self.material = material
+        self._kind = kind
+        self._names = names
+        self._done = not names
+
+    def _fill(self) -> None:
+        for name in self._names:
+            self.material[name] = self._client.comm.recv(DEALER, f"dealer/{self._kind}/{name}")
+        self._done = True
+
+    def get(self) -> Material:
+        if not self._done:
+            self._client.drain_until(self)
+        return self.material
+
+
+class DealerClient:
+    """A server's access to the dealer (see module docstring for the seed compression)."""
+
+    def __init__(self, rank: int, comm: Communicator, prg: PRG) -> None:
+        if rank not in (SERVER0, SERVER1):
+            raise ValueError(f"DealerClient is for servers, got rank {rank}")
+        self.rank = rank
+        self.comm = comm
+        self.prg = prg
+        self.index = 0
+        self._queue: deque[Pending] = deque()
+
+    def request(self, kind: str, **params: Any) -> Pending:
+        """Ask for one correlation; returns at once (server 1's corrections are read on ``get()``)."""
+        draw0, draw1, correct = _check_kind(kind)
+        st = self.prg.stream(self.index)
+        if self.rank == SERVER0:
+            pend = Pending(self, draw0(params, st), kind, [])
+        else:
+            self.comm.send_json(DEALER, "dealer/req", {"kind": kind, "params": params, "index": self.index})
+            material = draw1(params, st)
+            names = _correction_names(kind, params)
+            pend = Pending(self, material, kind, names)
+            self._queue.append(pend)
+        self.index += 1
+        return pend
+
+    def drain_until(self, target: Pending) -> None:
+        while self._queue:
+            pend = self._queue.popleft()
+            pend._fill()
+            if pend is target:
+                return
+        raise RuntimeError("dealer request was already consumed")
+
+    def close(self) -> None:
+        if self.rank == SERVER1:
+            while self._queue:
+                self._queue.popleft()._fill()
+            self.comm.send_json(DEALER, "dealer/req", {"kind": "stop", "params": {}, "index": self.index})
+
+
+_NAMES_CACHE: dict[str, list[str]] = {}
+
+
+def _correction_names(kind: str, params: dict[str, Any]) -> list[str]:
+    """Names of the tensors the dealer sends for ``kind`` (fixed per kind, independent of sizes)."""
+    if kind not in _NAMES_CACHE:
+        draw0, draw1, correct = _check_kind(kind)
+        tiny = {k: ([1] * len(v) if isinstance(v, list) else v) for k, v in params.items()}
+        st0, st1 = PRG(bytes(16)).stream(0), PRG(bytes(16)).stream(1)
+        _NAMES_CACHE[kind] = list(correct(tiny, draw0(tiny, st0), draw1(tiny, st1)).keys())
+    return _NAMES_CACHE[kind]
+
+
+def serve(comm: Communicator, prg0: PRG, prg1: PRG, idle_timeout: float | None = None) -> int:
+    """The dealer's loop: answer server 1's requests until it says stop. Returns the number served."""
+    served = 0
+    old_timeout = comm.timeout
+    if idle_timeout is not None:
+        comm.timeout = idle_timeout
+    try:
+        while True:
+            req = comm.recv_json(SERVER1, "dealer/req")
+            kind, params, index = req["kind"], req["params"], int(req["index"])
+            if kind == "stop":
+                return served
+            if index != served:
+                raise ProtocolMismatchError(f"dealer: expected request #{served}, got #{index} ({kind})")
+            draw0, draw1, correct = _check_kind(kind)
+            with comm.cost.scope(f"dealer/{kind}"):
+                corr = correct(params, draw0(params, prg0.stream(index)), draw1(params, prg1.stream(index)))
+                for name, t in corr.items():
+                    comm.send(SERVER1, f"dealer/{kind}/{name}", t)
+            served += 1
+    finally:
+        comm.timeout = old_timeout

@@ -1,0 +1,62 @@
+"""Cryptographic pseudo-random generators (AES-128 in counter mode) producing ring tensors.
+
+Two parties holding the same 16-byte key derive identical streams: stream ``i`` starts the CTR counter
+block at ``i * 2^64``, so streams never overlap and a party can derive stream ``i`` without the others.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from torch import Tensor
+
+KEY_BYTES = 16
+
+
+def new_key() -> bytes:
+    """A fresh random PRG key from the operating system's CSPRNG."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+class PRGStream:
+    """Sequential draws from one AES-CTR key stream."""
+
+    def __init__(self, key: bytes, stream: int) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"PRG key must be {KEY_BYTES} bytes, got {len(key)}")
+        nonce = (stream % (1 << 64)).to_bytes(8, "big") + bytes(8)
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
+
+    def bytes(self, n: int) -> bytes:
+        return self._enc.update(bytes(n))
+
+    def ring(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        """Uniform elements of Z_2^64 as an int64 tensor."""
+        n = math.prod(shape)
+        if n == 0:
+            return torch.zeros(shape, dtype=torch.int64)
+        buf = bytearray(self.bytes(8 * n))
+        return torch.frombuffer(buf, dtype=torch.int64).reshape(shape)
+
+    def bits(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        """Uniform bits (int64 0/1)."""
+        return self.ring(shape) & 1
+
+    def below(self, shape: tuple[int, ...] | torch.Size, bits: int) -> Tensor:
+        """Uniform integers in [0, 2^bits)."""
+        return self.ring(shape) & ((1 << bits) - 1)
+
+
+class PRG:
+    """A keyed PRG shared by a set of parties; ``stream(i)`` is the i-th independent stream."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"PRG key must be {KEY_BYTES} bytes, got {len(key)}")
+        self.key = key
+
+    def stream(self, index: int) -> PRGStream:
+        return PRGStream(self.key, index)
