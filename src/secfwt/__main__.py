@@ -1,0 +1,5 @@
+import sys
+
+from secfwt.cli import main
+
+sys.exit(main())
