@@ -1,0 +1,218 @@
+"""Workload definitions shared by the CrypTen and SPU benchmark workers.
+
+Only NumPy (and SciPy for ``erf``) is needed, so this module imports in either engine's venv.
+Inputs are drawn from a fixed seed, so both engines see the same numbers; the float64 NumPy
+functions here are the plaintext references the workers compare against (``max_abs_error``).
+
+Conventions (all engines):
+
+* activations are secret inputs of party 0, weights (and LayerNorm gamma/beta, biases) secret
+  inputs of party 1: "encrypted activations x encrypted weights";
+* BERT blocks are post-LN (as in BERT / all-MiniLM-L6-v2), GELU is the exact erf form,
+  attention is full (no mask) softmax attention with scale 1/sqrt(head_dim), LN eps = 1e-12;
+* small model = all-MiniLM-L6-v2 sizes (6 layers, hidden 384, 12 heads, FFN 1536), random init
+  (std 0.02 weights, LN gamma ~ 1 + 0.02 N(0,1)), starting from input embeddings (the data
+  owner's embedding lookup is outside the measured region), ending with mean pooling and a
+  2-class linear head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import erf as _erf
+
+WORKLOADS = [
+    "matmul",
+    "softmax",
+    "gelu",
+    "layernorm",
+    "encoder_layer",
+    "small_model_forward",
+    "tuning_step",
+]
+ATTENTION = {"softmax": "softmax", "encoder_layer": "softmax", "small_model_forward": "softmax",
+             "tuning_step": "softmax"}
+LN_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class BertDims:
+    hidden: int
+    heads: int
+    ffn: int
+    layers: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+BERT_BASE = BertDims(hidden=768, heads=12, ffn=3072, layers=1)
+MINILM = BertDims(hidden=384, heads=12, ffn=1536, layers=6)
+N_CLASSES = 2
+
+
+@dataclass
+class Case:
+    """Plain inputs of one workload: ``x`` (party 0) and ``params`` (party 1)."""
+
+    name: str
+    x: np.ndarray
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: np.ndarray | None = None  # tuning_step only: class ids, shape [batch]
+    meta: dict = field(default_factory=dict)
+
+
+def _rng(name: str, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, sum(map(ord, name))])
+
+
+def layer_params(rng: np.random.Generator, d: BertDims, prefix: str) -> dict[str, np.ndarray]:
+    h, f = d.hidden, d.ffn
+    p: dict[str, np.ndarray] = {}
+    for name, shape in [("wq", (h, h)), ("wk", (h, h)), ("wv", (h, h)), ("wo", (h, h)),
+                        ("w1", (h, f)), ("w2", (f, h))]:
+        p[prefix + name] = rng.normal(0.0, 0.02, shape)
+    for name, n in [("bq", h), ("bk", h), ("bv", h), ("bo", h), ("b1", f), ("b2", h)]:
+        p[prefix + name] = rng.normal(0.0, 0.02, n)
+    for ln in ("ln1", "ln2"):
+        p[prefix + ln + "_g"] = 1.0 + rng.normal(0.0, 0.02, h)
+        p[prefix + ln + "_b"] = rng.normal(0.0, 0.02, h)
+    return p
+
+
+def model_params(rng: np.random.Generator, d: BertDims) -> dict[str, np.ndarray]:
+    p: dict[str, np.ndarray] = {}
+    for i in range(d.layers):
+        p.update(layer_params(rng, d, f"l{i}."))
+    p["head_w"] = rng.normal(0.0, 0.02, (d.hidden, N_CLASSES))
+    p["head_b"] = np.zeros(N_CLASSES)
+    return p
+
+
+def make_case(name: str, batch: int = 1, seq: int = 128, seed: int = 0) -> Case:
+    rng = _rng(name, seed)
+    if name == "matmul":
+        return Case(name, rng.normal(0, 1, (128, 768)), {"w": rng.normal(0, 0.02, (768, 768))},
+                    meta={"shape": "128x768 @ 768x768"})
+    if name == "softmax":
+        # attention-score-like logits: N(0, 2^2)
+        return Case(name, rng.normal(0, 2, (12, 128, 128)), meta={"shape": "12x128x128, dim=-1"})
+    if name == "gelu":
+        return Case(name, rng.normal(0, 1, (128, 3072)), meta={"shape": "128x3072"})
+    if name == "layernorm":
+        x = rng.normal(0, 1, (128, 768)) * rng.uniform(0.5, 3.0, (128, 1)) + rng.normal(0, 0.5, (128, 1))
+        return Case(name, x, {"g": 1.0 + rng.normal(0, 0.02, 768), "b": rng.normal(0, 0.02, 768)},
+                    meta={"shape": "128x768, over last dim"})
+    if name == "encoder_layer":
+        return Case(name, rng.normal(0, 1, (128, BERT_BASE.hidden)), layer_params(rng, BERT_BASE, "l0."),
+                    meta={"shape": "BERT-base layer, seq 128", "dims": BERT_BASE.__dict__})
+    if name in ("small_model_forward", "tuning_step"):
+        x = rng.normal(0, 1, (batch, seq, MINILM.hidden))
+        labels = rng.integers(0, N_CLASSES, batch)
+        return Case(name, x, model_params(rng, MINILM), labels=labels,
+                    meta={"batch": batch, "seq": seq, "dims": MINILM.__dict__, "init": "random"})
+    raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
+
+
+# ----------------------------------------------------------------- float64 plaintext references
+
+
+def ref_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = np.exp(x - x.max(axis=axis, keepdims=True))
+    return z / z.sum(axis=axis, keepdims=True)
+
+
+def ref_gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def ref_layernorm(x: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    d = x - mu
+    var = (d * d).mean(-1, keepdims=True)
+    return d / np.sqrt(var + LN_EPS) * g + b
+
+
+def ref_encoder_layer(x: np.ndarray, p: dict[str, np.ndarray], prefix: str, d: BertDims) -> np.ndarray:
+    """x: [..., seq, hidden] -> same shape."""
+    lead, (s, h) = x.shape[:-2], x.shape[-2:]
+
+    def heads(t):
+        return t.reshape(*lead, s, d.heads, d.head_dim).swapaxes(-2, -3)
+
+    q = heads(x @ p[prefix + "wq"] + p[prefix + "bq"])
+    k = heads(x @ p[prefix + "wk"] + p[prefix + "bk"])
+    v = heads(x @ p[prefix + "wv"] + p[prefix + "bv"])
+    att = ref_softmax(q @ k.swapaxes(-1, -2) / math.sqrt(d.head_dim))
+    ctx = (att @ v).swapaxes(-2, -3).reshape(*lead, s, h)
+    a = ref_layernorm(ctx @ p[prefix + "wo"] + p[prefix + "bo"] + x, p[prefix + "ln1_g"], p[prefix + "ln1_b"])
+    f = ref_gelu(a @ p[prefix + "w1"] + p[prefix + "b1"]) @ p[prefix + "w2"] + p[prefix + "b2"]
+    return ref_layernorm(f + a, p[prefix + "ln2_g"], p[prefix + "ln2_b"])
+
+
+def ref_small_model(x: np.ndarray, p: dict[str, np.ndarray], d: BertDims = MINILM):
+    """Returns (last hidden state, logits)."""
+    for i in range(d.layers):
+        x = ref_encoder_layer(x, p, f"l{i}.", d)
+    logits = x.mean(-2) @ p["head_w"] + p["head_b"]
+    return x, logits
+
+
+def reference(case: Case) -> np.ndarray:
+    """Plaintext float64 output of a forward workload (tuning_step is checked by the worker)."""
+    n, x, p = case.name, case.x, case.params
+    if n == "matmul":
+        return x @ p["w"]
+    if n == "softmax":
+        return ref_softmax(x)
+    if n == "gelu":
+        return ref_gelu(x)
+    if n == "layernorm":
+        return ref_layernorm(x, p["g"], p["b"])
+    if n == "encoder_layer":
+        return ref_encoder_layer(x, p, "l0.", BERT_BASE)
+    if n == "small_model_forward":
+        return ref_small_model(x, p)[0]
+    raise ValueError(f"no forward reference for {n}")
+
+
+# ----------------------------------------------------------------------------- result records
+
+
+def result_record(workload: str, engine: str, times: list[float], bytes_per_server, rounds,
+                  max_abs_error, repeats: int, **extra) -> dict:
+    rec = {
+        "workload": workload,
+        "engine": engine,
+        "attention": ATTENTION.get(workload),
+        "time_s": statistics.median(times) if times else None,
+        "bytes_per_server": bytes_per_server,
+        "rounds": rounds,
+        "max_abs_error": max_abs_error,
+        "repeats": repeats,
+    }
+    rec.update(extra)
+    return rec
+
+
+def emit(rec: dict, out_path: str | None = None) -> None:
+    line = json.dumps(rec, sort_keys=False)
+    print(line, flush=True)
+    if out_path:
+        with open(out_path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def parse_workloads(spec: str) -> list[str]:
+    names = WORKLOADS if spec == "all" else [w.strip() for w in spec.split(",") if w.strip()]
+    bad = [w for w in names if w not in WORKLOADS]
+    if bad:
+        sys.exit(f"unknown workload(s) {bad}; choose from {WORKLOADS} or 'all'")
+    return names
