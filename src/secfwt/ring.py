@@ -92,12 +92,8 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     if k != b.shape[-2]:
         raise ValueError(f"ring.matmul: inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}")
     if k > _MAX_INNER:
-        out = None
-        for s in range(0, k, _MAX_INNER):
-            part = matmul(a[..., s : s + _MAX_INNER], b[..., s : s + _MAX_INNER, :])
-            out = part if out is None else out + part
-        assert out is not None
-        return out
+        parts = [matmul(a[..., s : s + _MAX_INNER], b[..., s : s + _MAX_INNER, :]) for s in range(0, k, _MAX_INNER)]
+        return torch.stack(parts).sum(0)
     al, bl = _limbs(a), _limbs(b)
     n = b.shape[-1]
     acc: list[Tensor | None] = [None] * N_LIMBS

@@ -75,7 +75,7 @@ class AShare:
     def __getitem__(self, idx: Any) -> AShare:
         return self._wrap(self.data[idx])
 
-    def sum(self, dim: int | Sequence[int], keepdim: bool = False) -> AShare:
+    def sum(self, dim: int | tuple[int, ...], keepdim: bool = False) -> AShare:
         return self._wrap(self.data.sum(dim=dim, keepdim=keepdim))
 
     def __neg__(self) -> AShare:

@@ -10,6 +10,7 @@ Wire format (TCP): ``b"SF1" | u32 header length | header JSON | u64 payload leng
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import threading
@@ -223,7 +224,5 @@ class Communicator(ABC):
         for p in peers:
             if p == self.rank:
                 continue
-            try:
+            with contextlib.suppress(Exception):  # the peer may be gone already
                 self._send_frame(p, Frame(seq=-1, tag="abort", kind="abort", obj=f"{self.name}: {reason}"))
-            except Exception:  # noqa: BLE001 - the peer may be gone already
-                pass

@@ -21,16 +21,17 @@ TRUNC_RANGE_BITS = 62
 
 
 def trunc(ctx: PartyContext, x: AShare, bits: int) -> AShare:
-    """Exact-range probabilistic truncation: ``floor(x / 2^bits)`` or one less, for |x| < 2^62.
+    """Exact-range truncation: ``floor(x / 2^bits)`` or one more, for |x| < 2^62.
 
     Steps (dealer gives shares of r uniform in Z_2^64, of q = floor(r / 2^bits) and of m = msb(r)):
       1. x' = x + 2^62, so x' is in [0, 2^63) as an unsigned integer.
       2. Open c = x' + r (mod 2^64).
       3. The wrap bit w = [x' + r >= 2^64] equals m * (1 - msb(c)) because x' < 2^63: linear in m.
-      4. floor(x' / 2^bits) = (c >> bits) - q + w * 2^(64 - bits) - borrow, borrow in {0, 1}.
+      4. floor(x' / 2^bits) = (c >> bits) - q + w * 2^(64 - bits) - borrow, where borrow =
+         [c mod 2^bits < r mod 2^bits] in {0, 1} is dropped (the one-unit error).
       5. Subtract 2^(62 - bits).
     Cost: 1 round; 8n bytes sent per server; dealer -> server 1: 16n bytes.
-    Error: the result is floor(x / 2^bits) - e with e in {0, 1} (at most one unit in the last place);
+    Error: the result is floor(x / 2^bits) + e with e in {0, 1} (at most one unit in the last place);
     there is no large-error failure probability (unlike local SecureML truncation).
     Valid range: |x| < 2^62. Security: c is uniform (masked by uniform r).
     Reference: the wrap-bit-from-MSB trick as in Cheetah (Huang et al., USENIX Security 2022) with a dealer.

@@ -1,0 +1,208 @@
+"""Two-server protocols in-process: exact ring results against the plaintext oracle, costs, security checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import mine, split
+from secfwt import ring
+from secfwt.comm.base import DEALER, SERVER0, SERVER1
+from secfwt.protocols.arith import matmul_aa, mul_aa, square_a, trunc
+from secfwt.protocols.compare import less_than, ltz, max_, relu
+from secfwt.runtime import run_in_process
+from secfwt.share import AShare, add, reveal, reveal_ring
+
+F = 16
+
+
+def run(prog):
+    res = run_in_process({SERVER0: prog, SERVER1: prog})
+    assert torch.equal(res[SERVER0], res[SERVER1]) if isinstance(res[SERVER0], torch.Tensor) else True
+    return res
+
+
+def ring_rand(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**63), 2**63 - 1, shape, generator=g, dtype=torch.int64)
+
+
+def test_beaver_mul_and_matmul_exact_on_the_ring():
+    # Untruncated products (out_scale = 2f) must equal the plaintext ring products exactly, for uniform
+    # ring inputs (all wraparound cases).
+    x, y = ring_rand((6, 7), 1), ring_rand((6, 7), 2)
+    w = ring_rand((7, 5), 3)
+    b = ring_rand((4, 7, 5), 4)  # batched right operand (broadcast over leading dims)
+    xs, ys, ws, bs = (split(t, encoded=True, seed=i) for i, t in enumerate([x, y, w, b]))
+
+    def prog(ctx):
+        X, Y, W, B = (mine(ctx, s) for s in (xs, ys, ws, bs))
+        return torch.cat(
+            [
+                reveal_ring(ctx, mul_aa(ctx, X, Y, out_scale=2 * F)).flatten(),
+                reveal_ring(ctx, matmul_aa(ctx, X, W, out_scale=2 * F)).flatten(),
+                reveal_ring(ctx, matmul_aa(ctx, X, B, out_scale=2 * F)).flatten(),
+                reveal_ring(ctx, square_a(ctx, X, out_scale=2 * F)).flatten(),
+                reveal_ring(ctx, mul_aa(ctx, X, Y[0:1], out_scale=2 * F)).flatten(),  # broadcasting
+            ]
+        )
+
+    got = run(prog)[SERVER0]
+    want = torch.cat(
+        [
+            (x * y).flatten(),
+            torch.matmul(x, w).flatten(),
+            torch.matmul(x, b).flatten(),
+            (x * x).flatten(),
+            (x * y[0:1]).flatten(),
+        ]
+    )
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [1, 16, 32, 47])
+def test_trunc_is_floor_or_floor_plus_one(bits):
+    lim = 2**62 - 1
+    edges = torch.tensor([0, 1, -1, lim, -lim, 2**bits, -(2**bits), 2**bits - 1, 12345678901, -98765432123])
+    x = torch.cat([edges, torch.randint(-lim, lim, (2000,))])
+    xs = split(x, encoded=True)
+
+    def prog(ctx):
+        return reveal_ring(ctx, trunc(ctx, AShare(xs[ctx.rank].clone(), 2 * F), bits))
+
+    got = run(prog)[SERVER0]
+    floor = torch.div(x, 2**bits, rounding_mode="floor")
+    diff = got - floor
+    assert ((diff == 0) | (diff == 1)).all(), diff[(diff != 0) & (diff != 1)]
+
+
+def test_fixed_point_mul_matmul_within_one_ulp_chain():
+    g = torch.Generator().manual_seed(5)
+    x, y = (
+        torch.randn(8, 16, generator=g, dtype=torch.float64) * 4,
+        torch.randn(16, 3, generator=g, dtype=torch.float64),
+    )
+    xs, ys = split(x), split(y)
+
+    def prog(ctx):
+        X, Y = mine(ctx, xs), mine(ctx, ys)
+        return torch.stack([reveal(ctx, matmul_aa(ctx, X, Y)), reveal(ctx, matmul_aa(ctx, X, Y))])
+
+    got = run(prog)[SERVER0]
+    xq, yq = ring.decode(ring.encode(x, F), F), ring.decode(ring.encode(y, F), F)
+    assert (got[0] - xq @ yq).abs().max() <= 2 * 2**-F
+
+
+def test_ltz_exact_on_whole_ring_including_edges():
+    edges = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 2**62, -(2**62), 2**62 - 1, 2**31, -(2**31)])
+    x = torch.cat([edges, ring_rand((3000,), 7)])
+    xs = split(x, encoded=True)
+
+    def prog(ctx):
+        return reveal_ring(ctx, ltz(ctx, AShare(xs[ctx.rank].clone(), 0)))
+
+    got = run(prog)[SERVER0]
+    assert torch.equal(got, (x < 0).to(torch.int64))
+
+
+def test_relu_max_and_less_than():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 37, generator=g, dtype=torch.float64) * 100
+    y = torch.randn(5, 37, generator=g, dtype=torch.float64) * 100
+    xs, ys = split(x), split(y)
+
+    def prog(ctx):
+        X, Y = mine(ctx, xs), mine(ctx, ys)
+        return (
+            reveal(ctx, relu(ctx, X)),
+            reveal(ctx, max_(ctx, X, dim=1)),
+            reveal(ctx, max_(ctx, X, dim=0, keepdim=True)),
+            reveal(ctx, less_than(ctx, X, Y)),
+        )
+
+    relu_v, mx1, mx0, lt = run_in_process({SERVER0: prog, SERVER1: prog})[SERVER0]
+    xq = ring.decode(ring.encode(x, F), F)
+    assert torch.equal(relu_v, torch.relu(xq))
+    assert torch.equal(mx1, xq.max(1).values)
+    assert torch.equal(mx0, xq.max(0, keepdim=True).values)
+    assert torch.equal(lt, (xq < ring.decode(ring.encode(y, F), F)).double())
+
+
+def test_scale_alignment_in_add():
+    def prog(ctx):
+        a = AShare(split(torch.tensor([1.5]), scale=F)[ctx.rank], F)
+        b = AShare(split(torch.tensor([0.25]), scale=2 * F)[ctx.rank], 2 * F)
+        s = add(a, b)
+        assert s.scale == 2 * F
+        return reveal(ctx, s)
+
+    assert run_in_process({SERVER0: prog, SERVER1: prog})[SERVER0].item() == 1.75
+
+
+def test_costs_match_formulas_and_dealer_traffic_is_separate():
+    n = 100
+    xs, ys = split(torch.ones(n)), split(torch.ones(n))
+
+    def prog(ctx):
+        mul_aa(ctx, mine(ctx, xs), mine(ctx, ys))
+        ltz(ctx, mine(ctx, xs))
+
+    res = run_in_process({SERVER0: prog, SERVER1: prog})
+    c0 = res.costs[SERVER0].by_top_level()
+    # mul: 1 round + 1 truncation round; payload 2n*8 + n*8 bytes (plus framing headers).
+    assert c0["mul"].rounds == 2
+    assert 24 * n <= c0["mul"].bytes_sent < 24 * n + 400
+    # ltz: 8 rounds, 152 bytes per element (uint8 bit opening: 1 byte) -> 8 + 8*17 + 1 = 145
+    assert c0["ltz"].rounds == 8
+    assert 145 * n <= c0["ltz"].bytes_sent < 145 * n + 1000
+    # Server 0 derives all its dealer material from a seed: no online dealer traffic at all.
+    assert sum(c.dealer_bytes for k, c in res.costs[SERVER0].ops.items() if k != "setup") == 0
+    assert sum(c.dealer_bytes for k, c in res.costs[SERVER1].ops.items() if k != "setup") > 0
+    assert res.costs[DEALER].total().dealer_bytes > 0
+
+
+def _chi2_bytes(t: torch.Tensor) -> float:
+    """Chi-square statistic of the 8 bytes of every element against the uniform distribution on 256 values."""
+    b = t.contiguous().view(torch.uint8).to(torch.int64)
+    counts = torch.bincount(b, minlength=256).double()
+    exp = b.numel() / 256
+    return float(((counts - exp) ** 2 / exp).sum())
+
+
+def test_what_a_server_receives_in_a_multiplication_is_uniform_whatever_the_inputs():
+    # Record every tensor server 1 receives from server 0 during Beaver multiplications, for two very
+    # different secret inputs. Each must look uniform on the ring (chi-square on bytes, 255 dof:
+    # mean 255, sd 22.6; 6 sd bound), and the two cases must be indistinguishable by the same statistic.
+    n = 20000
+    received: dict[str, list[torch.Tensor]] = {}
+
+    def make_prog(value: torch.Tensor, label: str):
+        shares = split(value, seed=11)
+
+        def prog(ctx):
+            if ctx.rank == SERVER1:
+                orig = ctx.comm.recv
+
+                def recording(peer, tag, *a, **k):
+                    t = orig(peer, tag, *a, **k)
+                    if peer == SERVER0 and tag in ("mul", "trunc"):
+                        received.setdefault(label, []).append(t.clone())
+                    return t
+
+                ctx.comm.recv = recording  # test instrumentation of this instance only
+            x = mine(ctx, shares)
+            mul_aa(ctx, x, x)
+
+        return prog
+
+    zeros = torch.zeros(n, dtype=torch.float64)
+    big = torch.full((n,), 12345.678, dtype=torch.float64)
+    for value, label in ((zeros, "zeros"), (big, "big")):
+        prog = make_prog(value, label)
+        run_in_process({SERVER0: prog, SERVER1: prog})
+    bound = 255 + 6 * 22.6
+    for label in ("zeros", "big"):
+        msgs = torch.cat([m.flatten() for m in received[label]])
+        assert _chi2_bytes(msgs) < bound, label
+    # Negative control: the statistic does detect a non-uniform message (the encoded input itself).
+    assert _chi2_bytes(ring.encode(big, F)) > bound
