@@ -124,23 +124,39 @@ def make_case(name: str, batch: int = 1, seq: int = 128, seed: int = 0) -> Case:
 # ----------------------------------------------------------------- float64 plaintext references
 
 
-def ref_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = np.exp(x - x.max(axis=axis, keepdims=True))
+class NumpyOps:
+    """Array functions used by the model code; the SPU worker passes a jax.numpy version."""
+
+    exp = staticmethod(np.exp)
+    sqrt = staticmethod(np.sqrt)
+    tanh = staticmethod(np.tanh)
+    erf = staticmethod(_erf)
+
+    @staticmethod
+    def rsqrt(x):
+        return 1.0 / np.sqrt(x)
+
+
+def ref_softmax(x, axis: int = -1, ops=NumpyOps):
+    z = ops.exp(x - x.max(axis=axis, keepdims=True))
     return z / z.sum(axis=axis, keepdims=True)
 
 
-def ref_gelu(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+def ref_gelu(x, ops=NumpyOps, approx: str = "erf"):
+    """GELU: exact erf form, or ``approx="tanh"`` for the tanh approximation."""
+    if approx == "tanh":
+        return 0.5 * x * (1.0 + ops.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0)))
 
 
-def ref_layernorm(x: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+def ref_layernorm(x, g, b, ops=NumpyOps):
     mu = x.mean(-1, keepdims=True)
     d = x - mu
     var = (d * d).mean(-1, keepdims=True)
-    return d / np.sqrt(var + LN_EPS) * g + b
+    return d * ops.rsqrt(var + LN_EPS) * g + b
 
 
-def ref_encoder_layer(x: np.ndarray, p: dict[str, np.ndarray], prefix: str, d: BertDims) -> np.ndarray:
+def ref_encoder_layer(x, p: dict, prefix: str, d: BertDims, ops=NumpyOps, gelu: str = "erf"):
     """x: [..., seq, hidden] -> same shape."""
     lead, (s, h) = x.shape[:-2], x.shape[-2:]
 
@@ -150,17 +166,18 @@ def ref_encoder_layer(x: np.ndarray, p: dict[str, np.ndarray], prefix: str, d: B
     q = heads(x @ p[prefix + "wq"] + p[prefix + "bq"])
     k = heads(x @ p[prefix + "wk"] + p[prefix + "bk"])
     v = heads(x @ p[prefix + "wv"] + p[prefix + "bv"])
-    att = ref_softmax(q @ k.swapaxes(-1, -2) / math.sqrt(d.head_dim))
+    att = ref_softmax((q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(d.head_dim)), ops=ops)
     ctx = (att @ v).swapaxes(-2, -3).reshape(*lead, s, h)
-    a = ref_layernorm(ctx @ p[prefix + "wo"] + p[prefix + "bo"] + x, p[prefix + "ln1_g"], p[prefix + "ln1_b"])
-    f = ref_gelu(a @ p[prefix + "w1"] + p[prefix + "b1"]) @ p[prefix + "w2"] + p[prefix + "b2"]
-    return ref_layernorm(f + a, p[prefix + "ln2_g"], p[prefix + "ln2_b"])
+    a = ref_layernorm(ctx @ p[prefix + "wo"] + p[prefix + "bo"] + x, p[prefix + "ln1_g"],
+                      p[prefix + "ln1_b"], ops)
+    f = ref_gelu(a @ p[prefix + "w1"] + p[prefix + "b1"], ops, gelu) @ p[prefix + "w2"] + p[prefix + "b2"]
+    return ref_layernorm(f + a, p[prefix + "ln2_g"], p[prefix + "ln2_b"], ops)
 
 
-def ref_small_model(x: np.ndarray, p: dict[str, np.ndarray], d: BertDims = MINILM):
+def ref_small_model(x, p: dict, d: BertDims = MINILM, ops=NumpyOps, gelu: str = "erf"):
     """Returns (last hidden state, logits)."""
     for i in range(d.layers):
-        x = ref_encoder_layer(x, p, f"l{i}.", d)
+        x = ref_encoder_layer(x, p, f"l{i}.", d, ops, gelu)
     logits = x.mean(-2) @ p["head_w"] + p["head_b"]
     return x, logits
 

@@ -104,8 +104,8 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
         prod = torch.matmul(al[i], bcat)
         for j in range(width):
             part = prod[..., j * n : (j + 1) * n]
-            s = i + j
-            acc[s] = part if acc[s] is None else acc[s] + part
+            prev = acc[i + j]
+            acc[i + j] = part if prev is None else prev + part
     out = torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], n), dtype=torch.int64)
     for s in range(N_LIMBS):
         part_s = acc[s]
