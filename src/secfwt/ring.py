@@ -4,9 +4,9 @@ Ring elements are ``torch.int64`` tensors; addition, subtraction and multiplicat
 (two's complement), which is exactly arithmetic in Z_2^64. A real number ``x`` is encoded with ``f``
 fractional bits as ``round(x * 2^f) mod 2^64`` and decoded by reading the element as a signed integer.
 
-Matrix products: torch has no BLAS path for int64, so :func:`matmul` splits both operands into four
-16-bit limbs, multiplies limb matrices with float64 BLAS (every partial sum is an integer below 2^53,
-hence exact) and recombines the ten products whose shifts stay below 2^64.
+Matrix products: torch has no BLAS path for int64, so :func:`matmul` splits both operands into three
+signed limbs, multiplies limb matrices with float64 BLAS (every partial sum is an integer below 2^53,
+hence exact) and recombines the six products whose shifts stay below 2^64.
 """
 
 from __future__ import annotations
@@ -15,11 +15,6 @@ import torch
 from torch import Tensor
 
 RING_BITS = 64
-LIMB_BITS = 16
-N_LIMBS = RING_BITS // LIMB_BITS
-_LIMB_MASK = (1 << LIMB_BITS) - 1
-# k * (2^16-1)^2 * (number of limb pairs with the same shift, at most 4) must stay below 2^53.
-_MAX_INNER = (1 << 53) // (4 * _LIMB_MASK * _LIMB_MASK)
 
 
 def encode(x: Tensor | float, frac_bits: int) -> Tensor:
@@ -67,15 +62,31 @@ def lshift(x: Tensor, k: int) -> Tensor:
     return x * (1 << k) if k < 63 else x * (-(1 << 63))
 
 
+# Signed limbs: x = l0 + l1 * 2^22 + l2 * 2^43 (mod 2^64) with l0 in [-2^21, 2^21), l1, l2 in [-2^20, 2^20).
+LIMB_SHIFTS = (0, 22, 43)
+_LIMB_WIDTHS = (22, 21, 21)
+# |l_i * l_j| <= 2^42, so an inner dimension of 2^11 keeps every float64 partial sum below 2^53 (exact).
+_MAX_INNER = 1 << 11
+
+
 def _limbs(x: Tensor) -> list[Tensor]:
-    return [((x >> (LIMB_BITS * i)) & _LIMB_MASK).to(torch.float64) for i in range(N_LIMBS)]
+    out = []
+    rest = x
+    for width in _LIMB_WIDTHS:
+        limb = (rest << (64 - width)) >> (64 - width)  # sign-extended low `width` bits
+        out.append(limb.to(torch.float64))
+        rest = (rest - limb) >> width
+    return out
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """Exact ``a @ b`` over Z_2^64 (torch.matmul broadcasting rules) through float64 BLAS.
 
-    Cost: 10 float64 matrix products of the same shape as ``a @ b`` (grouped into 4 BLAS calls).
-    The inner dimension is split into chunks of at most 2^19 so every partial sum stays exact.
+    Both operands are split into three signed limbs (22, 21 and 21 bits, at shifts 0, 22 and 43). Only
+    the six limb products whose shift is below 64 matter; they run as three BLAS calls (a's limb i
+    against b's limbs concatenated along columns). Every product is an integer below 2^53 in magnitude
+    when the inner dimension is at most 2^11, so float64 computes it exactly; longer inner dimensions are
+    split into chunks. Cost: 6 float64 matrix products of the output's shape.
     """
     if a.dtype != torch.int64 or b.dtype != torch.int64:
         raise TypeError(f"ring.matmul: expected int64 tensors, got {a.dtype} and {b.dtype}")
@@ -96,21 +107,15 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
         return torch.stack(parts).sum(0)
     al, bl = _limbs(a), _limbs(b)
     n = b.shape[-1]
-    acc: list[Tensor | None] = [None] * N_LIMBS
-    for i in range(N_LIMBS):
-        # One BLAS call per limb of a against the concatenated limbs of b that still matter.
-        width = N_LIMBS - i
-        bcat = torch.cat(bl[:width], dim=-1)
-        prod = torch.matmul(al[i], bcat)
-        for j in range(width):
-            part = prod[..., j * n : (j + 1) * n]
-            prev = acc[i + j]
-            acc[i + j] = part if prev is None else prev + part
-    out = torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], n), dtype=torch.int64)
-    for s in range(N_LIMBS):
-        part_s = acc[s]
-        assert part_s is not None
-        out = out + lshift(part_s.to(torch.int64), LIMB_BITS * s)
+    out: Tensor | None = None
+    for i, si in enumerate(LIMB_SHIFTS):
+        js = [j for j, sj in enumerate(LIMB_SHIFTS) if si + sj < RING_BITS]
+        bcat = torch.cat([bl[j] for j in js], dim=-1) if len(js) > 1 else bl[js[0]]
+        prod = torch.matmul(al[i], bcat).to(torch.int64)
+        for col, j in enumerate(js):
+            part = lshift(prod[..., col * n : (col + 1) * n], si + LIMB_SHIFTS[j])
+            out = part if out is None else out + part
+    assert out is not None
     return out
 
 
