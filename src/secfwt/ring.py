@@ -93,12 +93,12 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     if a.dim() == 1 or b.dim() == 1:
         a2 = a.unsqueeze(0) if a.dim() == 1 else a
         b2 = b.unsqueeze(-1) if b.dim() == 1 else b
-        out = matmul(a2, b2)
+        res = matmul(a2, b2)
         if a.dim() == 1:
-            out = out.squeeze(-2)
+            res = res.squeeze(-2)
         if b.dim() == 1:
-            out = out.squeeze(-1)
-        return out
+            res = res.squeeze(-1)
+        return res
     k = a.shape[-1]
     if k != b.shape[-2]:
         raise ValueError(f"ring.matmul: inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}")
