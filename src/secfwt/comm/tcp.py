@@ -1,0 +1,499 @@
+"""TLS 1.3 over TCP transport with mutual authentication by party certificates.
+
+Set-up (deterministic, deadlock-free): for every pair of parties the lower rank listens on its configured
+port and the higher rank connects, retrying until the connect timeout. A party first connects to all lower
+ranks, then accepts all higher ranks; connections to lower ranks depend only on even lower ranks, so the
+set-up always completes once every party is up. Both ends present their certificate and trust only the
+CA; after the handshake each end checks that the peer's certificate common name is the party it expects
+on that connection (the connector knows whom it dialled; the listener accepts each expected party once).
+A short hello exchange then confirms that the listener accepted the connector's certificate too.
+Anything else raises :class:`~secfwt.errors.AuthError` and the connection is closed.
+
+Data path: each peer connection is owned by one I/O thread (the only thread that touches its TLS object)
+that drains the socket into a per-peer queue of decoded frames and writes queued outgoing frames, both
+without blocking. Sends therefore never block, and two parties sending large tensors to each other at the
+same time cannot deadlock. ``recv`` waits on the queue for at most ``timeout`` seconds
+(:class:`PeerTimeoutError`); a peer that closes its connection or dies is reported at once
+(:class:`PeerClosedError`) after the frames that arrived before; a malformed frame gives
+:class:`ProtocolMismatchError`. Wire format: see :mod:`secfwt.comm.base`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from secfwt.comm.base import MAGIC, PARTY_NAMES, PARTY_RANKS, Communicator, Frame
+from secfwt.comm.certs import TlsFiles
+from secfwt.cost import CostTracker
+from secfwt.errors import AuthError, CommError, PeerClosedError, PeerTimeoutError, ProtocolMismatchError
+
+_PREFIX = struct.Struct("!3sI")
+_PAYLOAD_LEN = struct.Struct("!Q")
+MAX_HEADER_BYTES = 1 << 16
+MAX_PAYLOAD_BYTES = 1 << 36
+_WRITE_CHUNK = 1 << 18
+_POLL_S = 0.2
+_RETRY_S = 0.05
+HELLO = "hello"
+
+
+def _pname(rank: int) -> str:
+    return PARTY_NAMES.get(rank, f"party{rank}")
+
+
+def make_ssl_context(files: TlsFiles, server_side: bool) -> ssl.SSLContext:
+    """A TLS 1.3-only context presenting ``files.cert`` and trusting only ``files.ca``; peers must
+    present a certificate (mutual authentication). Host names are not checked: the caller checks the
+    peer's common name against the expected party. Raises ConfigError (via TlsFiles.check) for missing
+    files and ssl.SSLError for unreadable ones."""
+    files.check()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    ctx.load_verify_locations(cafile=str(files.ca))
+    return ctx
+
+
+def peer_common_name(sock: ssl.SSLSocket) -> str | None:
+    """The common name in the (already verified) peer certificate, or None if there is none."""
+    cert: dict[str, Any] = dict(sock.getpeercert() or {})
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def _ssl_reason(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {e.verify_message}"
+    if isinstance(e, ssl.SSLError) and e.reason:
+        return str(e.reason).lower().replace("_", " ")
+    return str(e) or type(e).__name__
+
+
+class _FrameReader:
+    """Incremental decoder of the wire format: call :meth:`target`, fill it, report with :meth:`consumed`."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self._stage = "prefix"
+        self._buf = bytearray(_PREFIX.size)
+        self._filled = 0
+        self._frame: Frame | None = None
+
+    @property
+    def mid_frame(self) -> bool:
+        return self._stage != "prefix" or self._filled > 0
+
+    def target(self) -> memoryview:
+        return memoryview(self._buf)[self._filled :]
+
+    def _expect(self, stage: str, n: int) -> None:
+        self._stage, self._buf, self._filled = stage, bytearray(n), 0
+
+    def consumed(self, n: int) -> Frame | None:
+        """Account ``n`` bytes written into :meth:`target`; returns a frame when one is complete.
+
+        Raises ProtocolMismatchError for a bad magic, an oversized header or payload, or a malformed frame.
+        """
+        self._filled += n
+        while self._filled == len(self._buf):
+            done = self._advance()
+            if done is not None:
+                return done
+        return None
+
+    def _advance(self) -> Frame | None:
+        if self._stage == "prefix":
+            magic, hlen = _PREFIX.unpack(bytes(self._buf))
+            if magic != MAGIC:
+                raise ProtocolMismatchError(f"{self.where}: bad message magic {magic!r} (expected {MAGIC!r})")
+            if not 0 < hlen <= MAX_HEADER_BYTES:
+                raise ProtocolMismatchError(f"{self.where}: message header length {hlen} out of range")
+            self._expect("header", hlen)
+        elif self._stage == "header":
+            try:
+                self._frame = Frame.decode_header(bytes(self._buf))
+            except ProtocolMismatchError as e:
+                raise ProtocolMismatchError(f"{self.where}: {e}") from None
+            self._expect("plen", _PAYLOAD_LEN.size)
+        elif self._stage == "plen":
+            (plen,) = _PAYLOAD_LEN.unpack(bytes(self._buf))
+            if plen > MAX_PAYLOAD_BYTES:
+                raise ProtocolMismatchError(f"{self.where}: message payload of {plen} bytes is too large")
+            self._expect("payload", plen)
+            if plen == 0:
+                return self._finish()
+        else:
+            return self._finish()
+        return None
+
+    def _finish(self) -> Frame:
+        frame, payload = self._frame, self._buf
+        assert frame is not None
+        self._frame = None
+        self._expect("prefix", _PREFIX.size)
+        try:
+            frame.attach_payload(bytes(payload))
+        except ProtocolMismatchError as e:
+            raise ProtocolMismatchError(f"{self.where}: {e}") from None
+        return frame
+
+
+def _read_frame_blocking(sock: ssl.SSLSocket, where: str) -> Frame | None:
+    """Read one frame from a blocking socket (set-up only); None on end of stream."""
+    reader = _FrameReader(where)
+    while True:
+        n = sock.recv_into(reader.target())
+        if n == 0:
+            return None
+        frame = reader.consumed(n)
+        if frame is not None:
+            return frame
+
+
+class _Link:
+    """One authenticated peer connection and the I/O thread that owns it."""
+
+    def __init__(self, owner: str, peer: int, sock: ssl.SSLSocket) -> None:
+        self.owner, self.peer, self.pname = owner, peer, _pname(peer)
+        self.sock = sock
+        sock.setblocking(False)
+        self.inbox: queue.Queue[Frame | CommError] = queue.Queue()
+        self._out: deque[bytes] = deque()
+        self._cur: memoryview | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = threading.Event()
+        self._dead: CommError | None = None
+        self._read_wants_write = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.thread = threading.Thread(target=self._run, name=f"secfwt-{owner}-{self.pname}", daemon=True)
+        self.thread.start()
+
+    # -- called from party threads ---------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` for sending; raises PeerClosedError if the connection is already broken."""
+        with self._lock:
+            if self._dead is not None:
+                raise PeerClosedError(f"{self.owner}: cannot send to {self.pname}: {self._dead}")
+            self._out.append(data)
+            self._idle.clear()
+        self._wake()
+
+    def get(self, timeout: float) -> Frame:
+        """The next frame; raises PeerTimeoutError after ``timeout`` s, or the link's error once broken."""
+        try:
+            item = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise PeerTimeoutError(
+                f"{self.owner}: no message from {self.pname} within {timeout:g} s"
+            ) from None
+        if isinstance(item, CommError):
+            self.inbox.put(item)  # keep reporting it on later calls
+            raise type(item)(str(item))
+        return item
+
+    def wait_flushed(self, timeout: float) -> bool:
+        return self._idle.wait(timeout)
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._wake()
+        self.thread.join(timeout)
+        for s in (self.sock, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    # -- I/O thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        reader = _FrameReader(f"{self.owner}: message from {self.pname}")
+        try:
+            while not self._stop.is_set():
+                want_write = self._cur is not None or bool(self._out) or self._read_wants_write
+                r, _, _ = select.select([self.sock, self._wake_r], [self.sock] if want_write else [], [], _POLL_S)
+                if self._wake_r in r:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                self._pump_read(reader)
+                self._pump_write()
+        except CommError as e:
+            self._fail(e)
+        except (ssl.SSLError, OSError) as e:
+            self._fail(PeerClosedError(f"{self.owner}: connection to {self.pname} broke: {_ssl_reason(e)}"))
+        except EOFError:
+            where = " in the middle of a message" if reader.mid_frame else ""
+            self._fail(PeerClosedError(f"{self.owner}: {self.pname} closed the connection{where}"))
+
+    def _fail(self, err: CommError) -> None:
+        with self._lock:
+            self._dead = err
+            self._out.clear()
+            self._cur = None
+            self._idle.set()
+        self.inbox.put(err)
+
+    def _pump_read(self, reader: _FrameReader) -> None:
+        self._read_wants_write = False
+        while True:
+            try:
+                n = self.sock.recv_into(reader.target())
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLWantWriteError:
+                self._read_wants_write = True
+                return
+            if n == 0:
+                raise EOFError
+            frame = reader.consumed(n)
+            if frame is not None:
+                self.inbox.put(frame)
+
+    def _pump_write(self) -> None:
+        while True:
+            if self._cur is None:
+                with self._lock:
+                    if not self._out:
+                        self._idle.set()
+                        return
+                    self._cur = memoryview(self._out.popleft())
+            try:
+                n = self.sock.send(self._cur[:_WRITE_CHUNK])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return
+            self._cur = self._cur[n:] if n < len(self._cur) else None
+
+
+class TcpCommunicator(Communicator):
+    """A party's TLS links to its peers (see the module docstring for set-up, threads and errors).
+
+    Args:
+        rank: this party's rank.
+        addresses: ``{rank: (host, port)}`` for every party in ``ranks`` (the listening address of each).
+        tls: this party's CA, certificate and key files.
+        ranks: the parties of this run (this party included).
+        timeout: seconds a ``recv`` waits for a message.
+        connect_timeout: seconds to wait for all connections to be set up.
+        bind_host: the address to listen on (default: this party's host in ``addresses``).
+
+    Raises AuthError (a peer could not be authenticated), PeerTimeoutError (a peer was not reachable in
+    time), ConfigError (missing TLS files) or OSError (the listening port cannot be bound).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        addresses: dict[int, tuple[str, int]],
+        tls: TlsFiles,
+        ranks: Sequence[int],
+        timeout: float = 60.0,
+        connect_timeout: float = 30.0,
+        cost: CostTracker | None = None,
+        bind_host: str | None = None,
+    ) -> None:
+        super().__init__(rank, cost=cost, timeout=timeout)
+        missing = [r for r in ranks if r not in addresses]
+        if missing:
+            raise ValueError(f"{self.name}: no address for {[_pname(r) for r in missing]}")
+        self.addresses = dict(addresses)
+        self.ranks = sorted(set(ranks) | {rank})
+        self.connect_timeout = connect_timeout
+        self._links: dict[int, _Link] = {}
+        self._closed = False
+        self._client_ctx = make_ssl_context(tls, server_side=False)
+        self._server_ctx = make_ssl_context(tls, server_side=True)
+        lower = [r for r in self.ranks if r < rank]
+        higher = [r for r in self.ranks if r > rank]
+        deadline = time.monotonic() + connect_timeout
+        listener = self._listen(bind_host) if higher else None
+        try:
+            for peer in lower:
+                self._links[peer] = _Link(self.name, peer, self._connect(peer, deadline))
+            if listener is not None:
+                self._accept(listener, set(higher), deadline)
+        except BaseException:
+            self.close(flush_timeout=0.0)
+            raise
+        finally:
+            if listener is not None:
+                listener.close()
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _listen(self, bind_host: str | None) -> socket.socket:
+        host, port = self.addresses[self.rank]
+        s = socket.socket(socket.AF_INET6 if ":" in (bind_host or host) else socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind_host or host, port))
+        except OSError as e:
+            s.close()
+            raise OSError(f"{self.name}: cannot listen on {bind_host or host}:{port}: {e.strerror or e}") from e
+        s.listen(len(self.ranks))
+        return s
+
+    def _connect(self, peer: int, deadline: float) -> ssl.SSLSocket:
+        host, port = self.addresses[peer]
+        pname, where = _pname(peer), f"{host}:{port}"
+        last = "no attempt"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PeerTimeoutError(
+                    f"{self.name}: could not connect to {pname} at {where} within "
+                    f"{self.connect_timeout:g} s (last error: {last})"
+                )
+            try:
+                raw = socket.create_connection((host, port), timeout=remaining)
+                break
+            except OSError as e:
+                last = e.strerror or str(e)
+                time.sleep(min(_RETRY_S, max(remaining, 0.0)))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(max(deadline - time.monotonic(), 0.5))
+        try:
+            sock = self._client_ctx.wrap_socket(raw)
+        except (ssl.SSLError, OSError) as e:
+            raw.close()
+            raise AuthError(f"{self.name}: TLS handshake with {pname} at {where} failed: {_ssl_reason(e)}") from e
+        try:
+            cn = peer_common_name(sock)
+            if cn != pname:
+                raise AuthError(
+                    f"{self.name}: the party at {where} is '{cn}', expected '{pname}' (certificate "
+                    f"common name); connection refused"
+                )
+            sock.sendall(Frame(seq=-1, tag=HELLO, kind="json", obj={"party": self.name}).encode())
+            try:
+                reply = _read_frame_blocking(sock, f"{self.name}: hello from {pname}")
+            except (ssl.SSLError, OSError) as e:
+                raise AuthError(
+                    f"{self.name}: {pname} at {where} did not accept our certificate: {_ssl_reason(e)}"
+                ) from e
+            if reply is None:
+                raise AuthError(f"{self.name}: {pname} at {where} closed the connection during authentication")
+            if reply.kind == "abort":
+                raise AuthError(f"{self.name}: {pname} at {where} refused the connection: {reply.obj}")
+            if reply.tag != HELLO or not isinstance(reply.obj, dict) or reply.obj.get("party") != pname:
+                raise AuthError(f"{self.name}: unexpected hello from {pname} at {where}: {reply.obj!r}")
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
+
+    def _accept(self, listener: socket.socket, expected: set[int], deadline: float) -> None:
+        rejected: list[str] = []
+        while expected:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            listener.settimeout(remaining)
+            try:
+                raw, addr = listener.accept()
+            except TimeoutError:
+                break
+            try:
+                peer, sock = self._handshake_incoming(raw, f"{addr[0]}:{addr[1]}", expected, deadline)
+            except AuthError as e:
+                rejected.append(str(e))
+                continue
+            expected.discard(peer)
+            self._links[peer] = _Link(self.name, peer, sock)
+        if expected:
+            names = ", ".join(_pname(r) for r in sorted(expected))
+            host, port = self.addresses[self.rank]
+            if rejected:
+                raise AuthError(f"{rejected[-1]} (and no authenticated connection from {names} within "
+                                f"{self.connect_timeout:g} s)")
+            raise PeerTimeoutError(
+                f"{self.name}: {names} did not connect to {host}:{port} within {self.connect_timeout:g} s"
+            )
+
+    def _handshake_incoming(
+        self, raw: socket.socket, where: str, expected: set[int], deadline: float
+    ) -> tuple[int, ssl.SSLSocket]:
+        """Authenticate one incoming connection; raises AuthError (and closes it) if it is refused."""
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(max(deadline - time.monotonic(), 0.5))
+        try:
+            sock = self._server_ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            raw.close()
+            raise AuthError(
+                f"{self.name}: refused connection from {where}: TLS handshake failed: {_ssl_reason(e)}"
+            ) from e
+        try:
+            cn = peer_common_name(sock)
+            peer = PARTY_RANKS.get(cn or "", -1)
+            if peer not in expected:
+                names = ", ".join(_pname(r) for r in sorted(expected))
+                msg = (f"{self.name}: refused connection from {where}: certificate names '{cn}', "
+                       f"expected one of: {names}")
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    sock.sendall(Frame(seq=-1, tag=HELLO, kind="abort", obj=msg).encode())
+                raise AuthError(msg)
+            try:
+                hello = _read_frame_blocking(sock, f"{self.name}: hello from {where}")
+            except (ssl.SSLError, OSError, ProtocolMismatchError) as e:
+                raise AuthError(f"{self.name}: refused connection from {where}: bad hello: {e}") from e
+            if hello is None or hello.tag != HELLO or not isinstance(hello.obj, dict) \
+                    or hello.obj.get("party") != cn:
+                raise AuthError(f"{self.name}: refused connection from {where}: bad hello from '{cn}'")
+            sock.sendall(Frame(seq=-1, tag=HELLO, kind="json", obj={"party": self.name}).encode())
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return peer, sock
+
+    # -- transport hooks -------------------------------------------------------------------------
+    def _link(self, peer: int) -> _Link:
+        link = self._links.get(peer)
+        if link is None:
+            state = "closed" if self._closed else "not part of this run"
+            raise PeerClosedError(f"{self.name}: no connection to {_pname(peer)} ({state})")
+        return link
+
+    def _send_frame(self, peer: int, frame: Frame) -> None:
+        self._link(peer).send(frame.encode())
+
+    def _recv_frame(self, peer: int, timeout: float) -> Frame:
+        return self._link(peer).get(timeout)
+
+    def _send_raw(self, peer: int, data: bytes) -> None:
+        """Queue raw bytes to ``peer`` (tests: malformed frames)."""
+        self._link(peer).send(data)
+
+    def close(self, flush_timeout: float = 5.0) -> None:
+        """Send what is queued (waiting at most ``flush_timeout`` s), then close every connection and
+        join the I/O threads. Idempotent; never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + flush_timeout
+        for link in self._links.values():
+            link.wait_flushed(max(deadline - time.monotonic(), 0.0))
+        for link in self._links.values():
+            link.stop(timeout=2.0)
+        self._links.clear()
