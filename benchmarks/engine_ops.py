@@ -1,0 +1,170 @@
+"""Engine benchmark: secfwt protocols at BERT-base sizes, per server: time, bytes, rounds, LAN/WAN projection.
+
+Run:  python benchmarks/engine_ops.py [--mode process|inprocess] [--ops matmul,softmax,...] [--repeats 3]
+
+Every op works on freshly secret-shared random inputs of the sizes below; the opened result is checked
+against plaintext torch before any number is printed. In ``process`` mode the two servers and the dealer
+are separate OS processes talking over TLS on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from secfwt import ring  # noqa: E402
+from secfwt.comm.base import SERVER0, SERVER1  # noqa: E402
+from secfwt.cost import LAN, WAN, CostTracker  # noqa: E402
+from secfwt.share import AShare, reveal  # noqa: E402
+
+F = 16
+
+
+def _shares(ctx: Any, shape: tuple[int, ...], seed: int, scale: float = 1.0) -> tuple[AShare, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    r = torch.randint(-(2**63), 2**63 - 1, shape, generator=g, dtype=torch.int64)
+    data = r if ctx.rank == SERVER0 else ring.encode(x, F) - r
+    return AShare(data, F), x
+
+
+def _op_matmul(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from secfwt.protocols.arith import matmul_aa
+
+    x, xp = _shares(ctx, (128, 768), 1)
+    w, wp = _shares(ctx, (768, 768), 2, 0.05)
+    with ctx.cost.scope("bench"):
+        y = matmul_aa(ctx, x, w)
+    return reveal(ctx, y), xp @ wp
+
+
+def _op_softmax(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from secfwt.approx import softmax
+
+    x, xp = _shares(ctx, (12, 128, 128), 3, 2.0)
+    with ctx.cost.scope("bench"):
+        y = softmax(ctx, x, dim=-1)
+    return reveal(ctx, y), torch.softmax(xp, -1)
+
+
+def _op_gelu(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from secfwt.approx import gelu
+
+    x, xp = _shares(ctx, (128, 3072), 4, 2.0)
+    with ctx.cost.scope("bench"):
+        y = gelu(ctx, x)
+    return reveal(ctx, y), torch.nn.functional.gelu(xp)
+
+
+def _op_layernorm(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from secfwt.approx import layernorm
+
+    x, xp = _shares(ctx, (128, 768), 5, 3.0)
+    with ctx.cost.scope("bench"):
+        y = layernorm(ctx, x, None, None, 1e-12)
+    return reveal(ctx, y), torch.nn.functional.layer_norm(xp, (768,), eps=1e-12)
+
+
+def _op_ltz(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from secfwt.protocols.compare import ltz
+
+    x, xp = _shares(ctx, (128, 3072), 6)
+    with ctx.cost.scope("bench"):
+        y = ltz(ctx, x)
+    return reveal(ctx, AShare(y.data, 0)), (ring.encode(xp, F) < 0).double()
+
+
+def _op_mul(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from secfwt.protocols.arith import mul_aa
+
+    x, xp = _shares(ctx, (128, 3072), 7)
+    y, yp = _shares(ctx, (128, 3072), 8)
+    with ctx.cost.scope("bench"):
+        z = mul_aa(ctx, x, y)
+    return reveal(ctx, z), xp * yp
+
+
+OPS: dict[str, tuple[str, Callable[[Any], tuple[torch.Tensor, torch.Tensor]], float]] = {
+    "matmul": ("128x768 @ 768x768", _op_matmul, 1e-2),
+    "softmax": ("12x128x128, last dim", _op_softmax, 2e-2),
+    "gelu": ("128x3072", _op_gelu, 2e-2),
+    "layernorm": ("128x768", _op_layernorm, 5e-2),
+    "ltz": ("128x3072 (sign)", _op_ltz, 0.0),
+    "mul": ("128x3072 elementwise", _op_mul, 1e-3),
+}
+
+
+def program(name: str) -> Callable[[Any], Any]:
+    """The server program for op ``name``: runs it, checks it, returns the server's cost of the op."""
+
+    def prog(ctx: Any) -> dict[str, Any]:
+        got, want = OPS[name][1](ctx)
+        err = float((got - want).abs().max())
+        bench = ctx.cost.by_top_level()["bench"]
+        return {"err": err, "time_s": bench.time_s, "bytes": bench.bytes_sent, "rounds": bench.rounds,
+                "dealer_bytes": sum(c.dealer_bytes for k, c in ctx.cost.ops.items() if k.startswith("bench"))}
+
+    return prog
+
+
+# Module-level programs so real processes can import them as "engine_ops:prog_<name>".
+for _n in OPS:
+    globals()[f"prog_{_n}"] = program(_n)
+
+
+def run_once(name: str, mode: str) -> dict[str, Any]:
+    if mode == "inprocess":
+        from secfwt.runtime import run_in_process
+
+        res = run_in_process({SERVER0: program(name), SERVER1: program(name)}, timeout=600)
+        return res[SERVER0] | {"dealer_bytes": res[SERVER1]["dealer_bytes"]}
+    from secfwt.launch import run_processes  # type: ignore[import-not-found]
+
+    res = run_processes({SERVER0: f"engine_ops:prog_{name}", SERVER1: f"engine_ops:prog_{name}"}, timeout=900,
+                        extra_pythonpath=[str(Path(__file__).resolve().parent)])
+    return res[SERVER0] | {"dealer_bytes": res[SERVER1]["dealer_bytes"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["process", "inprocess"], default="process")
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    rows = []
+    for name in args.ops.split(","):
+        if name not in OPS:
+            raise SystemExit(f"unknown op '{name}' (known: {', '.join(OPS)})")
+        run_once(name, args.mode)  # warm-up (imports, thread pools), not reported
+        runs = [run_once(name, args.mode) for _ in range(args.repeats)]
+        tol = OPS[name][2]
+        worst = max(r["err"] for r in runs)
+        if worst > tol:
+            raise SystemExit(f"{name}: max abs error {worst:.3g} exceeds tolerance {tol:g}; not reporting times")
+        t = statistics.median(r["time_s"] for r in runs)
+        r0 = runs[0]
+        rows.append((name, OPS[name][0], t, r0["bytes"], r0["rounds"], r0["dealer_bytes"], worst,
+                     LAN.project(t, r0["bytes"], r0["rounds"]), WAN.project(t, r0["bytes"], r0["rounds"])))
+    print(f"\nsecfwt engine, mode={args.mode}, median of {args.repeats}, {time.strftime('%Y-%m-%d')}, "
+          f"{torch.get_num_threads()} threads")
+    hdr = ("op", "size", "time s", "MB sent/server", "rounds", "dealer MB", "max err", "LAN s", "WAN s")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for n, size, t, b, rd, db, err, lan, wan in rows:
+        print(f"| {n} | {size} | {t:.3f} | {b / 1e6:.2f} | {rd} | {db / 1e6:.2f} | {err:.2e} | {lan:.3f} | {wan:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["CostTracker", "OPS", "program"]
