@@ -1,0 +1,156 @@
+"""Multi-head self-attention with a selectable mechanism (docs/ATTENTION.md: formulas, costs, errors).
+
+Every mechanism takes the queries, keys and values of one layer, shaped (B, nh, T, hs), and a public
+key mask (B, T) of 0/1 floats. Masked keys contribute nothing: their weights are multiplied by 0 (or
+removed from the softmax), and every normaliser counts only the valid keys.
+
+Normalisers are divided by the public number of valid keys ``n_b`` (and by m for RFA) before the MPC
+reciprocal, so its input range does not depend on the sequence length: out = (num / n) * 1/(den / n).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Generic
+
+import torch
+from torch import Tensor
+
+from secfwt.nn.backend import Backend, V
+from secfwt.nn.config import AttentionConfig, AttentionKind, EncoderConfig
+
+
+def rfa_frequencies(m: int, d: int, seed: int, orthogonal: bool = True) -> Tensor:
+    """The public random frequencies W (m, d), rows ~ N(0, I_d), drawn from ``seed``.
+
+    Orthogonal random features (Yu et al., 2016; Performer, Choromanski et al., 2021): blocks of d
+    orthogonal directions (QR of a Gaussian matrix) with norms drawn from the chi distribution, so each row
+    is still marginally N(0, I_d) while rows of one block are exactly orthogonal (lower variance).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if not orthogonal:
+        return torch.randn(m, d, generator=g, dtype=torch.float64)
+    blocks = []
+    for _ in range(math.ceil(m / d)):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        norms = torch.randn(d, d, generator=g, dtype=torch.float64).norm(dim=1)
+        blocks.append(q.T * norms.unsqueeze(1))  # (d, d): orthogonal rows with chi(d) norms
+    return torch.cat(blocks)[:m]
+
+
+@dataclass
+class SelfAttention(Generic[V]):
+    """BERT self-attention: projections, the selected mechanism, and the output projection.
+
+    Params (canonical names without the ``layer.{i}.attn.`` prefix): q/k/v/o weight (H, H) and bias (H,).
+    """
+
+    cfg: EncoderConfig
+    attn: AttentionConfig
+    layer: int
+    p: dict[str, V]
+
+    def forward(self, be: Backend[V], h: V, mask: Tensor) -> V:
+        """h: (B, T, H) -> (B, T, H); mask: public (B, T) 0/1."""
+        cfg, p = self.cfg, self.p
+        b, t, _ = be.shape(h)
+        nh, hs = cfg.n_heads, cfg.head_size
+
+        def heads(x: V) -> V:
+            return be.transpose(be.reshape(x, (b, t, nh, hs)), 1, 2)  # (B, nh, T, hs)
+
+        q = heads(be.linear(h, p["q.weight"], p["q.bias"]))
+        k = heads(be.linear(h, p["k.weight"], p["k.bias"]))
+        v = heads(be.linear(h, p["v.weight"], p["v.bias"]))
+        kind = self.attn.attention_kind
+        rfa = kind is AttentionKind.RFA
+        ctx = self._rfa(be, q, k, v, mask) if rfa else self._quadratic(be, kind, q, k, v, mask)
+        ctx = be.reshape(be.transpose(ctx, 1, 2), (b, t, nh * hs))  # (B, T, H)
+        return be.linear(ctx, p["o.weight"], p["o.bias"])
+
+    # -- O(T^2) mechanisms: softmax, 2quad, relu, power --------------------------------------------
+    def _quadratic(self, be: Backend[V], kind: AttentionKind, q: V, k: V, v: V, mask: Tensor) -> V:
+        a = self.attn
+        b, nh, t, _ = be.shape(q)
+        key_mask = mask.reshape(b, 1, 1, t)  # (B, 1, 1, T)
+        n_valid = mask.sum(dim=1).reshape(b, 1, 1, 1)  # (B, 1, 1, 1)
+        q = be.mul_public(q, self.cfg.attn_scale)
+        s = be.matmul(q, be.transpose(k, -1, -2))  # (B, nh, T, T) scores q.k / sqrt(hs)
+        if kind is AttentionKind.SOFTMAX:
+            probs = be.softmax(s, mask=key_mask.expand(b, nh, t, t))
+            return be.matmul(probs, v)  # (B, nh, T, hs)
+        if kind is AttentionKind.TWO_QUAD:
+            w = be.square(be.add_public(s, a.quad_c))  # MPCFormer 2Quad: (s + c)^2
+        elif kind is AttentionKind.RELU:
+            w = be.relu(s)
+        elif kind is AttentionKind.POWER:
+            w = _even_power(be, s, a.power)  # Power-Softmax numerator s^p
+        else:
+            raise AssertionError(kind)
+        w = be.mul_mask(w, key_mask)  # masked keys weigh 0
+        num = be.matmul(w, v)  # (B, nh, T, hs)
+        if kind is AttentionKind.RELU and a.relu_norm == "length":
+            return be.mul_public(num, 1.0 / n_valid)
+        den = be.sum(w, dim=-1, keepdim=True)  # (B, nh, T, 1)
+        eps = a.eps if kind in (AttentionKind.RELU, AttentionKind.POWER) else 0.0
+        return _normalise(be, num, den, n_valid, a.recip_range(), eps)
+
+    # -- random feature attention, O(T m) ---------------------------------------------------------
+    def _rfa(self, be: Backend[V], q: V, k: V, v: V, mask: Tensor) -> V:
+        """Random feature attention (Peng et al., 2021, eq. 2-5) as used by SecFwT.
+
+        softmax weights exp(q.k/sqrt(d)) = exp(|q'|^2/2) exp(|k'|^2/2) exp(-|q'-k'|^2/2) with q' = q d^-1/4,
+        k' = k d^-1/4; the Gaussian kernel is E_w[cos(w.(q'-k'))] = phi(q').phi(k') for w ~ N(0, I),
+        phi(x) = [cos(W x), sin(W x)] (1/m folded into the normaliser); the query factor cancels in the
+        ratio and the key factor g_k = exp(|k'|^2/2 - c) is kept when ``rfa_key_norm`` is set.
+        num = phi(q) (phi(K)^T [g V, g]) in one product (the last column gives the normaliser).
+        """
+        a = self.attn
+        b, nh, t, hs = be.shape(q)
+        m = a.n_features
+        w = rfa_frequencies(m, hs, a.seed + self.layer, a.orthogonal)  # (m, hs), public
+        w_eff = w * (hs ** -0.25) / (2.0 * math.pi)  # u = W q' / 2π so cos_sin(u) = cos/sin(W q')
+        cq, sq = be.cos_sin(be.linear_public(q, w_eff))  # (B, nh, T, m) each
+        ck, sk = be.cos_sin(be.linear_public(k, w_eff))
+        phi_q = be.cat([cq, sq], dim=-1)  # (B, nh, T, 2m)
+        phi_k = be.cat([ck, sk], dim=-1)  # (B, nh, T, 2m)
+        ones = be.const(torch.ones(b, nh, t, 1, dtype=torch.float64))
+        v_ext = be.cat([v, ones], dim=-1)  # (B, nh, T, hs + 1)
+        if a.rfa_key_norm:
+            k2 = be.sum(be.square(k), dim=-1, keepdim=True)  # (B, nh, T, 1) |k|^2
+            expo = be.add_public(be.mul_public(k2, 0.5 / math.sqrt(hs)), -a.rfa_key_norm_max)
+            v_ext = be.mul(v_ext, be.exp(expo))  # (B, nh, T, hs + 1) rows scaled by g_k
+        v_ext = be.mul_mask(v_ext, mask.reshape(b, 1, t, 1))  # masked keys contribute nothing
+        kv = be.matmul(be.transpose(phi_k, -1, -2), v_ext)  # (B, nh, 2m, hs + 1)
+        out = be.matmul(phi_q, kv)  # (B, nh, T, hs + 1)
+        num = be.index(out, (Ellipsis, slice(0, hs)))  # (B, nh, T, hs)
+        den = be.index(out, (Ellipsis, slice(hs, hs + 1)))  # (B, nh, T, 1)
+        n_valid = mask.sum(dim=1).reshape(b, 1, 1, 1) * m  # (B, 1, 1, 1)
+        return _normalise(be, num, den, n_valid, a.recip_range(), 0.0)
+
+
+def _even_power(be: Backend[V], x: V, p: int) -> V:
+    """x^p for even p by repeated squaring (ceil(log2 p) + popcount rounds of products)."""
+    result: Any = None
+    base = x
+    e = p
+    while e:
+        if e & 1:
+            result = base if result is None else be.mul(result, base)
+        e >>= 1
+        if e:
+            base = be.square(base)
+    return result
+
+
+def _normalise(be: Backend[V], num: V, den: V, n: Tensor, rng: tuple[float, float], eps: float) -> V:
+    """num / den with one reciprocal per query: (num) * (1/n) * 1/(den/n + eps); n public per row."""
+    mean = be.mul_public(den, 1.0 / n)  # (B, nh, T, 1)
+    if eps:
+        mean = be.add_public(mean, eps)
+    r = be.reciprocal(mean, rng[0], rng[1])  # (B, nh, T, 1)
+    return be.mul(num, be.mul_public(r, 1.0 / n))
+
+
+__all__ = ["SelfAttention", "rfa_frequencies"]
