@@ -30,6 +30,7 @@ from secfwt.tuning.demo import demo_split
 from secfwt.tuning.tasks import DataSource, SplitSource, TaskSpec
 
 DATA_ENV = "SECFWT_DATA"
+_Row = tuple[int, tuple[str, ...], str]  # (line number, texts, raw label)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def read_split(src: SplitSource, task: TaskSpec, base: Path, seed: int = 13) -> 
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    rows: list[tuple[int, tuple[str, ...], str]]  # (line, texts, raw label)
+    rows: list[_Row]  # (line, texts, raw label)
     if src.fmt in ("tsv", "csv"):
         rows = _read_delimited(path, text, src)
     elif src.fmt == "jsonl":
@@ -136,7 +137,7 @@ def _columns(path: Path, src: SplitSource, header: list[str] | None) -> tuple[li
     return [index(t) for t in src.text_fields], index(src.label_field)
 
 
-def _read_delimited(path: Path, text: str, src: SplitSource) -> list[tuple[int, tuple[str, ...], str]]:
+def _read_delimited(path: Path, text: str, src: SplitSource) -> list[_Row]:
     lines = text.splitlines()
     if src.fmt == "tsv":
         records: Sequence[list[str]] = [ln.split("\t") for ln in lines]
@@ -153,7 +154,7 @@ def _read_delimited(path: Path, text: str, src: SplitSource) -> list[tuple[int, 
     header = [h.strip() for h in records[0]] if src.header and records else None
     text_cols, label_col = _columns(path, src, header)
     need = max([*text_cols, label_col]) + 1
-    out = []
+    out: list[_Row] = []
     for line, rec in zip(line_nos[1 if header else 0 :], records[1 if header else 0 :], strict=True):
         if not rec or rec == [""]:
             continue
@@ -164,8 +165,8 @@ def _read_delimited(path: Path, text: str, src: SplitSource) -> list[tuple[int, 
     return out
 
 
-def _read_jsonl(path: Path, text: str, src: SplitSource) -> list[tuple[int, tuple[str, ...], str]]:
-    out = []
+def _read_jsonl(path: Path, text: str, src: SplitSource) -> list[_Row]:
+    out: list[_Row] = []
     for line, s in enumerate(text.splitlines(), 1):
         if not s.strip():
             continue
@@ -182,14 +183,14 @@ def _read_jsonl(path: Path, text: str, src: SplitSource) -> list[tuple[int, tupl
     return out
 
 
-def _read_json_ori(path: Path, text: str) -> list[tuple[int, tuple[str, ...], str]]:
+def _read_json_ori(path: Path, text: str) -> list[_Row]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
     if not isinstance(doc, dict):
         raise DataError(f'{path}: expected {{"<id>": {{"ori": text, "label": class}}}}, got {type(doc).__name__}')
-    out = []
+    out: list[_Row] = []
     for i, (key, rec) in enumerate(doc.items()):
         if not isinstance(rec, dict) or "ori" not in rec or "label" not in rec:
             raise DataError(f'{path}: entry "{key}": expected an object with "ori" and "label", got {rec!r:.60}')
@@ -197,8 +198,8 @@ def _read_json_ori(path: Path, text: str) -> list[tuple[int, tuple[str, ...], st
     return out
 
 
-def _read_textfooler(path: Path, text: str) -> list[tuple[int, tuple[str, ...], str]]:
-    out = []
+def _read_textfooler(path: Path, text: str) -> list[_Row]:
+    out: list[_Row] = []
     for line, s in enumerate(text.splitlines(), 1):
         if not s.strip():
             continue

@@ -263,7 +263,7 @@ def load_task_file(path: Path) -> TaskSpec:
             doc: Any = tomllib.loads(path.read_text(encoding="utf-8"))
         else:
             try:
-                import yaml  # type: ignore[import-untyped]
+                import yaml
             except ImportError as e:
                 raise ConfigError(f"{path}: YAML task files need pyyaml; use a .toml file") from e
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
