@@ -98,12 +98,12 @@ def encode_examples(
         mask_pos.append(pos + len(prefix) if pos >= 0 else -1)
     length = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), length), pad, dtype=torch.int64)
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.int64)
     att = torch.zeros((len(rows), length), dtype=torch.int64)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
         att[i, : len(r)] = 1
-    return Encoded(ids, att, torch.tensor(mask_pos, dtype=torch.int64))
+    return Encoded(input_ids, att, torch.tensor(mask_pos, dtype=torch.int64))
 
 
 def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:

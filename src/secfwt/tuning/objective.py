@@ -156,7 +156,7 @@ class HFPlainEvaluator:
         self.max_rows = max_rows
         self.temperature = temperature
         self.model_name = model_name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-        self._mlm_head = next((getattr(model, a) for a in ("cls", "lm_head") if hasattr(model, a)), None)
+        self._mlm_head: Any = next((getattr(model, a) for a in ("cls", "lm_head") if hasattr(model, a)), None)
         if head == "auto":
             head = "mlm" if self._mlm_head is not None else "similarity"
         if head not in ("mlm", "similarity"):
