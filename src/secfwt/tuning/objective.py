@@ -190,7 +190,8 @@ class HFPlainEvaluator:
         auto = AutoModelForMaskedLM if is_mlm else AutoModel
         model = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        kwargs.setdefault("model_name", path.name)
+        # pip-packaged checkpoints keep weights in <package>/model: name them after the package
+        kwargs.setdefault("model_name", path.parent.name if path.name == "model" else path.name)
         return cls(model, tokenizer, task, **kwargs)
 
     def _word_id(self, word: str) -> int:

@@ -1,0 +1,330 @@
+"""Forward-only prompt tuning: CMA-ES over a random low-dimensional subspace (BBT; SecFwT's owner loop).
+
+The data owner optimises ``z`` in ``R^d`` with CMA-ES (Hansen 2016, via the ``cmaes`` library's ask/tell);
+each candidate becomes a soft prompt ``p = A z + p0`` (BBT, Sun et al. 2022, eq. 2) with a random projection
+``A`` drawn from a seed only the owner keeps. Per iteration the evaluator runs the model forward for the whole
+population on the k-shot train set and returns the label logits (under MPC in SecFwT, arXiv 2506.15307,
+Alg. 1: only these logits are revealed to the owner); the owner computes the losses and tells CMA-ES.
+
+Early stopping is on dev accuracy: every ``eval_every`` iterations the iteration's best candidate is scored on
+the k-shot dev set; the best ``z`` by (dev accuracy, -dev loss) is kept and the run stops after ``patience``
+iterations without improvement. The zero-shot floor (template alone, no soft prompt) is measured on dev and on
+the evaluation split; with ``zero_shot_floor`` the final model falls back to it when no prompt beat it on dev.
+
+Checkpoints (every ``checkpoint_every`` iterations, atomic) hold the CMA-ES object, RNG states, counters, best
+``z`` and history; with a deterministic evaluator a resumed run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cmaes import CMA
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from secfwt.errors import ConfigError
+from secfwt.tuning import checkpoint
+from secfwt.tuning.data import TaskData
+from secfwt.tuning.objective import Batch, EvalCost, Evaluator, accuracy, get_loss, hinge
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Hyper-parameters of a tuning run (defaults follow BBT, Sun et al. 2022, Sec. 4.1)."""
+
+    d: int = 500  # dimension of the subspace z lives in
+    n_prompt: int = 50  # soft-prompt tokens
+    popsize: int = 20  # CMA-ES population size (lambda)
+    budget_calls: int = 8000  # API calls (one = one candidate on the train set); iterations = budget // popsize
+    iterations: int | None = None  # overrides budget_calls when set
+    sigma: float = 1.0  # CMA-ES initial step size (sigma_m in BBT's projection scaling)
+    alpha: float = 1.0  # BBT's scale of the projection std
+    seed: int = 42  # CMA-ES and loop RNG seed
+    proj_seed: int | None = None  # owner-secret seed of A (and p0); default: derived from seed
+    init: str = "none"  # p0: "none" (zeros) or "vocab" (embeddings of random vocabulary words)
+    loss: str = "ce"  # "ce" or "hinge"
+    margin: float = 1.0  # hinge margin
+    train_batch: int | None = None  # examples per iteration (seeded minibatch); None = the whole train set
+    eval_every: int = 1  # iterations between dev evaluations
+    patience: int | None = 100  # iterations without dev improvement before stopping; None = never
+    zero_shot_floor: bool = True  # fall back to no prompt if no prompt beat the template alone on dev
+    checkpoint_every: int = 10  # iterations between checkpoints (when a checkpoint directory is given)
+
+    def __post_init__(self) -> None:
+        for name in ("d", "n_prompt", "popsize", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"tuning config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.popsize < 2:
+            raise ConfigError(f"tuning config: popsize must be >= 2 (CMA-ES), got {self.popsize}")
+        if self.init not in ("none", "vocab"):
+            raise ConfigError(f"tuning config: init must be 'none' or 'vocab', got {self.init!r}")
+        get_loss(self.loss)
+        if self.sigma <= 0:
+            raise ConfigError(f"tuning config: sigma must be > 0, got {self.sigma}")
+
+    @property
+    def max_iterations(self) -> int:
+        return self.iterations if self.iterations is not None else self.budget_calls // self.popsize
+
+    @property
+    def projection_seed(self) -> int:
+        return self.proj_seed if self.proj_seed is not None else (self.seed * 7919 + 1) % 2**31
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields a checkpoint must agree on to be resumed (checkpoint cadence may change)."""
+        d = asdict(self)
+        d.pop("checkpoint_every")
+        return d
+
+
+@dataclass(frozen=True)
+class IterRecord:
+    """One iteration of history. ``dev_acc``/``dev_loss`` are None when dev was not evaluated."""
+
+    iteration: int
+    calls: int
+    loss_min: float
+    loss_mean: float
+    train_acc: float  # of the iteration's best candidate
+    dev_acc: float | None = None
+    dev_loss: float | None = None
+
+
+@dataclass
+class TuneResult:
+    """Outcome of :func:`tune`. ``accuracy`` is on the evaluation split with the selected prompt."""
+
+    task: str
+    model: str
+    mode: str
+    attention: str
+    k: int
+    seed: int
+    iterations: int
+    calls: int
+    accuracy: float
+    zero_shot_accuracy: float
+    dev_accuracy: float
+    zero_shot_dev_accuracy: float
+    time_s: float
+    n_eval: int
+    eval_split: str
+    best_z: np.ndarray
+    used_prompt: bool
+    stop_reason: str
+    history: list[IterRecord] = field(default_factory=list)
+    cost: EvalCost | None = None
+
+
+class Projection:
+    """``p = A z + p0`` (BBT eq. 2). ``A`` is ``(d, n_prompt * hidden)`` with i.i.d. ``N(0, s^2)`` entries,
+    ``s = alpha * sigma_hat / (sqrt(d) * sigma_m)`` (BBT Sec. 3.2): for ``z ~ N(0, sigma_m^2 I)`` every entry of
+    ``A z`` then has the std ``sigma_hat`` of the model's word embeddings. ``A`` is regenerated from ``seed``.
+    """
+
+    def __init__(
+        self, d: int, n_prompt: int, hidden: int, embedding_std: float, sigma: float, alpha: float, seed: int,
+        p0: torch.Tensor | None = None,
+    ) -> None:
+        self.d, self.n_prompt, self.hidden = d, n_prompt, hidden
+        std = alpha * embedding_std / (math.sqrt(d) * sigma)
+        g = torch.Generator().manual_seed(seed)
+        self.A = torch.randn(d, n_prompt * hidden, generator=g, dtype=torch.float32) * std  # (d, n*H)
+        if p0 is not None and tuple(p0.shape) != (n_prompt, hidden):
+            raise ConfigError(f"p0: expected shape ({n_prompt}, {hidden}), got {tuple(p0.shape)}")
+        self.p0 = p0.float() if p0 is not None else None
+
+    def __call__(self, z: np.ndarray) -> torch.Tensor:
+        """Prompts ``(P, n_prompt, hidden)`` for a population ``z`` of shape ``(P, d)``."""
+        zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+        p = (zt @ self.A).reshape(z.shape[0], self.n_prompt, self.hidden)
+        return p + self.p0 if self.p0 is not None else p
+
+
+def _fingerprint(config: TuneConfig, evaluator: Evaluator, data: TaskData) -> str:
+    blob = {
+        "config": config.fingerprint_fields(), "model": evaluator.model_name, "mode": evaluator.mode,
+        "task": data.task.name, "train": Batch.of("train", data.train).key, "dev": Batch.of("dev", data.dev).key,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Loop:
+    """Mutable loop state; everything in :meth:`state_dict` is checkpointed."""
+
+    def __init__(self, evaluator: Evaluator, data: TaskData, config: TuneConfig) -> None:
+        self.ev, self.data, self.cfg = evaluator, data, config
+        self.loss_fn = get_loss(config.loss)
+        if config.loss == "hinge":
+            self.loss_fn = lambda lg, y: hinge(lg, y, config.margin)
+        p0 = evaluator.init_prompt(config.n_prompt, config.projection_seed) if config.init == "vocab" else None
+        if config.init == "vocab" and p0 is None:
+            raise ConfigError(f"init 'vocab': evaluator {evaluator.model_name} cannot provide p0")
+        self.proj = Projection(
+            config.d, config.n_prompt, evaluator.hidden_size, evaluator.embedding_std, config.sigma, config.alpha,
+            config.projection_seed, p0,
+        )
+        self.train = Batch.of("train", data.train)
+        self.dev = Batch.of("dev", data.dev)
+        self.fingerprint = _fingerprint(config, evaluator, data)
+        # Checkpointed state
+        self.cma = CMA(mean=np.zeros(config.d), sigma=config.sigma, population_size=config.popsize, seed=config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.iteration = 0
+        self.calls = 0
+        self.best_z: np.ndarray | None = None
+        self.best_dev = (-1.0, math.inf)  # (accuracy, loss)
+        self.best_iteration = 0
+        self.history: list[IterRecord] = []
+        self.zero_shot_dev: tuple[float, float] | None = None  # (accuracy, loss) of the template alone
+        self.elapsed_s = 0.0
+        self.stop_reason = ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint, "cma": self.cma, "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(), "iteration": self.iteration, "calls": self.calls,
+            "best_z": self.best_z, "best_dev": self.best_dev, "best_iteration": self.best_iteration,
+            "history": [asdict(h) for h in self.history], "zero_shot_dev": self.zero_shot_dev,
+            "elapsed_s": self.elapsed_s, "stop_reason": self.stop_reason,
+        }
+
+    def load_state_dict(self, s: dict[str, Any], where: Path) -> None:
+        if s["fingerprint"] != self.fingerprint:
+            raise ConfigError(
+                f"{where}: checkpoint belongs to another run (fingerprint {s['fingerprint']}, this run "
+                f"{self.fingerprint}: task, data, model or tuning config differ); use a new checkpoint directory"
+            )
+        self.cma = s["cma"]
+        self.rng.bit_generator.state = s["rng"]
+        torch.set_rng_state(s["torch_rng"])
+        self.iteration, self.calls = s["iteration"], s["calls"]
+        self.best_z, self.best_dev, self.best_iteration = s["best_z"], tuple(s["best_dev"]), s["best_iteration"]
+        self.history = [IterRecord(**h) for h in s["history"]]
+        self.zero_shot_dev = s["zero_shot_dev"]
+        self.elapsed_s, self.stop_reason = s["elapsed_s"], s["stop_reason"]
+
+    def _score(self, z: np.ndarray | None, batch: Batch) -> tuple[float, float]:
+        """(accuracy, loss) of one prompt (``z`` of shape (d,), or None for the template alone)."""
+        prompts = self.proj(z[None]) if z is not None else torch.zeros(1, 0, self.ev.hidden_size)
+        lg = self.ev.logits(prompts, batch)
+        return float(accuracy(lg, batch.labels)[0]), float(self.loss_fn(lg, batch.labels)[0])
+
+    def _train_batch(self) -> Batch:
+        n = self.cfg.train_batch
+        if n is None or n >= len(self.train):
+            return self.train
+        idx = sorted(self.rng.choice(len(self.train), size=n, replace=False).tolist())
+        return Batch.of("train-mb", [self.train.examples[i] for i in idx])
+
+    def step(self) -> IterRecord:
+        """One CMA-ES generation: ask P candidates, one batched forward, tell the losses."""
+        zs = [self.cma.ask() for _ in range(self.cfg.popsize)]
+        batch = self._train_batch()
+        logits = self.ev.logits(self.proj(np.stack(zs)), batch)  # (P, B, n_labels)
+        losses = self.loss_fn(logits, batch.labels)  # (P,)
+        accs = accuracy(logits, batch.labels)
+        self.cma.tell([(z, float(v)) for z, v in zip(zs, losses.tolist(), strict=True)])
+        self.iteration += 1
+        self.calls += self.cfg.popsize
+        best = int(torch.argmin(losses))
+        rec = IterRecord(
+            self.iteration, self.calls, float(losses.min()), float(losses.mean()), float(accs[best])
+        )
+        last = self.iteration >= self.cfg.max_iterations
+        if self.iteration % self.cfg.eval_every == 0 or last:
+            dev_acc, dev_loss = self._score(zs[best], self.dev)
+            rec = IterRecord(**{**asdict(rec), "dev_acc": dev_acc, "dev_loss": dev_loss})
+            if (dev_acc, -dev_loss) > (self.best_dev[0], -self.best_dev[1]):
+                self.best_z, self.best_dev, self.best_iteration = zs[best].copy(), (dev_acc, dev_loss), self.iteration
+        self.history.append(rec)
+        if last:
+            self.stop_reason = "budget"
+        elif self.cfg.patience is not None and self.iteration - self.best_iteration >= self.cfg.patience:
+            self.stop_reason = "patience"
+        elif self.cma.should_stop():
+            self.stop_reason = "cma-converged"
+        return rec
+
+
+def tune(
+    evaluator: Evaluator,
+    data: TaskData,
+    config: TuneConfig = TuneConfig(),
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    console: Console | None = None,
+    on_iteration: Callable[[IterRecord], None] | None = None,
+) -> TuneResult:
+    """Run forward-only tuning of a soft prompt for ``data.task`` with ``evaluator``; see the module docstring.
+
+    With ``checkpoint_dir`` the loop saves its state every ``config.checkpoint_every`` iterations and, when
+    ``resume``, continues from the last checkpoint there. ``on_iteration`` is called after each iteration.
+    """
+    session_start = time.perf_counter()
+    loop = _Loop(evaluator, data, config)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and resume:
+        state = checkpoint.load(ckpt)
+        if state is not None:
+            loop.load_state_dict(state, ckpt)
+    if loop.zero_shot_dev is None:
+        loop.zero_shot_dev = loop._score(None, loop.dev)
+    base_elapsed = loop.elapsed_s
+
+    def save() -> None:
+        if ckpt is not None:
+            loop.elapsed_s = base_elapsed + time.perf_counter() - session_start
+            checkpoint.save_atomic(ckpt, loop.state_dict())
+
+    total = config.max_iterations
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=console, disable=not progress, transient=False,
+    ) as bar:
+        task_id = bar.add_task(f"tuning {data.task.name}", total=total, completed=loop.iteration, status="")
+        while not loop.stop_reason:
+            if loop.iteration >= total:
+                loop.stop_reason = "budget"
+                break
+            rec = loop.step()
+            best_acc = loop.best_dev[0]
+            bar.update(task_id, completed=loop.iteration, status=f"loss {rec.loss_min:.4f}  dev* {best_acc:.3f}")
+            if loop.stop_reason or loop.iteration % config.checkpoint_every == 0:
+                save()
+            if on_iteration is not None:
+                on_iteration(rec)
+    return _finish(loop, base_elapsed + time.perf_counter() - session_start)
+
+
+def _finish(loop: _Loop, elapsed: float) -> TuneResult:
+    """Evaluate the selected prompt and the zero-shot floor on the evaluation split."""
+    start = time.perf_counter()
+    data, cfg, ev = loop.data, loop.cfg, loop.ev
+    eval_batch = Batch.of(data.eval_split, data.eval)
+    best_z = loop.best_z if loop.best_z is not None else np.asarray(loop.cma.mean, dtype=np.float64)
+    dev_acc = loop.best_dev[0] if loop.best_z is not None else loop._score(best_z, loop.dev)[0]
+    zs_acc = loop._score(None, eval_batch)[0]
+    zs_dev = loop.zero_shot_dev if loop.zero_shot_dev is not None else loop._score(None, loop.dev)
+    use_prompt = not (cfg.zero_shot_floor and dev_acc < zs_dev[0])
+    acc = loop._score(best_z, eval_batch)[0] if use_prompt else zs_acc
+    return TuneResult(
+        task=data.task.name, model=ev.model_name, mode=ev.mode, attention=ev.attention, k=data.k, seed=data.seed,
+        iterations=loop.iteration, calls=loop.calls, accuracy=acc, zero_shot_accuracy=zs_acc,
+        dev_accuracy=dev_acc, zero_shot_dev_accuracy=zs_dev[0],
+        time_s=elapsed + time.perf_counter() - start, n_eval=len(eval_batch), eval_split=data.eval_split,
+        best_z=best_z, used_prompt=use_prompt, stop_reason=loop.stop_reason, history=list(loop.history),
+        cost=ev.cost(),
+    )
