@@ -100,28 +100,31 @@ class SelfAttention(Generic[V]):
     def _rfa(self, be: Backend[V], q: V, k: V, v: V, mask: Tensor) -> V:
         """Random feature attention (Peng et al., 2021, eq. 2-5) as used by SecFwT.
 
-        softmax weights exp(q.k/sqrt(d)) = exp(|q'|^2/2) exp(|k'|^2/2) exp(-|q'-k'|^2/2) with q' = q d^-1/4,
-        k' = k d^-1/4; the Gaussian kernel is E_w[cos(w.(q'-k'))] = phi(q').phi(k') for w ~ N(0, I),
-        phi(x) = [cos(W x), sin(W x)] (1/m folded into the normaliser); the query factor cancels in the
-        ratio and the key factor g_k = exp(|k'|^2/2 - c) is kept when ``rfa_key_norm`` is set.
-        num = phi(q) (phi(K)^T [g V, g]) in one product (the last column gives the normaliser).
+        phi(x) = [cos(W x), sin(W x)] with W (m, hs) ~ N(0, I) from the public seed, so that
+        phi(x).phi(y) / m estimates the Gaussian kernel E_w[cos(w.(x - y))] = exp(-|x - y|^2 / 2)
+        (the 1/m of phi is folded into the normaliser). ``rfa_norm``:
+          * "l2": x = q/(tau |q|), y = k/(tau |k|): kernel = exp((cos(q, k) - 1) / tau^2) (Peng et al. §3);
+          * "scale": x = q d^-1/4 / tau, y = k d^-1/4 / tau: kernel = exp(q.k/(tau^2 sqrt d)) times the
+            per-query factor exp(-|x|^2/2) (cancels) and the per-key factor exp(-|y|^2/2) (does not).
+        num and the normaliser come from one product: phi(q) (phi(K)^T [V, 1]) (last column = normaliser).
         """
         a = self.attn
         b, nh, t, hs = be.shape(q)
         m = a.n_features
         w = rfa_frequencies(m, hs, a.seed + self.layer, a.orthogonal)  # (m, hs), public
-        w_eff = w * (hs ** -0.25) / (2.0 * math.pi)  # u = W q' / 2π so cos_sin(u) = cos/sin(W q')
-        cq, sq = be.cos_sin(be.linear_public(q, w_eff))  # (B, nh, T, m) each
+        if a.rfa_norm == "l2":
+            lo, hi = a.rfa_sq_range
+            q = be.mul(q, be.rsqrt(be.sum(be.square(q), dim=-1, keepdim=True), lo, hi))  # (B, nh, T, hs)
+            k = be.mul(k, be.rsqrt(be.sum(be.square(k), dim=-1, keepdim=True), lo, hi))
+            w_eff = w / (a.rfa_tau * 2.0 * math.pi)
+        else:
+            w_eff = w * (hs ** -0.25) / (a.rfa_tau * 2.0 * math.pi)
+        cq, sq = be.cos_sin(be.linear_public(q, w_eff))  # (B, nh, T, m) each: cos/sin(W x)
         ck, sk = be.cos_sin(be.linear_public(k, w_eff))
         phi_q = be.cat([cq, sq], dim=-1)  # (B, nh, T, 2m)
         phi_k = be.cat([ck, sk], dim=-1)  # (B, nh, T, 2m)
         ones = be.const(torch.ones(b, nh, t, 1, dtype=torch.float64))
-        v_ext = be.cat([v, ones], dim=-1)  # (B, nh, T, hs + 1)
-        if a.rfa_key_norm:
-            k2 = be.sum(be.square(k), dim=-1, keepdim=True)  # (B, nh, T, 1) |k|^2
-            expo = be.add_public(be.mul_public(k2, 0.5 / math.sqrt(hs)), -a.rfa_key_norm_max)
-            v_ext = be.mul(v_ext, be.exp(expo))  # (B, nh, T, hs + 1) rows scaled by g_k
-        v_ext = be.mul_mask(v_ext, mask.reshape(b, 1, t, 1))  # masked keys contribute nothing
+        v_ext = be.mul_mask(be.cat([v, ones], dim=-1), mask.reshape(b, 1, t, 1))  # (B, nh, T, hs + 1)
         kv = be.matmul(be.transpose(phi_k, -1, -2), v_ext)  # (B, nh, 2m, hs + 1)
         out = be.matmul(phi_q, kv)  # (B, nh, T, hs + 1)
         num = be.index(out, (Ellipsis, slice(0, hs)))  # (B, nh, T, hs)

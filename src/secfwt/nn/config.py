@@ -39,9 +39,11 @@ class AttentionConfig:
         seed: RFA: public seed of the random frequencies (layer ``l`` uses ``seed + l``).
         orthogonal: RFA: draw the frequencies as blocks of orthogonal directions with chi-distributed norms
             (orthogonal random features, lower variance than i.i.d. Gaussian rows).
-        rfa_key_norm: RFA: multiply each key's features by exp(|k|^2 / (2 sqrt(d)) - c_k) so the kernel
-            estimates exp(q.k/sqrt(d)) itself, not only its shift-invariant part (see docs/ATTENTION.md).
-        rfa_key_norm_max: RFA: public upper bound c_k of |k|^2/(2 sqrt(d)) (the exp input stays <= 0).
+        rfa_norm: RFA: "l2" (Peng et al.: queries and keys l2-normalised, kernel exp(cos(q, k) / tau^2))
+            or "scale" (q, k scaled by d^-1/4 / tau: Gaussian kernel exp(-|q - k|^2 / (2 tau^2 sqrt(d))),
+            the shift-invariant part of exp(q.k / sqrt(d))). docs/ATTENTION.md explains the choice.
+        rfa_tau: RFA: temperature tau (folded into the public frequencies).
+        rfa_sq_range: RFA "l2": input range of the MPC rsqrt of |q|^2 and |k|^2.
         quad_c: 2quad: the shift c in (s + c)^2 (MPCFormer uses 5).
         relu_norm: relu: "sum" (divide by the sum of the weights) or "length" (by the number of keys).
         power: power: the even exponent p.
@@ -54,8 +56,9 @@ class AttentionConfig:
     n_features: int = 64
     seed: int = 0
     orthogonal: bool = True
-    rfa_key_norm: bool = True
-    rfa_key_norm_max: float = 16.0
+    rfa_norm: str = "l2"
+    rfa_tau: float = 0.8
+    rfa_sq_range: tuple[float, float] = (0.25, 4096.0)
     quad_c: float = 5.0
     relu_norm: str = "sum"
     power: int = 2
@@ -73,6 +76,10 @@ class AttentionConfig:
             raise ConfigError(f"attention n_features: must be >= 1, got {self.n_features}")
         if self.power < 2 or self.power % 2:
             raise ConfigError(f"attention power: must be an even integer >= 2, got {self.power}")
+        if self.rfa_norm not in ("l2", "scale"):
+            raise ConfigError(f"attention rfa_norm: expected 'l2' or 'scale', got {self.rfa_norm!r}")
+        if self.rfa_tau <= 0:
+            raise ConfigError(f"attention rfa_tau: must be > 0, got {self.rfa_tau}")
         if self.relu_norm not in ("sum", "length"):
             raise ConfigError(f"attention relu_norm: expected 'sum' or 'length', got {self.relu_norm!r}")
 
