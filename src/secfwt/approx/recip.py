@@ -1,0 +1,118 @@
+"""Reciprocal and reciprocal square root by range reduction on powers of two + a polynomial correction.
+
+Both follow the same recipe (cf. the normalisation-then-iterate approach of SecureML/CrypTen and the
+one-hot range reduction of "SiRnn" (Rathee et al., S&P 2021)):
+  1. ONE batched comparison of x against all thresholds 2^k (k = lo+1 .. hi-1) -> one-hot interval bits
+     h_j = [2^j <= x < 2^(j+1)] (8 rounds; 152 bytes per threshold per element).
+  2. A public-coefficient combination of the bits (local) gives the initial guess g = c 2^-j (reciprocal)
+     or g = c 2^(-j/2) (rsqrt) and, at high precision, the normaliser g (resp. g^2).
+  3. e = 1 - x g (resp. 1 - x g^2) in [-1/3, 1/3] for c = 2/3 (resp. c^2 = 2/3): one product (2 rounds).
+  4. 1/x = g / (1 - e) and 1/sqrt(x) = g (1 - e)^(-1/2): a degree-7 Chebyshev fit of (1 - e)^-1 resp.
+     (1 - e)^(-1/2) on |e| <= 0.35, multiplied by g along the power tree of
+     :func:`~secfwt.approx.poly.poly_eval` (6 rounds).
+The series converges like (1/3)^8 (Taylor) and the Chebyshev fit is ~60x better; this replaces Newton-
+Raphson iterations (2 dependent products = 4 rounds each) by one log-depth polynomial.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+from numpy.polynomial import Chebyshev, Polynomial
+
+from secfwt import ring
+from secfwt.approx.poly import interval_bits, poly_eval, server0_public, to_scale, work_scale
+from secfwt.context import PartyContext
+from secfwt.protocols.arith import mul_aa
+from secfwt.share import AShare, add_public
+
+DEGREE = 7
+E_MAX = 0.35  # |e| <= 1/3 in range; a margin for rounding
+# Scale of the normaliser g (or g^2) in e = 1 - x g: x g ~ 1 at scale f + NORM_SCALE stays below 2^58,
+# which leaves a factor 16 of head-room for x slightly above 2^hi.
+_NORM_TOTAL_BITS = 56
+
+
+@cache
+def _series_coeffs(power: float) -> tuple[float, ...]:
+    """Monomial coefficients of a degree-7 Chebyshev interpolant of (1 - e)^-power on [-E_MAX, E_MAX]."""
+    cheb = Chebyshev.interpolate(lambda e: (1.0 - e) ** (-power), DEGREE, domain=[-E_MAX, E_MAX])
+    return tuple(float(c) for c in cheb.convert(kind=Polynomial, domain=[-1, 1], window=[-1, 1]).coef)
+
+
+def series_error(power: float) -> float:
+    """Max |P(e) (1 - e)^power - 1| on [-1/3, 1/3]: the relative error of the correction step."""
+    e = np.linspace(-1 / 3, 1 / 3, 20001)
+    return float(np.abs(np.polyval(_series_coeffs(power)[::-1], e) * (1 - e) ** power - 1).max())
+
+
+def _onehot_public(ctx: PartyContext, bits: AShare | None, values: list[float], scale: int) -> AShare:
+    """sum_j h_j values[j] over intervals j = lo..hi-1, from bits c_k = [x < 2^k] (local, exact).
+
+    sum_j h_j v_j = v_top + sum_k c_k (v_(k-1) - v_k), k = lo+1 .. hi-1.
+    """
+    top = server0_public(ctx, values[-1], scale)
+    if bits is None:
+        return AShare(top, scale)
+    diffs = [values[i] - values[i + 1] for i in range(len(values) - 1)]
+    acc = top + sum(bits.data[i] * ring.encode(diffs[i], scale) for i in range(len(diffs)))
+    return AShare(acc, scale)
+
+
+def _range_reduce(
+    ctx: PartyContext, x: AShare, lo: int, hi: int, guess: list[float], norm: list[float], bound_bits: int
+) -> tuple[AShare, AShare]:
+    """Steps 1-3: returns (g at the working scale, e = 1 - x * norm at the working scale)."""
+    if hi <= lo:
+        raise ValueError(f"need lo < hi, got lo={lo}, hi={hi}")
+    f = ctx.f
+    bits = interval_bits(ctx, x, [2.0**k for k in range(lo + 1, hi)]) if hi - lo > 1 else None
+    p = work_scale(ctx, bound_bits)
+    g = _onehot_public(ctx, bits, guess, p)
+    nrm = _onehot_public(ctx, bits, norm, _NORM_TOTAL_BITS - f)
+    e = add_public(ctx, -mul_aa(ctx, x, nrm, out_scale=p), 1.0)
+    return g, e
+
+
+def reciprocal(ctx: PartyContext, x: AShare, lo: int = -8, hi: int = 12) -> AShare:
+    """1/x for x in [2^lo, 2^hi] (shared, positive).
+
+    Steps: see the module docstring (g = (2/3) 2^-j on [2^j, 2^(j+1)), e = 1 - x g, 1/x = g P(e)).
+    Cost: 16 rounds (8 comparison + 2 + 6); bytes per element per server: 152 (hi - lo - 1) + 24 + 136
+    (3200 for the defaults); with hi - lo = 1 no comparison (8 rounds, 160 bytes).
+    Valid range: [2^lo, 2^hi]; outside it the error grows quickly (e leaves [-1/3, 1/3]).
+    Error: relative <= 2.3e-6 from the correction polynomial (:func:`series_error`), plus fixed point:
+    absolute ~2^-f from the final truncation and 2^-p of the guess (p = working scale), i.e. max abs
+    error ~3e-5 and relative error ~2e-5 for x <= 2^4 (measured: docs/APPROXIMATIONS.md).
+    Reference: one-hot range reduction as in SiRnn (Rathee et al., S&P 2021); series instead of Newton.
+    """
+    with ctx.cost.scope("reciprocal"):
+        x = to_scale(ctx, x, ctx.f)
+        bound_bits = max(-lo, 0) + 1
+        guess = [(2.0 / 3.0) * 2.0**-j for j in range(lo, hi)]
+        g, e = _range_reduce(ctx, x, lo, hi, guess, guess, bound_bits)
+        return poly_eval(ctx, e, _series_coeffs(1.0), times=g, bound_bits=bound_bits)
+
+
+def rsqrt(ctx: PartyContext, x: AShare, lo: int = -12, hi: int = 16, factor: float = 1.0) -> AShare:
+    """factor/sqrt(x) for x in [2^lo, 2^hi] (shared, positive; ``factor`` public, folded into the guess).
+
+    Steps: as :func:`reciprocal` with g = sqrt(2/3) 2^(-j/2) and the normaliser g^2 = (2/3) 2^-j (both
+    public per interval, so g^2 costs nothing), e = 1 - x g^2, 1/sqrt(x) = g P(e), P ~ (1 - e)^(-1/2).
+    Cost: 16 rounds; bytes per element per server: 152 (hi - lo - 1) + 160 (4264 for the defaults).
+    Valid range: [2^lo, 2^hi]. Error: relative <= 5.2e-7 from the polynomial (:func:`series_error`) plus
+    fixed point (~2^-f absolute); measured in docs/APPROXIMATIONS.md.
+    Reference: one-hot range reduction (SiRnn, S&P 2021); PUMA/CrypTen use Newton iterations instead.
+    """
+    with ctx.cost.scope("rsqrt"):
+        x = to_scale(ctx, x, ctx.f)
+        bound_bits = max(math.ceil(-lo / 2 + math.log2(factor)), 0) + 1
+        guess = [factor * math.sqrt(2.0 / 3.0) * 2.0 ** (-j / 2) for j in range(lo, hi)]
+        norm = [(2.0 / 3.0) * 2.0**-j for j in range(lo, hi)]
+        g, e = _range_reduce(ctx, x, lo, hi, guess, norm, bound_bits)
+        return poly_eval(ctx, e, _series_coeffs(0.5), times=g, bound_bits=bound_bits)
+
+
+__all__ = ["reciprocal", "rsqrt", "series_error"]
