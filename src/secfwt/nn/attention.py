@@ -148,12 +148,16 @@ def _even_power(be: Backend[V], x: V, p: int) -> V:
 
 
 def _normalise(be: Backend[V], num: V, den: V, n: Tensor, rng: tuple[float, float], eps: float) -> V:
-    """num / den with one reciprocal per query: (num) * (1/n) * 1/(den/n + eps); n public per row."""
+    """num / den with one reciprocal per query: (num / n) * 1/(den / n + eps); n public per batch row.
+
+    Both are divided by n before the product so neither the reciprocal's input nor its output depends on
+    the sequence length (1/den itself would be ~1/n: too few fixed-point bits).
+    """
     mean = be.mul_public(den, 1.0 / n)  # (B, nh, T, 1)
     if eps:
         mean = be.add_public(mean, eps)
     r = be.reciprocal(mean, rng[0], rng[1])  # (B, nh, T, 1)
-    return be.mul(num, be.mul_public(r, 1.0 / n))
+    return be.mul(be.mul_public(num, 1.0 / n), r)
 
 
 __all__ = ["SelfAttention", "rfa_frequencies"]

@@ -1,0 +1,178 @@
+"""The MPC backend: values are :class:`~secfwt.share.AShare` (this server's share, fixed point).
+
+Linear ops are local or Beaver products (:mod:`secfwt.protocols.arith`); non-linear ops call
+:mod:`secfwt.approx` and :func:`secfwt.protocols.cosine.cos_sin`. Ranges given to :meth:`reciprocal` and
+:meth:`rsqrt` as real bounds are widened to the enclosing powers of two the approximations take.
+
+Weights: in deployment each server loads its shares of the model (``secfwt share-model``); tests and demos
+where both servers know the plaintext use :meth:`MpcBackend.share_plain` (a random split from the PRG the
+two servers share: server 0 holds w - r, server 1 holds r).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secfwt import ring
+from secfwt import share as sh
+from secfwt.comm.base import SERVER0
+from secfwt.context import PartyContext
+from secfwt.protocols import arith, compare
+from secfwt.share import AShare
+
+# Streams of the servers' common PRG used by share_plain start here (far from other users' indices).
+_SHARE_STREAM_BASE = 1 << 48
+
+
+def _log2_floor(v: float) -> int:
+    return math.floor(math.log2(v))
+
+
+def _log2_ceil(v: float) -> int:
+    return math.ceil(math.log2(v))
+
+
+class MpcBackend:
+    """Backend over additive shares for one server's context."""
+
+    name = "mpc"
+
+    def __init__(self, ctx: PartyContext) -> None:
+        if not ctx.is_server:
+            raise ValueError(f"MpcBackend: {ctx.name} is not a server")
+        self.ctx = ctx
+        self._share_stream = _SHARE_STREAM_BASE
+
+    # -- inputs and outputs ----------------------------------------------------------------------
+    def share_plain(self, name: str, t: Tensor) -> AShare:
+        """A random sharing of a plaintext tensor known to BOTH servers (tests/demos only; mask from the
+        servers' common PRG, so no communication). ``name`` is unused (fits Encoder.map_params)."""
+        ctx = self.ctx
+        assert ctx.prg_peer is not None, "share_plain needs the PRG the two servers share"
+        enc = ring.encode(t.detach().to(torch.float64), ctx.f)
+        r = ctx.prg_peer.stream(self._share_stream).ring(tuple(enc.shape))
+        self._share_stream += 1
+        return AShare(enc - r if ctx.rank == SERVER0 else r, ctx.f)
+
+    def from_owner(self, shape: Sequence[int]) -> AShare:
+        """Receive an input shared by the data owner (the owner calls ``share.owner_share``)."""
+        return sh.share_from_owner(self.ctx, tuple(shape))
+
+    def reveal(self, x: AShare) -> Tensor:
+        """Open to both servers (tests and public outputs only)."""
+        return sh.reveal(self.ctx, x)
+
+    # -- structure -------------------------------------------------------------------------------
+    def shape(self, x: AShare) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    def reshape(self, x: AShare, shape: Sequence[int]) -> AShare:
+        return x.reshape(*shape)
+
+    def transpose(self, x: AShare, a: int, b: int) -> AShare:
+        return x.transpose(a, b)
+
+    def index(self, x: AShare, idx: Any) -> AShare:
+        return x[idx]
+
+    def expand(self, x: AShare, shape: Sequence[int]) -> AShare:
+        return x.expand(*shape)
+
+    def cat(self, xs: Sequence[AShare], dim: int) -> AShare:
+        return sh.cat(list(xs), dim=dim)
+
+    def sum(self, x: AShare, dim: int, keepdim: bool = False) -> AShare:
+        return x.sum(dim, keepdim=keepdim)
+
+    def const(self, t: Tensor) -> AShare:
+        return sh.from_public(self.ctx, t.to(torch.float64))
+
+    # -- arithmetic ------------------------------------------------------------------------------
+    def add(self, x: AShare, y: AShare) -> AShare:
+        return sh.add(x, y)
+
+    def sub(self, x: AShare, y: AShare) -> AShare:
+        return sh.sub(x, y)
+
+    def mul(self, x: AShare, y: AShare) -> AShare:
+        return arith.mul_aa(self.ctx, x, y)
+
+    def square(self, x: AShare) -> AShare:
+        return arith.square_a(self.ctx, x)
+
+    def add_public(self, x: AShare, c: Tensor | float) -> AShare:
+        return sh.add_public(self.ctx, x, c)
+
+    def mul_public(self, x: AShare, c: Tensor | float) -> AShare:
+        return arith.mul_ap(self.ctx, x, c)
+
+    def mul_mask(self, x: AShare, mask: Tensor) -> AShare:
+        return sh.mul_public_int(x, mask.round().to(torch.int64))
+
+    def linear(self, x: AShare, w: AShare, b: AShare | None) -> AShare:
+        y = arith.matmul_aa(self.ctx, x, w.transpose(0, 1))
+        return y if b is None else sh.add(y, b)
+
+    def linear_public(self, x: AShare, w: Tensor) -> AShare:
+        return arith.matmul_ap(self.ctx, x, w.to(torch.float64).transpose(0, 1).contiguous())
+
+    def matmul(self, x: AShare, y: AShare) -> AShare:
+        return arith.matmul_aa(self.ctx, x, y)
+
+    # -- non-linear ------------------------------------------------------------------------------
+    def softmax(self, x: AShare, mask: Tensor | None = None) -> AShare:
+        from secfwt.approx import softmax
+
+        return softmax(self.ctx, x, dim=-1, mask=mask)
+
+    def gelu(self, x: AShare) -> AShare:
+        from secfwt.approx import gelu
+
+        return gelu(self.ctx, x)
+
+    def tanh(self, x: AShare) -> AShare:
+        from secfwt.approx import tanh
+
+        return tanh(self.ctx, x)
+
+    def relu(self, x: AShare) -> AShare:
+        return compare.relu(self.ctx, x)
+
+    def exp(self, x: AShare) -> AShare:
+        from secfwt.approx import exp
+
+        return exp(self.ctx, x)
+
+    def layernorm(self, x: AShare, weight: AShare, bias: AShare, eps: float) -> AShare:
+        from secfwt.approx import layernorm
+
+        return layernorm(self.ctx, x, weight, bias, eps)
+
+    def reciprocal(self, x: AShare, lo: float, hi: float) -> AShare:
+        from secfwt.approx import reciprocal
+
+        return reciprocal(self.ctx, x, _log2_floor(lo), _log2_ceil(hi))
+
+    def rsqrt(self, x: AShare, lo: float, hi: float) -> AShare:
+        from secfwt.approx import rsqrt
+
+        return rsqrt(self.ctx, x, _log2_floor(lo), _log2_ceil(hi))
+
+    def cos_sin(self, u: AShare) -> tuple[AShare, AShare]:
+        from secfwt.protocols.cosine import cos_sin
+
+        return cos_sin(self.ctx, u, truncate=True)
+
+    @contextlib.contextmanager
+    def scope(self, label: str) -> Iterator[None]:
+        with self.ctx.cost.scope(label):
+            yield
+
+
+__all__ = ["MpcBackend"]
