@@ -328,7 +328,8 @@ def _status(code: int | None) -> str:
 
 
 class PartyProcesses:
-    """The subprocesses (``python -m secfwt party``) of one run; a context manager that kills leftovers.
+    """The subprocesses (``secfwt party``, started as ``python -m secfwt.cli.party_cmd`` so that a party
+    process does not import the other sub-commands) of one run; a context manager that kills leftovers.
 
     Args:
         programs: ``{rank: "module:function"}`` for SERVER0, SERVER1 and optionally OWNER.
@@ -348,9 +349,13 @@ class PartyProcesses:
         config = Path(config)
         self.config = config / CONFIG_NAME if config.is_dir() else config
         self.cfg = load_parties_config(self.config)
-        for r in programs:
+        for r, ref in programs.items():
             if r not in (SERVER0, SERVER1, OWNER):
                 raise ConfigError(f"programs are for server0, server1 and owner, got rank {r}")
+            import_program(ref)  # fail here, not in a child while the others wait for it
+        for r in (SERVER0, SERVER1):
+            if r not in programs:
+                raise ConfigError(f"no program for {PARTY_NAMES[r]}")
         self.ranks = [SERVER0, SERVER1, DEALER] + ([OWNER] if OWNER in programs else [])
         self.out_dir = Path(out_dir) if out_dir is not None else self.config.parent / "run"
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -367,7 +372,7 @@ class PartyProcesses:
                 name = PARTY_NAMES[r]
                 self.result_path(r).unlink(missing_ok=True)
                 cost_path(self.result_path(r)).unlink(missing_ok=True)
-                cmd = [sys.executable, "-m", "secfwt", "party", "--config", str(self.config), "--role", name,
+                cmd = [sys.executable, "-m", "secfwt.cli.party_cmd", "--config", str(self.config), "--role", name,
                        "--parties", names, "--out", str(self.result_path(r)), "--exit-with-parent"]
                 if r in programs:
                     cmd += ["--program", programs[r]]
@@ -426,16 +431,15 @@ class PartyProcesses:
             return (0 if code < 0 else 1, 1 if reaction else 0)
         return min(bad, key=key)
 
-    def wait(self, timeout: float, grace: float | None = None) -> RunResult:
+    def wait(self, timeout: float, grace: float = 5.0) -> RunResult:
         """Wait for all parties and collect their results and cost ledgers.
 
-        When a party fails, the others get ``grace`` seconds (default: the config's message timeout + 5 s,
-        bounded by ``timeout``) to exit on their own (they normally stop at once through the abort message or
-        the closed connection); the rest are killed. Raises PartyProcessError naming the first failing party,
+        When a party fails, the others get ``grace`` seconds (bounded by ``timeout``) to exit on their own
+        (they normally stop at once through the abort message or the closed connection); the rest are
+        killed. Raises PartyProcessError naming the first failing party,
         with its output tail and every party's exit status; on ``timeout`` all children are killed first.
         """
         deadline = self.started + timeout
-        grace = self.cfg.timeout + 5.0 if grace is None else grace
         first_failure: int | None = None
         failed_at = 0.0
         try:

@@ -1,14 +1,20 @@
-"""``secfwt party``: run one party (server0, server1, dealer or owner) of a multi-process run over TLS."""
+"""``secfwt party``: run one party (server0, server1, dealer or owner) of a multi-process run over TLS.
+
+Also runnable as ``python -m secfwt.cli.party_cmd ARGS`` (same arguments and exit codes), which is how
+:mod:`secfwt.launch` starts parties: it does not import the other sub-commands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 import time
 from typing import Any
 
 from secfwt.comm.base import PARTY_NAMES
+from secfwt.errors import SecfwtError
 from secfwt.launch import run_party_process
 
 
@@ -50,3 +56,22 @@ def run(args: argparse.Namespace) -> int:
     parties = args.parties.split(",") if args.parties else None
     run_party_process(args.config, args.role, args.program, out=args.out, parties=parties)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``secfwt party`` without the other sub-commands: exit code 2 and a one-line error on SecfwtError."""
+    parser = argparse.ArgumentParser(prog="secfwt")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["party", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except SecfwtError as e:
+        print(f"secfwt party: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("secfwt party: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -383,8 +383,8 @@ class TcpCommunicator(Communicator):
                     f"{self.name}: the party at {where} is '{cn}', expected '{pname}' (certificate "
                     f"common name); connection refused"
                 )
-            sock.sendall(Frame(seq=-1, tag=HELLO, kind="json", obj={"party": self.name}).encode())
             try:
+                sock.sendall(Frame(seq=-1, tag=HELLO, kind="json", obj={"party": self.name}).encode())
                 reply = _read_frame_blocking(sock, f"{self.name}: hello from {pname}")
             except (ssl.SSLError, OSError) as e:
                 raise AuthError(
