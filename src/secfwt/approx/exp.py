@@ -6,7 +6,8 @@ Clamping: with b = [x >= -2^n], base = (1 + (b w)^2) / 2 equals the Taylor base 
 b = 0 (so exp -> 2^-(2^n) = 0 in fixed point); for b = 1, w is in [0, 1] and the base in [1/2, 1], so the
 squarings never overflow and any x <= 0 of the fixed-point range is safe.
 Error of the approximation: 2^n ln(1 + y + y^2/2) = x - x^3 / (6 4^n) + O(x^4 / 8^n), i.e. an absolute
-error <= max_x e^x |x|^3 / (6 4^n) = 0.224 / 4^n (at x = -3): 5.5e-5 for n = 6.
+error <= max_x e^x |x|^3 / (6 4^n) = 0.224 / 4^n (at x = -3): 1.4e-5 for n = 7 (n = 6 gave 5.7e-5,
+which accumulated to 4e-4 in softmax rows with many mid-sized logits).
 Reference: the limit formula (1 + x/2^n)^(2^n) of CrypTen/MPCFormer, with a second-order base (error
 1/4^n instead of 1/2^n) and an exact clamp instead of an unbounded base.
 """
@@ -25,8 +26,9 @@ from secfwt.protocols.arith import mul_aa, square_a
 from secfwt.protocols.compare import gez, max_
 from secfwt.share import AShare, add_public, mul_public_int
 
-SQUARINGS = 6  # n
+SQUARINGS = 7  # n
 _EXP_SCALE = 28  # working scale of the squarings: base in [1/2, 1], squares at scale 56 < 62
+_R_EXTRA_BITS = 8  # 1/sum(e) in [1/N, 1] is kept with f + 8 bits
 _MASK_FILL = 2.0**20  # masked logits are replaced by -2^20 before the max
 
 
@@ -36,9 +38,9 @@ def exp(ctx: PartyContext, x: AShare) -> AShare:
     Steps: (1) b = [x + 2^n >= 0] (one ltz); w = 1 + x / 2^n exactly at scale f + n (local);
     (2) b w (exact bit product, 1 round); (3) base = (1 + (b w)^2) / 2 (square + truncation, 2 rounds);
     (4) n squarings at scale 28 (2 rounds each; the last one truncates to f).
-    Cost: 11 + 2n = 23 rounds; bytes per element per server: 152 + 16 + 16 + 16 n = 280.
+    Cost: 11 + 2n = 25 rounds; bytes per element per server: 145 + 16 + 16 + 16 n = 289.
     Valid range: x <= 0 (also accurate for 0 < x <= 1, error growing like x^3 / 4^n beyond).
-    Error: <= 5.5e-5 (approximation, see module docstring) + ~2^-f (fixed point): ~7e-5 absolute.
+    Error: <= 1.4e-5 (approximation, see module docstring) + ~2^-f (fixed point): ~3e-5 absolute.
     """
     with ctx.cost.scope("exp"):
         f, n = ctx.f, SQUARINGS
@@ -59,9 +61,9 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
     Steps: (1) masked logits replaced by -2^20 (local: public 0/1 multiply); (2) m = max_(x, dim) (tree of
     ceil(log2 N) comparisons); (3) e = exp(x - m) (x - m <= 0), times the mask (local); (4) s = sum(e) in
     [1, N]; (5) r = reciprocal(s, lo=0, hi=ceil(log2 N)) (range known: s >= e(max) = 1); (6) y = e r.
-    Cost (N = size of ``dim``, K = max(ceil(log2 N) - 1, 0)): 9 ceil(log2 N) + 23 + (16 if K else 8) + 2
-    rounds; bytes per element per server ~ 160 (max tree, 152 + 16 per comparison, N - 1 comparisons per
-    row) + 280 (exp) + 24 (final product) + (152 K + 160) / N (reciprocal, once per row).
+    Cost (N = size of ``dim``, K = max(ceil(log2 N) - 1, 0)): 9 ceil(log2 N) + 25 + (16 if K else 8) + 2
+    rounds; bytes per element per server ~ 161 (max tree: 145 + 16 per comparison, N - 1 comparisons per
+    row) + 289 (exp) + 24 (final product) + (145 K + 160) / N (reciprocal, once per row).
     Valid range: any logits with |x| < 2^19; rows must have at least one unmasked position (a fully
     masked row returns zeros, where torch returns NaN).
     Error: <= ~1e-4 absolute per probability (exp error, reciprocal ~2e-6 relative, truncations).
@@ -85,8 +87,8 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
         s = e.sum(d, keepdim=True)
         n = x.shape[d]
         hi = max(math.ceil(math.log2(n)), 1) if n > 1 else 1
-        r = reciprocal(ctx, s, lo=0, hi=hi)
-        return mul_aa(ctx, e, r)
+        r = reciprocal(ctx, s, lo=0, hi=hi, out_scale=f + _R_EXTRA_BITS)
+        return mul_aa(ctx, e, r, out_scale=f)
 
 
 __all__ = ["SQUARINGS", "exp", "softmax"]

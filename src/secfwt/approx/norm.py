@@ -24,6 +24,7 @@ from secfwt.share import AShare, add, add_public, mul_public, sub
 # Range of the per-row variance handed to rsqrt: [2^-16, 2^16] covers eps = 1e-5 .. |x| ~ 256.
 VAR_LO, VAR_HI = -16, 16
 _MEAN_BITS = 24  # fractional bits of the public 1/n in the mean
+_R_EXTRA_BITS = 12  # 1/sqrt(var + eps) is kept with f + 12 bits: small for large-variance rows
 
 
 def _normalize(
@@ -36,8 +37,9 @@ def _normalize(
     stats = trunc_many(ctx, [prods[0].sum(d, keepdim=True)] + prods[1:], f)
     s = add_public(ctx, stats[0], n * eps)
     log_n = math.log2(n)
-    r = rsqrt(ctx, s, lo=VAR_LO + math.floor(log_n), hi=VAR_HI + math.ceil(log_n), factor=math.sqrt(n))
-    y = mul_aa(ctx, stats[1] if weight is not None else c, r)
+    r = rsqrt(ctx, s, lo=VAR_LO + math.floor(log_n), hi=VAR_HI + math.ceil(log_n), factor=math.sqrt(n),
+              out_scale=f + _R_EXTRA_BITS)
+    y = mul_aa(ctx, stats[1] if weight is not None else c, r, out_scale=f)
     return add(y, bias) if bias is not None else y
 
 
@@ -53,8 +55,8 @@ def layernorm(
 
     Steps: see the module docstring. Cost: 21 rounds. Bytes per element per server: 16 (c^2) + 16
     (c gamma, with a weight) + 8 (c gamma truncation) + 24 (final product) = 64 (40 without weight), plus
-    per row 8 (mean) + 8 (S) + 152 * 31 + 160 (rsqrt, n <= 2^k ranges: 32 - 1 thresholds) ~ 4900 bytes,
-    i.e. ~12.8 bytes per element for n = 384.
+    per row 8 (mean) + 8 (S) + 145 * 32 + 160 (rsqrt on n [2^-16, 2^16]: 33 - 1 thresholds) ~ 4800 bytes,
+    i.e. ~12.5 bytes per element for n = 384.
     Valid range: per-row variance in [2^-16, 2^16] (|x| up to ~256), |x| < 2^15, |c gamma| < 2^13.
     Error: rsqrt's relative error (~1e-5 for var >= 2^-8) times |c gamma| plus ~2^-f per truncation;
     measured in docs/APPROXIMATIONS.md (~2e-4 abs for unit-variance rows of size 768).

@@ -112,6 +112,7 @@ def poly_eval(
     times: AShare | None = None,
     bound_bits: int = 4,
     truncate: bool = True,
+    out_scale: int | None = None,
 ) -> AShare:
     """``P(x) = sum_j coeffs[j] x^j`` (times a shared ``times`` factor if given), in log depth.
 
@@ -120,7 +121,8 @@ def poly_eval(
 
     Steps (L = ceil(log2(d+1)), h = 2^(L-1), see the module docstring): L-1 batched power levels at the
     working scale p = :func:`work_scale`; A and B as local linear combinations; one product v^h * B.
-    Cost: 2L rounds (2L - 1 with ``truncate=False``, which returns scale 2p + f untruncated).
+    Cost: 2L rounds (2L - 1 with ``truncate=False``, which returns scale 2p + f untruncated); the result
+    has ``out_scale`` fractional bits (default ``ctx.f``).
     Bytes per element per server, without ``times``: 16 (level 1: a square) + sum_{l=2}^{L-1} 8(1 + 2k_l)
     + 16 + 8 (final; the 8 only when truncating), k_l = 2^(l-1); degree 7: 80 (72 untruncated).
     With ``times``: sum_{l=1}^{L-1} 8(1 + 4k_l) + 24; degree 7: 136.
@@ -178,7 +180,8 @@ def poly_eval(
             out = add(rescale_up(prod, out_top), low)
         else:
             out = add(mul_aa(ctx, powers[h], high, out_scale=out_top), low)
-        return trunc(ctx, out, out_top - f) if truncate else out
+        target = f if out_scale is None else out_scale
+        return trunc(ctx, out, out_top - target) if truncate and out_top > target else out
 
 
 # -- piecewise polynomials -------------------------------------------------------------------------------
@@ -251,7 +254,7 @@ def fit_piecewise(
 def interval_bits(ctx: PartyContext, x: AShare, thresholds: Sequence[float]) -> AShare:
     """Bits [x < t_k] for all public thresholds at once: ONE ltz call on the stacked differences.
 
-    Returns shape (K, *x.shape), scale 0. Cost: 8 rounds, 152 K bytes per element per server.
+    Returns shape (K, *x.shape), scale 0. Cost: 8 rounds, 145 K bytes per element per server (ltz: 8 + 136 + 1).
     """
     diffs = [add_public(ctx, x, -float(t)) for t in thresholds]
     return ltz(ctx, stack(diffs, dim=0))
@@ -277,7 +280,7 @@ def piecewise(ctx: PartyContext, x: AShare, spec: PiecewiseSpec) -> AShare:
       3. One round of exact bit products [bits * P_i, (sum_i slope_i bits_i) * x], then one truncation.
     Pieces evaluated outside their interval may wrap (garbage), but they are multiplied by an exact 0.
     Cost: 2L + 9 rounds (L = :func:`poly_levels` of the degree; 15 for degree 7). Bytes per element per
-    server: 152 K + S * poly bytes (72 for degree 7, untruncated) + 16 S (selection) + 8 (truncation)
+    server: 145 K + S * poly bytes (72 for degree 7, untruncated) + 16 S (selection) + 8 (truncation)
     + 16 if any piece has a nonzero slope; S = number of polynomial pieces.
     Valid range: all x in the fixed-point range. Error: the fit error plus ~2^-f.
     """

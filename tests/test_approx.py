@@ -1,0 +1,185 @@
+"""secfwt.approx against torch on each op's valid range (edges included), with per-op tolerances.
+
+Errors are measured against torch evaluated on the *encoded* input (16 fractional bits), so the input's
+own quantisation (large in relative terms for tiny reciprocal/rsqrt inputs) is not charged to the op.
+A value passes when |y - ref| <= atol + rtol |ref|.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from secfwt import approx, ring
+from secfwt.context import PartyContext
+from secfwt.runtime import run_in_process
+from secfwt.share import AShare, reveal
+
+FRAC = 16
+
+# op: (atol, rtol) -- the documented accuracy of each op on its valid range (docs/APPROXIMATIONS.md).
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "exp": (1.5e-4, 0.0),
+    "reciprocal": (6e-5, 3e-5),
+    "rsqrt": (6e-5, 2e-5),
+    "softmax": (3e-4, 0.0),
+    "gelu": (2e-4, 0.0),
+    "tanh": (1.5e-4, 0.0),
+    "sigmoid": (1e-4, 0.0),
+    "silu": (1.5e-4, 0.0),
+    "layernorm": (2e-3, 1e-3),
+    "rmsnorm": (2e-3, 1e-3),
+    "poly_eval": (1e-4, 0.0),
+}
+
+
+def _quantize(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x * 2**FRAC) / 2**FRAC
+
+
+def _share(ctx: PartyContext, x: torch.Tensor, seed: int) -> AShare:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(-(2**62), 2**62, x.shape, generator=g, dtype=torch.int64)
+    enc = ring.encode(x, FRAC)
+    return AShare(r if ctx.rank == 0 else enc - r, FRAC)
+
+
+def run_op(fn: Callable[..., AShare], *inputs: torch.Tensor | None, **kw: Any) -> tuple[torch.Tensor, Any]:
+    """Share the inputs, run ``fn(ctx, *shares, **kw)`` on both servers, return (revealed y, server-0 costs)."""
+
+    def prog(ctx: PartyContext) -> tuple[torch.Tensor, Any]:
+        shares = [None if x is None else _share(ctx, x, 11 + i) for i, x in enumerate(inputs)]
+        ctx.cost.reset()
+        y = fn(ctx, *shares, **kw)
+        costs = ctx.cost.by_top_level()
+        return reveal(ctx, y), costs
+
+    return run_in_process({0: prog, 1: prog}, timeout=120)[0]
+
+
+def check(name: str, y: torch.Tensor, ref: torch.Tensor) -> None:
+    atol, rtol = TOLERANCES[name]
+    err = (y - ref).abs()
+    bad = err > atol + rtol * ref.abs()
+    assert not bad.any(), f"{name}: max abs error {err.max().item():.3g} (tolerance {atol} + {rtol}|ref|)"
+
+
+def _wide(lo: float, hi: float, n: int, extra: list[float]) -> torch.Tensor:
+    return _quantize(torch.cat([torch.linspace(lo, hi, n, dtype=torch.float64), torch.tensor(extra).double()]))
+
+
+ACTIVATIONS = {
+    "gelu": (approx.gelu, lambda x: F.gelu(x)),
+    "tanh": (approx.tanh, torch.tanh),
+    "sigmoid": (approx.sigmoid, torch.sigmoid),
+    "silu": (approx.silu, F.silu),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_all_reals(name: str) -> None:
+    fn, ref = ACTIVATIONS[name]
+    # dense over the pieces, saturated tails, breakpoints, and huge |x| in the fixed-point range
+    extra = [-2.0**40, -1e6, -1e3, -16.0, -10.0, -5.0, -4.0, -1.0, 0.0, 1.0, 4.0, 5.0, 10.0, 16.0, 1e3, 1e6,
+             2.0**40]
+    x = _wide(-24, 24, 4001, extra)
+    y, _ = run_op(fn, x)
+    check(name, y, ref(x))
+
+
+def test_exp_nonpositive() -> None:
+    x = _wide(-30, 0, 3001, [-63.9, -64.0, -64.1, -1e3, -1e6, -2.0**40, -2.0**-16])
+    y, _ = run_op(approx.exp, x)
+    check("exp", y, torch.exp(x))
+
+
+def test_reciprocal_range() -> None:
+    x = _quantize(2.0 ** torch.linspace(-8, 12, 2001, dtype=torch.float64))
+    x = torch.cat([x, torch.tensor([2.0**-8, 2.0**12, 1.0, 3.0, 1000.0]).double()])
+    y, _ = run_op(approx.reciprocal, x)
+    check("reciprocal", y, 1.0 / x)
+
+
+def test_rsqrt_range() -> None:
+    x = _quantize(2.0 ** torch.linspace(-12, 16, 2001, dtype=torch.float64))
+    x = torch.cat([x, torch.tensor([2.0**-12, 2.0**16, 1.0, 2.0, 12345.0]).double()])
+    y, _ = run_op(approx.rsqrt, x)
+    check("rsqrt", y, torch.rsqrt(x))
+
+
+def test_softmax_masked_rows() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 50, dtype=torch.float64) * 3
+    x[1] *= 10  # peaked row
+    x[2, :7] = 40.0  # ties at a large value
+    x[3] = 0.0  # uniform row
+    x[4, 20] = 400.0  # masked outlier larger than everything else
+    x = _quantize(x)
+    mask = torch.ones(6, 50)
+    mask[0, 10:] = 0
+    mask[4, 20] = 0
+    mask[5, ::3] = 0
+    y, _ = run_op(approx.softmax, x, mask=mask)
+    ref = torch.softmax(x.masked_fill(mask == 0, -math.inf), dim=-1)
+    check("softmax", y, ref)
+    assert (y[mask == 0] == 0).all()
+
+
+def test_softmax_dim0_unmasked() -> None:
+    torch.manual_seed(1)
+    x = _quantize(torch.randn(9, 4, dtype=torch.float64) * 4)
+    y, _ = run_op(approx.softmax, x, dim=0)
+    check("softmax", y, torch.softmax(x, dim=0))
+
+
+@pytest.mark.parametrize("n", [384, 768])
+def test_layernorm_and_rmsnorm(n: int) -> None:
+    torch.manual_seed(n)
+    x = torch.randn(6, n, dtype=torch.float64) * 2 + 0.5
+    x[1] *= 0.03  # small variance
+    x[2] *= 30  # large variance
+    x[3, :4] += 60  # outliers, as in BERT hidden states
+    x = _quantize(x)
+    w = _quantize(1 + 0.2 * torch.randn(n, dtype=torch.float64))
+    b = _quantize(0.1 * torch.randn(n, dtype=torch.float64))
+    y, _ = run_op(approx.layernorm, x, w, b, eps=1e-12 if n == 384 else 1e-5)
+    check("layernorm", y, F.layer_norm(x, (n,), w, b, 1e-12 if n == 384 else 1e-5))
+    y2, _ = run_op(approx.layernorm, x, None, None, eps=1e-5)
+    check("layernorm", y2, F.layer_norm(x, (n,), None, None, 1e-5))
+    y3, _ = run_op(approx.rmsnorm, x, w, eps=1e-6)
+    check("rmsnorm", y3, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w)
+
+
+def test_poly_eval_and_piecewise() -> None:
+    x = _wide(-1, 1, 501, [])
+    coeffs = [0.5, -1.0, 0.25, 0.0, 0.75, -0.5, 0.1, 0.3, -0.2]  # degree 8: 4 levels
+    y, _ = run_op(approx.poly_eval, x, coeffs=coeffs)
+    ref = sum(c * x**j for j, c in enumerate(coeffs))
+    check("poly_eval", y, ref)
+    spec = approx.PiecewiseSpec((-1.0, 1.0), (approx.Piece(intercept=2.0), approx.Piece((0.0, 0.0, 1.0)),
+                                              approx.Piece(slope=3, intercept=-1.0)))
+    x2 = _wide(-3, 3, 601, [-1e5, 1e5])
+    y2, _ = run_op(approx.piecewise, x2, spec=spec)
+    ref2 = torch.where(x2 < -1, 2.0, torch.where(x2 < 1, x2**2, 3 * x2 - 1))
+    check("poly_eval", y2, ref2)
+
+
+def test_documented_costs() -> None:
+    """Rounds and bytes in ctx.cost match the docstring formulas (gelu, exp, reciprocal)."""
+    n = 4096
+    x = _quantize(torch.linspace(-6, 6, n, dtype=torch.float64))
+    header_slack = 120  # per message: frame prefix + JSON header
+    for fn, inp, rounds, per_elem in (
+        (approx.gelu, x, 15, 145 * 4 + 88 * 3 + 8 + 16),
+        (approx.exp, -x.abs(), 25, 145 + 16 + 16 + 16 * 7),
+        (approx.reciprocal, x.abs() + 1, 16, 145 * 19 + 24 + 136),
+    ):
+        _, costs = run_op(fn, inp)
+        (top,) = costs.values()
+        assert top.rounds == rounds
+        assert per_elem * n <= top.bytes_sent <= per_elem * n + header_slack * top.rounds * 2
