@@ -91,7 +91,7 @@ class AttentionConfig:
         """Range of the (mean) normaliser fed to the MPC reciprocal, per mechanism unless overridden."""
         defaults = {
             AttentionKind.RFA: (1e-3, 2.0),
-            AttentionKind.TWO_QUAD: (0.1, 400.0),
+            AttentionKind.TWO_QUAD: (1.0, 2048.0),
             AttentionKind.RELU: (self.eps, 64.0),
             AttentionKind.POWER: (self.eps, 4096.0),
             AttentionKind.SOFTMAX: (1.0, 1.0),

@@ -50,19 +50,22 @@ class MpcBackend:
         self._share_stream = _SHARE_STREAM_BASE
 
     # -- inputs and outputs ----------------------------------------------------------------------
-    def share_plain(self, name: str, t: Tensor) -> AShare:
+    def share_plain(self, name: str, t: Tensor, scale: int | None = None) -> AShare:
         """A random sharing of a plaintext tensor known to BOTH servers (tests/demos only; mask from the
-        servers' common PRG, so no communication). ``name`` is unused (fits Encoder.map_params)."""
+        servers' common PRG, so no communication). ``name`` is unused (fits Encoder.map_params);
+        ``scale`` defaults to the context's fractional bits (use 0 for one-hot vectors)."""
         ctx = self.ctx
         assert ctx.prg_peer is not None, "share_plain needs the PRG the two servers share"
-        enc = ring.encode(t.detach().to(torch.float64), ctx.f)
+        s = ctx.f if scale is None else scale
+        enc = ring.encode(t.detach().to(torch.float64), s)
         r = ctx.prg_peer.stream(self._share_stream).ring(tuple(enc.shape))
         self._share_stream += 1
-        return AShare(enc - r if ctx.rank == SERVER0 else r, ctx.f)
+        return AShare(enc - r if ctx.rank == SERVER0 else r, s)
 
-    def from_owner(self, shape: Sequence[int]) -> AShare:
-        """Receive an input shared by the data owner (the owner calls ``share.owner_share``)."""
-        return sh.share_from_owner(self.ctx, tuple(shape))
+    def from_owner(self, shape: Sequence[int], scale: int | None = None) -> AShare:
+        """Receive an input shared by the data owner, who calls ``share.owner_share(ctx, value, scale)``
+        (scale 0 for one-hot vectors)."""
+        return sh.share_from_owner(self.ctx, tuple(shape), scale=scale)
 
     def reveal(self, x: AShare) -> Tensor:
         """Open to both servers (tests and public outputs only)."""
