@@ -192,7 +192,9 @@ class _Loop:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "fingerprint": self.fingerprint, "cma": self.cma, "rng": self.rng.bit_generator.state,
+            # cmaes drops its RandomState when pickled (and reseeds it randomly on load): keep it apart
+            "fingerprint": self.fingerprint, "cma": self.cma, "cma_rng": self.cma._rng.get_state(),
+            "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "iteration": self.iteration, "calls": self.calls,
             "best_z": self.best_z, "best_dev": self.best_dev, "best_iteration": self.best_iteration,
             "history": [asdict(h) for h in self.history], "zero_shot_dev": self.zero_shot_dev,
@@ -206,6 +208,7 @@ class _Loop:
                 f"{self.fingerprint}: task, data, model or tuning config differ); use a new checkpoint directory"
             )
         self.cma = s["cma"]
+        self.cma._rng.set_state(s["cma_rng"])
         self.rng.bit_generator.state = s["rng"]
         torch.set_rng_state(s["torch_rng"])
         self.iteration, self.calls = s["iteration"], s["calls"]

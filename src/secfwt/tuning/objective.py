@@ -202,7 +202,7 @@ class HFPlainEvaluator:
         toks = self.tokenizer.tokenize(" " + word)
         raise ConfigError(f"task {self.task.name}: label word {word!r} is not one token for this tokenizer ({toks})")
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _anchor_embeddings(self) -> torch.Tensor:
         descs = [Example((d,), 0) for d in self.task.label_descriptions]
         enc = encode_examples(self.tokenizer, "{text}", descs, self.max_length, 0)
@@ -234,7 +234,7 @@ class HFPlainEvaluator:
             self._cache[key] = encode_examples(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
         return self._cache[key]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def logits(self, prompts: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Label logits ``(P, B, n_labels)`` for ``prompts`` ``(P, n_prompt, hidden)``."""
         if prompts.dim() != 3 or prompts.shape[2] != self.hidden_size:
