@@ -183,3 +183,47 @@ def test_documented_costs() -> None:
         (top,) = costs.values()
         assert top.rounds == rounds
         assert per_elem * n <= top.bytes_sent <= per_elem * n + header_slack * top.rounds * 2
+
+
+# -- measurement for docs/APPROXIMATIONS.md: `python tests/test_approx.py` ---------------------------------
+
+
+def measure() -> None:
+    """Print max abs / rel error vs torch and cost (rounds, bytes per element per server) of each op."""
+    torch.manual_seed(0)
+    n_act = 20001
+    cases: list[tuple[str, str, Callable[..., AShare], torch.Tensor, torch.Tensor, dict[str, Any]]] = []
+    for name, (fn, ref) in sorted(ACTIVATIONS.items()):
+        x = _wide(-24, 24, n_act, [-2.0**40, -1e6, 1e6, 2.0**40])
+        cases.append((name, "[-24, 24] + |x| up to 2^40", fn, x, ref(x), {}))
+    x = _wide(-30, 0, n_act, [-1e6])
+    cases.append(("exp", "x <= 0", approx.exp, x, torch.exp(x), {}))
+    x = _quantize(2.0 ** torch.linspace(-8, 12, n_act, dtype=torch.float64))
+    cases.append(("reciprocal", "[2^-8, 2^12]", approx.reciprocal, x, 1 / x, {}))
+    x = _quantize(2.0 ** torch.linspace(-12, 16, n_act, dtype=torch.float64))
+    cases.append(("rsqrt", "[2^-12, 2^16]", approx.rsqrt, x, torch.rsqrt(x), {}))
+    x = _quantize(torch.randn(64, 128, dtype=torch.float64) * 4)
+    mask = (torch.rand(64, 128) > 0.3).double()
+    mask[:, 0] = 1
+    cases.append(("softmax", "N(0, 4^2) logits, 64x128, 30% masked", approx.softmax, x,
+                  torch.softmax(x.masked_fill(mask == 0, -math.inf), -1), {"mask": mask}))
+    for n in (384, 768):
+        x = _quantize(torch.randn(32, n, dtype=torch.float64) * 2 ** torch.linspace(-4, 5, 32)[:, None])
+        cases.append((f"layernorm n={n}", "row std 2^-4 .. 2^5", approx.layernorm, x,
+                      F.layer_norm(x, (n,), None, None, 1e-5), {"weight": None, "bias": None, "eps": 1e-5}))
+        cases.append((f"rmsnorm n={n}", "row rms 2^-4 .. 2^5", approx.rmsnorm, x,
+                      x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), {"weight": None, "eps": 1e-6}))
+    print("| op | range | max abs err | max rel err (|ref| >= 0.05) | rounds | bytes/elem/server |")
+    print("|---|---|---|---|---|---|")
+    for name, rng, fn, x, ref, kw in cases:
+        y, costs = run_op(fn, x, **kw)
+        err = (y - ref).abs()
+        big = ref.abs() >= 0.05
+        rel = (err[big] / ref.abs()[big]).max().item()
+        (top,) = costs.values()
+        print(f"| {name} | {rng} | {err.max().item():.2e} | {rel:.2e} | {top.rounds} | "
+              f"{top.bytes_sent / x.numel():.1f} |")
+
+
+if __name__ == "__main__":
+    measure()
