@@ -87,8 +87,8 @@ def reciprocal(
     (2915 for the defaults); with hi - lo = 1 no comparison (8 rounds, 160 bytes).
     Valid range: [2^lo, 2^hi]; outside it the error grows quickly (e leaves [-1/3, 1/3]).
     Error: relative <= 2.3e-6 from the correction polynomial (:func:`series_error`), plus fixed point:
-    absolute ~2^-f from the final truncation and 2^-p of the guess (p = working scale), i.e. max abs
-    error ~3e-5 and relative error ~2e-5 for x <= 2^4 (measured: docs/APPROXIMATIONS.md).
+    absolute ~2^-f from the final truncation and 2^-p of the guess (p = working scale): measured
+    |err| <= 1.2e-5 |1/x| + 3e-5 (2.8e-3 at 1/x = 256; docs/APPROXIMATIONS.md).
     Reference: one-hot range reduction as in SiRnn (Rathee et al., S&P 2021); series instead of Newton.
     """
     with ctx.cost.scope("reciprocal"):
