@@ -16,7 +16,7 @@ mul           c = a * b  (elementwise, broadcasting)                      8 * nu
 matmul        c = a @ b                                                   8 * numel(c)
 square        c = a * a                                                   8 * numel(a)
 trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
-compare       r (arith), rb = r (XOR shares), AND triples, bit s as A/B    8 * n * (2 + 2 * 5 + 1)
+compare       r (arith), rb = r (XOR shares), AND triples, bit s as A/B    8 * n * (1 + 2 * 6 + 1)
 cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
 bit2a         random bit s as XOR share and arithmetic share               8 * n
 ============  ==========================================================  ========================================

@@ -11,7 +11,7 @@
      two ANDs sharing one mask (3 words opened per element; 2 at the last level).
   4. Convert the XOR-shared result bit b to an arithmetic share: open m = b XOR s, [b] = m + (1 - 2m)[s].
 
-Cost of ltz: 8 rounds; bytes sent per server per element: 8 (c) + 8*(3*5 + 2) (tree) + 8 (bit) = 152;
+Cost of ltz: 8 rounds; bytes sent per server per element: 8 (c) + 8*(3*5 + 2) (tree) + 1 (bit) = 145;
 dealer -> server 1 per element: 8*(1 + 2*6 + 1) = 112. The result is exact for every x in Z_2^64
 (read as signed). Reference: the dealer-aided comparison of CrypTen/ABY-style A2B replaced by a
 mask-and-compare carry tree (Damgard et al. bit-decomposition ideas; Kogge & Stone, 1973).
