@@ -24,7 +24,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TlsFiles]:
 
 
 def connect(
-    tls: dict[int, TlsFiles], timeout: float = 10.0, connect_timeout: float = 5.0
+    tls: dict[int, TlsFiles], timeout: float = 10.0, connect_timeout: float = 5.0,
+    sessions: dict[int, dict[str, Any]] | None = None,
 ) -> tuple[dict[int, TcpCommunicator], dict[int, BaseException]]:
     """Build one communicator per rank of ``tls``, each in its own thread, on fresh loopback ports."""
     ranks = sorted(tls)
@@ -34,7 +35,8 @@ def connect(
 
     def make(r: int) -> None:
         try:
-            comms[r] = TcpCommunicator(r, addrs, tls[r], ranks, timeout=timeout, connect_timeout=connect_timeout)
+            comms[r] = TcpCommunicator(r, addrs, tls[r], ranks, timeout=timeout, connect_timeout=connect_timeout,
+                                       session=(sessions or {}).get(r))
         except BaseException as e:  # noqa: BLE001 - inspected by the tests
             errors[r] = e
 
@@ -165,6 +167,17 @@ def test_connector_with_wrong_party_name_is_refused(certs: dict[str, TlsFiles]) 
     assert "certificate names 'owner', expected one of: server1" in str(errors[SERVER0])
     assert isinstance(errors[SERVER1], AuthError)
     assert "refused the connection" in str(errors[SERVER1])
+
+
+def test_different_session_parameters_are_refused(certs: dict[str, TlsFiles]) -> None:
+    t0 = time.monotonic()
+    comms, errors = connect({SERVER0: certs["server0"], SERVER1: certs["server1"]}, connect_timeout=5.0,
+                            sessions={SERVER0: {"frac_bits": 16}, SERVER1: {"frac_bits": 12}})
+    assert comms == {}
+    for r in (SERVER0, SERVER1):
+        assert isinstance(errors[r], ProtocolMismatchError)
+        assert "server1 has {'frac_bits': 12}, server0 has {'frac_bits': 16}" in str(errors[r])
+    assert time.monotonic() - t0 < 2.0
 
 
 def test_peer_close_is_reported_fast(certs: dict[str, TlsFiles]) -> None:

@@ -111,6 +111,7 @@ class PartiesConfig:
         return TcpCommunicator(
             rank, self.addresses(), self.tls(rank), ranks, timeout=self.timeout,
             connect_timeout=self.connect_timeout, cost=cost, bind_host=self.parties[rank].bind,
+            session={"frac_bits": self.frac_bits, "parties": [PARTY_NAMES[r] for r in sorted(ranks)]},
         )
 
 

@@ -21,15 +21,16 @@ same time cannot deadlock. ``recv`` waits on the queue for at most ``timeout`` s
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
-import select
+import selectors
 import socket
 import ssl
 import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from secfwt.comm.base import MAGIC, PARTY_NAMES, PARTY_RANKS, Communicator, Frame
@@ -45,6 +46,7 @@ _WRITE_CHUNK = 1 << 18
 _POLL_S = 0.2
 _RETRY_S = 0.05
 HELLO = "hello"
+_HANDSHAKE_S = 10.0  # at most this long per TLS handshake, so a stalled connection cannot block the others
 
 
 def _pname(rank: int) -> str:
@@ -148,7 +150,7 @@ class _FrameReader:
         self._frame = None
         self._expect("prefix", _PREFIX.size)
         try:
-            frame.attach_payload(bytes(payload))
+            frame.attach_payload(payload)  # type: ignore[arg-type]  # bytearray: saves a copy
         except ProtocolMismatchError as e:
             raise ProtocolMismatchError(f"{self.where}: {e}") from None
         return frame
@@ -229,13 +231,21 @@ class _Link:
     # -- I/O thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         reader = _FrameReader(f"{self.owner}: message from {self.pname}")
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        sel.register(self.sock, selectors.EVENT_READ)
+        events = selectors.EVENT_READ
         try:
             while not self._stop.is_set():
                 want_write = self._cur is not None or bool(self._out) or self._read_wants_write
-                r, _, _ = select.select([self.sock, self._wake_r], [self.sock] if want_write else [], [], _POLL_S)
-                if self._wake_r in r:
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
+                wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
+                if wanted != events:
+                    sel.modify(self.sock, wanted)
+                    events = wanted
+                for key, _ in sel.select(_POLL_S):
+                    if key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
                 self._pump_read(reader)
                 self._pump_write()
         except CommError as e:
@@ -245,6 +255,10 @@ class _Link:
         except EOFError:
             where = " in the middle of a message" if reader.mid_frame else ""
             self._fail(PeerClosedError(f"{self.owner}: {self.pname} closed the connection{where}"))
+        except Exception as e:  # noqa: BLE001 - never die silently: the party would wait for its timeout
+            self._fail(CommError(f"{self.owner}: I/O with {self.pname} failed: {type(e).__name__}: {e}"))
+        finally:
+            sel.close()
 
     def _fail(self, err: CommError) -> None:
         with self._lock:
@@ -296,9 +310,12 @@ class TcpCommunicator(Communicator):
         timeout: seconds a ``recv`` waits for a message.
         connect_timeout: seconds to wait for all connections to be set up.
         bind_host: the address to listen on (default: this party's host in ``addresses``).
+        session: run parameters every party must agree on (e.g. fixed-point bits, the set of parties); they
+            are compared in the hello exchange and a difference raises ProtocolMismatchError at set-up.
 
     Raises AuthError (a peer could not be authenticated), PeerTimeoutError (a peer was not reachable in
-    time), ConfigError (missing TLS files) or OSError (the listening port cannot be bound).
+    time), ProtocolMismatchError (a peer runs with other session parameters), ConfigError (missing TLS
+    files) or OSError (the listening port cannot be bound).
     """
 
     def __init__(
@@ -311,8 +328,10 @@ class TcpCommunicator(Communicator):
         connect_timeout: float = 30.0,
         cost: CostTracker | None = None,
         bind_host: str | None = None,
+        session: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(rank, cost=cost, timeout=timeout)
+        self.session: dict[str, Any] = json.loads(json.dumps(dict(session or {})))  # as seen on the wire
         missing = [r for r in ranks if r not in addresses]
         if missing:
             raise ValueError(f"{self.name}: no address for {[_pname(r) for r in missing]}")
@@ -370,7 +389,7 @@ class TcpCommunicator(Communicator):
                 last = e.strerror or str(e)
                 time.sleep(min(_RETRY_S, max(remaining, 0.0)))
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.settimeout(max(deadline - time.monotonic(), 0.5))
+        raw.settimeout(min(max(deadline - time.monotonic(), 0.5), _HANDSHAKE_S))
         try:
             sock = self._client_ctx.wrap_socket(raw)
         except (ssl.SSLError, OSError) as e:
@@ -384,7 +403,7 @@ class TcpCommunicator(Communicator):
                     f"common name); connection refused"
                 )
             try:
-                sock.sendall(Frame(seq=-1, tag=HELLO, kind="json", obj={"party": self.name}).encode())
+                sock.sendall(self._hello())
                 reply = _read_frame_blocking(sock, f"{self.name}: hello from {pname}")
             except (ssl.SSLError, OSError) as e:
                 raise AuthError(
@@ -393,6 +412,8 @@ class TcpCommunicator(Communicator):
             if reply is None:
                 raise AuthError(f"{self.name}: {pname} at {where} closed the connection during authentication")
             if reply.kind == "abort":
+                if isinstance(reply.obj, dict) and "mismatch" in reply.obj:
+                    raise ProtocolMismatchError(str(reply.obj["mismatch"]))
                 raise AuthError(f"{self.name}: {pname} at {where} refused the connection: {reply.obj}")
             if reply.tag != HELLO or not isinstance(reply.obj, dict) or reply.obj.get("party") != pname:
                 raise AuthError(f"{self.name}: unexpected hello from {pname} at {where}: {reply.obj!r}")
@@ -435,7 +456,7 @@ class TcpCommunicator(Communicator):
     ) -> tuple[int, ssl.SSLSocket]:
         """Authenticate one incoming connection; raises AuthError (and closes it) if it is refused."""
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.settimeout(max(deadline - time.monotonic(), 0.5))
+        raw.settimeout(min(max(deadline - time.monotonic(), 0.5), _HANDSHAKE_S))
         try:
             sock = self._server_ctx.wrap_socket(raw, server_side=True)
         except (ssl.SSLError, OSError) as e:
@@ -460,12 +481,22 @@ class TcpCommunicator(Communicator):
             if hello is None or hello.tag != HELLO or not isinstance(hello.obj, dict) \
                     or hello.obj.get("party") != cn:
                 raise AuthError(f"{self.name}: refused connection from {where}: bad hello from '{cn}'")
-            sock.sendall(Frame(seq=-1, tag=HELLO, kind="json", obj={"party": self.name}).encode())
+            theirs = hello.obj.get("session")
+            if theirs != self.session:
+                msg = (f"{self.name}: {cn} runs with different settings: {cn} has {theirs}, "
+                       f"{self.name} has {self.session}")
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    sock.sendall(Frame(seq=-1, tag=HELLO, kind="abort", obj={"mismatch": msg}).encode())
+                raise ProtocolMismatchError(msg)
+            sock.sendall(self._hello())
         except BaseException:
             sock.close()
             raise
         sock.settimeout(None)
         return peer, sock
+
+    def _hello(self) -> bytes:
+        return Frame(seq=-1, tag=HELLO, kind="json", obj={"party": self.name, "session": self.session}).encode()
 
     # -- transport hooks -------------------------------------------------------------------------
     def _link(self, peer: int) -> _Link:
