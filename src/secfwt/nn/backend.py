@@ -93,6 +93,24 @@ class Backend(Protocol[V]):
         """A cost scope named after the layer op (no-op in plaintext)."""
         ...
 
+    # -- decoder (LLaMA) ops ---------------------------------------------------------------------
+    def rmsnorm(self, x: V, weight: V, eps: float) -> V:
+        """x / sqrt(mean(x^2, -1) + eps) * weight."""
+        ...
+
+    def silu(self, x: V) -> V:
+        """x * sigmoid(x)."""
+        ...
+
+    def cumsum(self, x: V, dim: int) -> V:
+        """Prefix sums along ``dim`` (local on shares)."""
+        ...
+
+    def mul_public_sum(self, xs: Sequence[V], cs: Sequence[Tensor]) -> V:
+        """sum_i xs[i] * cs[i] for public tensors cs (broadcasting), with ONE truncation under MPC
+        (e.g. rotary embeddings: x cos + rotate_half(x) sin)."""
+        ...
+
 
 class PlainBackend:
     """Plaintext reference backend on float torch tensors (float64 by default)."""
@@ -197,6 +215,19 @@ class PlainBackend:
     @contextlib.contextmanager
     def scope(self, label: str) -> Iterator[None]:
         yield
+
+    # decoder (LLaMA) ops
+    def rmsnorm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def silu(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.silu(x)
+
+    def cumsum(self, x: Tensor, dim: int) -> Tensor:
+        return torch.cumsum(x, dim=dim)
+
+    def mul_public_sum(self, xs: Sequence[Tensor], cs: Sequence[Tensor]) -> Tensor:
+        return sum((x * c.to(self.dtype) for x, c in zip(xs, cs, strict=True)), torch.zeros((), dtype=self.dtype))
 
 
 __all__ = ["Backend", "PlainBackend", "V"]

@@ -177,5 +177,26 @@ class MpcBackend:
         with self.ctx.cost.scope(label):
             yield
 
+    # -- decoder (LLaMA) ops ---------------------------------------------------------------------
+    def rmsnorm(self, x: AShare, weight: AShare, eps: float) -> AShare:
+        from secfwt.approx import rmsnorm
+
+        return rmsnorm(self.ctx, x, weight, eps)
+
+    def silu(self, x: AShare) -> AShare:
+        from secfwt.approx import silu
+
+        return silu(self.ctx, x)
+
+    def cumsum(self, x: AShare, dim: int) -> AShare:
+        return AShare(torch.cumsum(x.data, dim=dim), x.scale)  # wraps mod 2^64 like every local sum
+
+    def mul_public_sum(self, xs: Sequence[AShare], cs: Sequence[Tensor]) -> AShare:
+        terms = [sh.mul_public(self.ctx, x, c.to(torch.float64)) for x, c in zip(xs, cs, strict=True)]
+        acc = terms[0]
+        for t in terms[1:]:
+            acc = sh.add(acc, t)
+        return arith.rescale(self.ctx, acc)  # one truncation for the whole sum
+
 
 __all__ = ["MpcBackend"]
