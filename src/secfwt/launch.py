@@ -338,6 +338,8 @@ class PartyProcesses:
         out_dir: where results, cost ledgers and per-party logs go (default: ``<config dir>/run``).
         env: extra environment variables for the children. Children get this interpreter's ``sys.path``
             as PYTHONPATH, so any program importable here is importable there.
+        threads_per_party: torch/OpenMP threads per child (OMP_NUM_THREADS); ``None`` keeps the default.
+            All parties share this host's cores, so 1 avoids oversubscription on small machines.
     """
 
     def __init__(
@@ -346,6 +348,7 @@ class PartyProcesses:
         config: str | Path,
         out_dir: str | Path | None = None,
         env: Mapping[str, str] | None = None,
+        threads_per_party: int | None = None,
     ) -> None:
         config = Path(config)
         self.config = config / CONFIG_NAME if config.is_dir() else config
@@ -364,6 +367,8 @@ class PartyProcesses:
         child_env["PYTHONPATH"] = os.pathsep.join(
             [p for p in sys.path if p] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
+        if threads_per_party is not None:
+            child_env["OMP_NUM_THREADS"] = child_env["MKL_NUM_THREADS"] = str(threads_per_party)
         child_env.update(env or {})
         names = ",".join(PARTY_NAMES[r] for r in self.ranks)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -487,13 +492,15 @@ def run_processes(
     config_dir: str | Path,
     timeout: float = 120.0,
     env: Mapping[str, str] | None = None,
+    threads_per_party: int | None = None,
 ) -> RunResult:
     """Run servers, dealer (and owner, if it has a program) as separate OS processes over TLS on this host.
 
     ``programs`` maps ranks to ``"module:function"``; ``config_dir`` is a parties file or a directory with
     ``parties.toml`` (e.g. from :func:`write_local_config`). Returns results and cost ledgers like
-    :func:`secfwt.runtime.run_in_process`. Raises PartyProcessError (see :meth:`PartyProcesses.wait`);
+    :func:`secfwt.runtime.run_in_process`. ``env`` and ``threads_per_party``: see :class:`PartyProcesses`.
+    Raises ConfigError (config, program references) or PartyProcessError (see :meth:`PartyProcesses.wait`);
     no child outlives this call.
     """
-    with PartyProcesses(programs, config_dir, env=env) as procs:
+    with PartyProcesses(programs, config_dir, env=env, threads_per_party=threads_per_party) as procs:
         return procs.wait(timeout)

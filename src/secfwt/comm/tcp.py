@@ -44,6 +44,7 @@ MAX_HEADER_BYTES = 1 << 16
 MAX_PAYLOAD_BYTES = 1 << 36
 _WRITE_CHUNK = 1 << 18
 _POLL_S = 0.2
+_READ_BUDGET = 256  # TLS records (<= 16 KiB each) read per turn of the I/O loop
 _RETRY_S = 0.05
 HELLO = "hello"
 _HANDSHAKE_S = 10.0  # at most this long per TLS handshake, so a stalled connection cannot block the others
@@ -235,6 +236,7 @@ class _Link:
         sel.register(self._wake_r, selectors.EVENT_READ)
         sel.register(self.sock, selectors.EVENT_READ)
         events = selectors.EVENT_READ
+        more = False  # decrypted bytes may be buffered inside TLS, invisible to select: do not wait then
         try:
             while not self._stop.is_set():
                 want_write = self._cur is not None or bool(self._out) or self._read_wants_write
@@ -242,11 +244,11 @@ class _Link:
                 if wanted != events:
                     sel.modify(self.sock, wanted)
                     events = wanted
-                for key, _ in sel.select(_POLL_S):
+                for key, _ in sel.select(0.0 if more else _POLL_S):
                     if key.fileobj is self._wake_r:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
-                self._pump_read(reader)
+                more = self._pump_read(reader)
                 self._pump_write()
         except CommError as e:
             self._fail(e)
@@ -268,21 +270,24 @@ class _Link:
             self._idle.set()
         self.inbox.put(err)
 
-    def _pump_read(self, reader: _FrameReader) -> None:
+    def _pump_read(self, reader: _FrameReader) -> bool:
+        """Read what is available (at most ``_READ_BUDGET`` calls, so writes are not starved while the
+        peer streams); returns True when data may be left."""
         self._read_wants_write = False
-        while True:
+        for _ in range(_READ_BUDGET):
             try:
                 n = self.sock.recv_into(reader.target())
             except ssl.SSLWantReadError:
-                return
+                return False
             except ssl.SSLWantWriteError:
                 self._read_wants_write = True
-                return
+                return False
             if n == 0:
                 raise EOFError
             frame = reader.consumed(n)
             if frame is not None:
                 self.inbox.put(frame)
+        return True
 
     def _pump_write(self) -> None:
         while True:
