@@ -129,7 +129,8 @@ class ModelServer:
                 dec_b = self.be.cat([p["mlm.decoder"], self.be.reshape(p["mlm.bias"], (v, 1))], dim=1)  # (V, H+1)
                 rows = self.be.matmul(sel, dec_b)  # (L, H + 1)
             hsz = self.shares.config.hidden
-            hp = {k[len("mlm."):]: t for k, t in p.items() if k.startswith("mlm.") and k not in ("mlm.decoder", "mlm.bias")}
+            hp = {k[len("mlm."):]: t for k, t in p.items()
+                  if k.startswith("mlm.") and k not in ("mlm.decoder", "mlm.bias")}
             hp["decoder"] = rows[:, :hsz]
             hp["bias"] = rows[:, hsz]
             self.head = MaskedLMHead(self.shares.config, hp, ())
@@ -258,14 +259,13 @@ class PrivateModelClient:
                    "embedding": self.embedding, "max_rows": int(max_rows)})
         if head.kind == "mlm":
             sel = torch.zeros(len(head.label_token_ids), self.vocab_size, dtype=torch.float64)
-            for i, ids in enumerate(head.label_token_ids):
-                sel[i, list(ids)] = 1.0 / len(ids)
+            for i, group in enumerate(head.label_token_ids):
+                sel[i, list(group)] = 1.0 / len(group)
             owner_share(self.ctx, sel)
         else:
             assert label_inputs is not None
-            ids, mask = label_inputs
-            self._public("label-mask", mask)
-            self._share_tokens(ids)
+            self._public("label-mask", label_inputs[1])
+            self._share_tokens(label_inputs[0])
 
     def register(self, key: str, input_ids: Tensor, attention_mask: Tensor, mask_pos: Tensor | None = None) -> None:
         """Send a batch once: ids (B, T), mask (B, T), and for masked-LM heads the <mask> positions (B,)."""
