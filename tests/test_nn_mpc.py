@@ -1,7 +1,8 @@
 """MPC backend vs plaintext backend: the same Encoder code on shares, every attention type, padding masks.
 
 Tolerances are max abs errors on the final hidden states (post-LayerNorm, O(1) values) of 2-layer tiny
-models with 16 fractional bits, about 3-10x the errors measured when these tests were written (~1e-3).
+models with 16 fractional bits, about 4x the errors measured when these tests were written: softmax 5.4e-4,
+rfa 6.9e-4, 2quad 7.4e-4, relu 1.5e-3, power 1.4e-3 (max over BERT and RoBERTa).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from secfwt.runtime import run_in_process  # noqa: E402
 
 VOCAB, HIDDEN = 60, 16
 # Max abs error of the final hidden states, MPC vs plaintext, per attention type.
-TOLERANCE = {"softmax": 1e-2, "rfa": 2e-2, "2quad": 1e-2, "relu": 1e-2, "power": 1e-2}
+TOLERANCE = {"softmax": 2.5e-3, "rfa": 3e-3, "2quad": 3e-3, "relu": 6e-3, "power": 6e-3}
 
 
 @pytest.fixture(scope="module")

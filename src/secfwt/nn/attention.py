@@ -60,9 +60,11 @@ class SelfAttention(Generic[V]):
         def heads(x: V) -> V:
             return be.transpose(be.reshape(x, (b, t, nh, hs)), 1, 2)  # (B, nh, T, hs)
 
-        q = heads(be.linear(h, p["q.weight"], p["q.bias"]))
-        k = heads(be.linear(h, p["k.weight"], p["k.bias"]))
-        v = heads(be.linear(h, p["v.weight"], p["v.bias"]))
+        # q, k and v in ONE product (one round instead of three): weights stacked to (3H, H), local.
+        w_qkv = be.cat([p["q.weight"], p["k.weight"], p["v.weight"]], dim=0)  # (3H, H)
+        b_qkv = be.cat([p["q.bias"], p["k.bias"], p["v.bias"]], dim=0)  # (3H,)
+        qkv = be.linear(h, w_qkv, b_qkv)  # (B, T, 3H)
+        q, k, v = (heads(be.index(qkv, (Ellipsis, slice(i * nh * hs, (i + 1) * nh * hs)))) for i in range(3))
         kind = self.attn.attention_kind
         rfa = kind is AttentionKind.RFA
         ctx = self._rfa(be, q, k, v, mask) if rfa else self._quadratic(be, kind, q, k, v, mask)
@@ -112,17 +114,17 @@ class SelfAttention(Generic[V]):
         b, nh, t, hs = be.shape(q)
         m = a.n_features
         w = rfa_frequencies(m, hs, a.seed + self.layer, a.orthogonal)  # (m, hs), public
+        qk = be.cat([q, k], dim=2)  # (B, nh, 2T, hs): queries and keys share every round below
         if a.rfa_norm == "l2":
             lo, hi = a.rfa_sq_range
-            q = be.mul(q, be.rsqrt(be.sum(be.square(q), dim=-1, keepdim=True), lo, hi))  # (B, nh, T, hs)
-            k = be.mul(k, be.rsqrt(be.sum(be.square(k), dim=-1, keepdim=True), lo, hi))
+            qk = be.mul(qk, be.rsqrt(be.sum(be.square(qk), dim=-1, keepdim=True), lo, hi))  # unit rows
             w_eff = w / (a.rfa_tau * 2.0 * math.pi)
         else:
             w_eff = w * (hs ** -0.25) / (a.rfa_tau * 2.0 * math.pi)
-        cq, sq = be.cos_sin(be.linear_public(q, w_eff))  # (B, nh, T, m) each: cos/sin(W x)
-        ck, sk = be.cos_sin(be.linear_public(k, w_eff))
-        phi_q = be.cat([cq, sq], dim=-1)  # (B, nh, T, 2m)
-        phi_k = be.cat([ck, sk], dim=-1)  # (B, nh, T, 2m)
+        c, s = be.cos_sin(be.linear_public(qk, w_eff))  # (B, nh, 2T, m) each: cos/sin(W x)
+        phi = be.cat([c, s], dim=-1)  # (B, nh, 2T, 2m)
+        phi_q = be.index(phi, (slice(None), slice(None), slice(0, t)))  # (B, nh, T, 2m)
+        phi_k = be.index(phi, (slice(None), slice(None), slice(t, 2 * t)))  # (B, nh, T, 2m)
         ones = be.const(torch.ones(b, nh, t, 1, dtype=torch.float64))
         v_ext = be.mul_mask(be.cat([v, ones], dim=-1), mask.reshape(b, 1, t, 1))  # (B, nh, T, hs + 1)
         kv = be.matmul(be.transpose(phi_k, -1, -2), v_ext)  # (B, nh, 2m, hs + 1)
