@@ -104,3 +104,13 @@ def test_config_errors_name_file_and_field(tmp_path: Path) -> None:
 def test_bad_program_reference_fails_fast(config: Path) -> None:
     with pytest.raises(ConfigError, match="no function 'nope'"):
         run_processes({SERVER0: "mpc_programs:nope", SERVER1: "mpc_programs:servers_no_owner"}, config)
+
+
+@pytest.mark.slow
+def test_run_timeout_kills_every_party(config: Path) -> None:
+    ref = "mpc_programs:slow_servers"
+    with PartyProcesses({SERVER0: ref, SERVER1: ref, OWNER: "mpc_programs:slow_owner"}, config,
+                        threads_per_party=1) as procs:
+        with pytest.raises(PartyProcessError, match="timed out after 10 s"):
+            procs.wait(timeout=10)
+        assert all(p.poll() is not None for p in procs.procs.values())
