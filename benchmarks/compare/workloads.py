@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -216,6 +217,8 @@ def result_record(workload: str, engine: str, times: list[float], bytes_per_serv
         "repeats": repeats,
     }
     rec.update(extra)
+    # other work on the machine skews time_s: keep the load next to the numbers
+    rec["host"] = {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}
     return rec
 
 
