@@ -171,7 +171,7 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path: Path) -> None:
 
 
 # -- real SmolLM2-135M-Instruct (slow) -----------------------------------------------------------------
-SST2_TEMPLATE = "{text} It was"  # see docs/DECODER.md for the templates measured
+SST2_TEMPLATE = "Review: {text}\nSentiment:"  # 78.3% zero-shot on the 872 dev examples (docs/DECODER.md)
 SST2_WORDS = (" negative", " positive")
 SST2_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "k-shot" / "SST-2" / "16-42" / "test.tsv"
 
@@ -206,4 +206,4 @@ def test_smollm2_zero_shot_sst2_plain() -> None:
         logits = head.forward(be, dec.forward(be, embeds, enc.attention_mask.float()))
         correct += int((logits.argmax(-1) == torch.tensor([y for _, y in chunk])).sum())
     acc = correct / len(rows)
-    assert acc > 0.7, f"zero-shot SST-2 accuracy {acc:.3f}"
+    assert acc > 0.72, f"zero-shot SST-2 accuracy {acc:.3f}"
