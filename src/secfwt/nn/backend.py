@@ -94,8 +94,9 @@ class Backend(Protocol[V]):
         ...
 
     # -- decoder (LLaMA) ops ---------------------------------------------------------------------
-    def rmsnorm(self, x: V, weight: V, eps: float) -> V:
-        """x / sqrt(mean(x^2, -1) + eps) * weight."""
+    def rmsnorm(self, x: V, weight: V, eps: float, ms_range: tuple[float, float] | None = None) -> V:
+        """x / sqrt(mean(x^2, -1) + eps) * weight; ``ms_range``: range of mean(x^2) for MPC (None: the
+        approximation's default [2^-16, 2^16]; decoders with massive activations need more)."""
         ...
 
     def silu(self, x: V) -> V:
@@ -217,7 +218,7 @@ class PlainBackend:
         yield
 
     # decoder (LLaMA) ops
-    def rmsnorm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def rmsnorm(self, x: Tensor, weight: Tensor, eps: float, ms_range: tuple[float, float] | None = None) -> Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
     def silu(self, x: Tensor) -> Tensor:

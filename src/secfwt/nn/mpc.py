@@ -178,10 +178,25 @@ class MpcBackend:
             yield
 
     # -- decoder (LLaMA) ops ---------------------------------------------------------------------
-    def rmsnorm(self, x: AShare, weight: AShare, eps: float) -> AShare:
-        from secfwt.approx import rmsnorm
+    def rmsnorm(self, x: AShare, weight: AShare, eps: float, ms_range: tuple[float, float] | None = None) -> AShare:
+        """``ms_range`` None: :func:`secfwt.approx.rmsnorm`. Otherwise the same steps with mean(x^2) in
+        ``ms_range`` and the squares truncated per element before the row sum (valid for |x| < 2^15 whatever
+        the row's mean square, e.g. LLaMA's massive activations ~2e4): [x^2, x w] in one Beaver round, one
+        truncation, rsqrt(S + n eps) sqrt(n) with f + 12 bits, one product. 20 rounds."""
+        from secfwt.approx import rmsnorm, rsqrt
+        from secfwt.approx.poly import mul_exact_many, to_scale, trunc_many
 
-        return rmsnorm(self.ctx, x, weight, eps)
+        ctx = self.ctx
+        if ms_range is None:
+            return rmsnorm(ctx, x, weight, eps)
+        with ctx.cost.scope("rmsnorm"):
+            x = to_scale(ctx, x, ctx.f)
+            n = x.shape[-1]
+            sq, xw = trunc_many(ctx, mul_exact_many(ctx, [(x, x), (x, weight)]), ctx.f)
+            s = sh.add_public(ctx, sq.sum(-1, keepdim=True), n * eps)  # (..., 1) S + n eps
+            lo, hi = _log2_floor(ms_range[0] * n), _log2_ceil(ms_range[1] * n)
+            r = rsqrt(ctx, s, lo=lo, hi=hi, factor=math.sqrt(n), out_scale=ctx.f + 12)  # 1/sqrt(mean + eps)
+            return arith.mul_aa(ctx, xw, r, out_scale=ctx.f)
 
     def silu(self, x: AShare) -> AShare:
         from secfwt.approx import silu
