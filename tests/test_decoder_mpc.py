@@ -1,8 +1,8 @@
 """MPC decoder vs plaintext decoder: the same Decoder code on shares (tiny random Llama with GQA, tied head).
 
 Tolerances are max abs errors of the label logits (tiny models: |logits| ~0.1) with 16 fractional bits,
-about 10x the errors measured when these tests were written (softmax 1.1e-4, RFA 1.3e-4 / 1.2e-4 for the
-masked / prefix forms, 2quad 7.6e-5; docs/DECODER.md). The slow tests run the
+5-10x the errors measured when these tests were written (softmax 1.2e-4, RFA 1.8e-4 / 1.6e-4 for the
+masked / prefix forms, 2quad 3.1e-4; docs/DECODER.md). The slow tests run the
 real SmolLM2-135M-Instruct on SST-2 and measure the label agreement between MPC and plaintext.
 """
 
@@ -31,7 +31,7 @@ from secfwt.runtime import run_in_process  # noqa: E402
 from test_decoder_plain import HIDDEN, LABELS, _inputs, make_tiny_llama  # noqa: E402
 
 # Max abs error of the label logits, MPC vs plaintext.
-TOLERANCE = {"softmax": 1e-3, "rfa": 1.5e-3, "2quad": 1e-3}
+TOLERANCE = {"softmax": 1e-3, "rfa": 1.5e-3, "2quad": 2e-3}
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,9 @@ from secfwt.nn.rope import apply_rope, rope_tables
 
 W = TypeVar("W")
 RFA_FORMS = ("prefix", "masked")
+# Range of mean(x^2) at the RMSNorms under MPC. LLaMA residual streams carry "massive activations" (SmolLM2:
+# |x| up to ~2.2e4 on the first token, mean(x^2) up to ~8.6e5 = 2^19.7; embeddings down to ~8e-3).
+RMS_RANGE = (2.0**-12, 2.0**22)
 
 
 def _sub(params: dict[str, V], prefix: str) -> dict[str, V]:
@@ -201,16 +204,17 @@ class DecoderLayer(Generic[V]):
     index: int
     p: dict[str, V]
     rfa_form: str = "masked"
+    rms_range: tuple[float, float] = RMS_RANGE
 
     def forward(self, be: Backend[V], h: V, mask: Tensor) -> V:
-        eps = self.cfg.rms_norm_eps
+        eps, rng = self.cfg.rms_norm_eps, self.rms_range
         with be.scope("rmsnorm"):
-            x = be.rmsnorm(h, self.p["attn_norm.weight"], eps)
+            x = be.rmsnorm(h, self.p["attn_norm.weight"], eps, rng)
         with be.scope("attention"):
             a = CausalSelfAttention(self.cfg, self.attn_cfg, self.index, _sub(self.p, "attn."), self.rfa_form)
             h = be.add(h, a.forward(be, x, mask))
         with be.scope("rmsnorm"):
-            x = be.rmsnorm(h, self.p["mlp_norm.weight"], eps)
+            x = be.rmsnorm(h, self.p["mlp_norm.weight"], eps, rng)
         with be.scope("ffn"):
             return be.add(h, GatedMLP(_sub(self.p, "mlp.")).forward(be, x))
 
@@ -238,6 +242,7 @@ class Decoder(Generic[V]):
     params: dict[str, V]
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rfa_form: str = "masked"
+    rms_range: tuple[float, float] = RMS_RANGE
 
     def __post_init__(self) -> None:
         if self.rfa_form not in RFA_FORMS:
@@ -258,7 +263,7 @@ class Decoder(Generic[V]):
         (:class:`secfwt.nn.decoder_heads.LabelWordHead`); the token table is dropped unless asked."""
         keep = {k: fn(k, t) for k, t in self.params.items()
                 if k not in ("lm_head", "norm.weight") and (keep_word_embeddings or k != "emb.word")}
-        return Decoder(self.config, keep, self.attention, self.rfa_form)
+        return Decoder(self.config, keep, self.attention, self.rfa_form, self.rms_range)
 
     def forward(self, be: Backend[V], inputs_embeds: V, attention_mask: Tensor, prompt: V | None = None,
                 prompt_at: int = 0) -> DecoderOutput[V]:
@@ -278,7 +283,8 @@ class Decoder(Generic[V]):
         m = attention_mask.to(torch.float64)
         mask = torch.cat([m[:, :prompt_at], torch.ones(b, n_prompt, dtype=torch.float64), m[:, prompt_at:]], 1)
         for i in range(cfg.n_layers):
-            layer = DecoderLayer(cfg, self.attention, i, _sub(self.params, f"layer.{i}."), self.rfa_form)
+            layer = DecoderLayer(cfg, self.attention, i, _sub(self.params, f"layer.{i}."), self.rfa_form,
+                                 self.rms_range)
             x = layer.forward(be, x, mask)
         return DecoderOutput(x, mask, n_prompt, prompt_at)
 
@@ -301,5 +307,5 @@ def insert_prompt(be: Backend[V], x: V, prompt: V | None, at: int) -> tuple[V, i
     return be.cat([head, prompt, tail], dim=1), ps[1]
 
 
-__all__ = ["CausalSelfAttention", "Decoder", "DecoderLayer", "DecoderOutput", "GatedMLP", "RFA_FORMS",
+__all__ = ["CausalSelfAttention", "Decoder", "DecoderLayer", "DecoderOutput", "GatedMLP", "RFA_FORMS", "RMS_RANGE",
            "causal_key_mask", "check_right_padded", "insert_prompt"]

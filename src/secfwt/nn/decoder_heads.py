@@ -25,7 +25,7 @@ from torch import Tensor
 
 from secfwt.errors import ConfigError
 from secfwt.nn.backend import Backend, V
-from secfwt.nn.decoder import Decoder, DecoderOutput
+from secfwt.nn.decoder import RMS_RANGE, Decoder, DecoderOutput
 
 W = TypeVar("W")
 
@@ -38,6 +38,7 @@ class LabelWordHead(Generic[V]):
     rows: V
     eps: float
     label_token_ids: tuple[tuple[int, ...], ...]
+    rms_range: tuple[float, float] = RMS_RANGE
 
     @classmethod
     def from_decoder(cls, dec: Decoder[Tensor],
@@ -53,11 +54,11 @@ class LabelWordHead(Generic[V]):
                               "(build the head before map_params)")
         lm = dec.params["lm_head"]
         rows = torch.stack([lm[list(g)].mean(0) for g in ids])  # (L, H)
-        return LabelWordHead(dec.params["norm.weight"], rows, dec.config.rms_norm_eps, ids)
+        return LabelWordHead(dec.params["norm.weight"], rows, dec.config.rms_norm_eps, ids, dec.rms_range)
 
     def map_params(self, fn: Callable[[str, V], W]) -> LabelWordHead[W]:
         return LabelWordHead(fn("norm.weight", self.norm), fn("lm_head.rows", self.rows), self.eps,
-                             self.label_token_ids)
+                             self.label_token_ids, self.rms_range)
 
     def forward(self, be: Backend[V], out: DecoderOutput[V], select: V | None = None) -> V:
         """Logits (B, L) at the last valid position; ``select``: optional private one-hot (B, T + P)."""
@@ -70,7 +71,7 @@ class LabelWordHead(Generic[V]):
                 if be.shape(select) != (b, t):
                     raise ValueError(f"select: expected a one-hot of shape {(b, t)}, got {be.shape(select)}")
                 x = be.reshape(be.matmul(be.reshape(select, (b, 1, t)), out.hidden), (b, h))  # (B, H)
-            x = be.rmsnorm(x, self.norm, self.eps)
+            x = be.rmsnorm(x, self.norm, self.eps, self.rms_range)
             return be.linear(x, self.rows, None)  # (B, L)
 
 
