@@ -125,7 +125,7 @@ def run_smollm2_mpc(n: int, batch: int, attention: AttentionConfig) -> dict[str,
     dec = dec.with_attention(attention)
     be0 = PlainBackend()
     agree = correct_mpc = correct_plain = total = 0
-    max_err, seconds = 0.0, 0.0
+    max_err, seconds, mbytes, rounds = 0.0, 0.0, 0.0, 0
     for embeds, mask, labels in batches:
         ref = head.forward(be0, dec.forward(be0, embeds, mask))
 
@@ -137,6 +137,9 @@ def run_smollm2_mpc(n: int, batch: int, attention: AttentionConfig) -> dict[str,
         t0 = time.perf_counter()
         res = run_in_process({SERVER0: prog, SERVER1: prog}, timeout=3600)  # type: ignore[dict-item]
         seconds += time.perf_counter() - t0
+        tot = res.costs[SERVER0].total()
+        mbytes += tot.bytes_sent / 2**20
+        rounds = max(rounds, tot.rounds)
         got = res[SERVER0]
         max_err = max(max_err, (got - ref).abs().max().item())
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
@@ -146,7 +149,8 @@ def run_smollm2_mpc(n: int, batch: int, attention: AttentionConfig) -> dict[str,
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"n": total, "agreement": agree / total, "acc_mpc": correct_mpc / total,
             "acc_plain": correct_plain / total, "max_logit_err": max_err,
-            "seconds_per_example": seconds / total, "peak_rss_mb": peak_mb}
+            "seconds_per_example": seconds / total, "peak_rss_mb": peak_mb,
+            "mb_sent_per_example_server0": mbytes / total, "rounds_per_forward": rounds}
 
 
 @pytest.mark.slow
