@@ -340,6 +340,8 @@ class PartyProcesses:
             as PYTHONPATH, so any program importable here is importable there.
         threads_per_party: torch/OpenMP threads per child (OMP_NUM_THREADS); ``None`` keeps the default.
             All parties share this host's cores, so 1 avoids oversubscription on small machines.
+        external: ranks that take part in the run but are run by the caller (for example the data owner in
+            the launching process, so its progress bars show); they are not spawned nor collected.
     """
 
     def __init__(
@@ -349,6 +351,7 @@ class PartyProcesses:
         out_dir: str | Path | None = None,
         env: Mapping[str, str] | None = None,
         threads_per_party: int | None = None,
+        external: Sequence[int] = (),
     ) -> None:
         config = Path(config)
         self.config = config / CONFIG_NAME if config.is_dir() else config
@@ -361,6 +364,7 @@ class PartyProcesses:
             if r not in programs:
                 raise ConfigError(f"no program for {PARTY_NAMES[r]}")
         self.ranks = [SERVER0, SERVER1, DEALER] + ([OWNER] if OWNER in programs else [])
+        all_ranks = self.ranks + [r for r in external if r not in self.ranks]
         self.out_dir = Path(out_dir) if out_dir is not None else self.config.parent / "run"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         child_env = dict(os.environ)
@@ -370,7 +374,7 @@ class PartyProcesses:
         if threads_per_party is not None:
             child_env["OMP_NUM_THREADS"] = child_env["MKL_NUM_THREADS"] = str(threads_per_party)
         child_env.update(env or {})
-        names = ",".join(PARTY_NAMES[r] for r in self.ranks)
+        names = ",".join(PARTY_NAMES[r] for r in sorted(all_ranks))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.started = time.monotonic()
         try:

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from secfwt.comm.base import PARTY_NAMES
-from secfwt.errors import SecfwtError
+from secfwt.errors import ConfigError, SecfwtError
 from secfwt.launch import run_party_process
 
 
@@ -29,6 +29,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, choices=list(PARTY_NAMES.values()))
     p.add_argument("--program", default=None, help="module:function called with the party context "
                                                    "(not needed for the dealer)")
+    p.add_argument("--shares", default=None,
+                   help="servers: this server's share file from `secfwt share-model` (runs the model service; "
+                        "replaces --program)")
     p.add_argument("--out", default=None, help="save the result here (torch.save) and the costs next to it")
     p.add_argument("--parties", default=None,
                    help="comma-separated parties of this run (default: all parties of the file)")
@@ -54,7 +57,13 @@ def run(args: argparse.Namespace) -> int:
     if args.exit_with_parent:
         _exit_with_parent()
     parties = args.parties.split(",") if args.parties else None
-    run_party_process(args.config, args.role, args.program, out=args.out, parties=parties)
+    program = args.program
+    if args.shares:
+        if args.role not in ("server0", "server1"):
+            raise ConfigError(f"--shares is for server0 and server1, not {args.role}")
+        os.environ["SECFWT_SHARE_FILE"] = str(args.shares)
+        program = "secfwt.serve.entry:serve_from_env"
+    run_party_process(args.config, args.role, program, out=args.out, parties=parties)
     return 0
 
 

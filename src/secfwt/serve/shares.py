@@ -74,6 +74,8 @@ def share_model(model_dir: str | Path, out_dir: str | Path, frac_bits: int = 16,
         src = Path(model_dir) / f
         if src.is_file():
             shutil.copy2(src, pub / f)
+    # Public metadata the data owner needs without the weights (BBT scales its projection by it).
+    (pub / "secfwt.json").write_text(json.dumps({"embedding_std": float(enc.params["emb.word"].std())}))
     if disclose_embeddings:
         (out / "owner").mkdir(exist_ok=True)
         save_file({"word": enc.params["emb.word"].to(torch.float32).contiguous()},

@@ -1,0 +1,30 @@
+"""``secfwt demo``: private forward-only tuning of the bundled MiniLM on the embedded sentiment task.
+
+Two servers and a dealer run as separate OS processes talking TLS on loopback; this process is the data
+owner. Settings are scaled down so it finishes within a few minutes on 2 cores (see README for the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from secfwt.cli import tune_cmd
+from secfwt.tuning.run import add_arguments
+
+DEMO_DEFAULTS = {
+    "task": "demo", "k": 4, "d": 40, "n_prompt": 4, "popsize": 6, "iterations": 6, "max_length": 24,
+    "attention": "softmax", "parties": "local", "report": "runs/demo/report.json", "plot": "runs/demo/history.png",
+    "patience": 0,
+}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("demo", help="tune the bundled model privately on an embedded task (a few minutes)")
+    add_arguments(p)
+    tune_cmd.add_mpc_arguments(p)
+    for action in p._actions:
+        if action.dest == "task":
+            action.required = False
+    p.set_defaults(func=tune_cmd.execute, **DEMO_DEFAULTS)
+    return p

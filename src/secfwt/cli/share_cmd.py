@@ -1,0 +1,27 @@
+"""``secfwt share-model``: the model owner splits a checkpoint into one share file per server."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from secfwt.serve.shares import share_model
+
+
+def execute(a: argparse.Namespace) -> int:
+    out = share_model(a.model, a.out, frac_bits=a.frac_bits, disclose_embeddings=not a.keep_embeddings)
+    print(f"wrote {out}/server0.safetensors (give to server0), {out}/server1.safetensors (give to server1), "
+          f"{out}/public (tokenizer and config for the data owner)"
+          + ("" if a.keep_embeddings else f", {out}/owner/word_embeddings.safetensors (local embedding mode)"))
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("share-model", help="split a local HF checkpoint into server share files")
+    p.add_argument("--model", required=True, help="local HuggingFace model directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--frac-bits", type=int, default=16)
+    p.add_argument("--keep-embeddings", action="store_true",
+                   help="do not disclose the word-embedding table to the data owner (private embedding only)")
+    p.set_defaults(func=execute)
+    return p

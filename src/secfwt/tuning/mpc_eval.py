@@ -1,0 +1,126 @@
+"""The MPC evaluator: the data owner's side of private forward-only tuning (SecFwT, arXiv 2506.15307, Sec. 3).
+
+It implements :class:`~secfwt.tuning.objective.Evaluator` on top of
+:class:`~secfwt.serve.session.PrivateModelClient`: each batch of examples is rendered with the task template,
+tokenised and registered with the servers once (as secret shares), and every CMA-ES population is sent as
+shared soft prompts in one ``forward`` command; the servers return shares of the (P, B, L) label logits,
+which only the data owner reconstructs. It renders templates exactly as
+:class:`~secfwt.tuning.objective.HFPlainEvaluator` does, so the plaintext evaluator is its oracle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from secfwt.cost import CostTracker
+from secfwt.errors import ConfigError
+from secfwt.nn.config import AttentionConfig
+from secfwt.serve.session import HeadSpec, PrivateModelClient
+from secfwt.tuning.data import Example
+from secfwt.tuning.encode import Encoded, encode_examples
+from secfwt.tuning.objective import Batch, EvalCost
+from secfwt.tuning.tasks import TaskSpec
+
+
+def label_word_id(tokenizer: Any, task: TaskSpec, word: str) -> int:
+    """The single token id of a verbalizer word (with a leading space first, for BPE vocabularies)."""
+    for cand in (" " + word, word):
+        ids = tokenizer(cand, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return int(ids[0])
+    raise ConfigError(f"task {task.name}: label word {word!r} is not one token for this tokenizer "
+                      f"({tokenizer.tokenize(' ' + word)})")
+
+
+class MpcEvaluator:
+    """Label logits computed by the two servers under MPC; see the module docstring."""
+
+    mode = "mpc"
+
+    def __init__(
+        self,
+        client: PrivateModelClient,
+        tokenizer: Any,
+        task: TaskSpec,
+        *,
+        head: str,
+        attention: AttentionConfig,
+        model_name: str,
+        embedding_std: float,
+        max_length: int = 128,
+        max_rows: int = 64,
+        temperature: float = 20.0,
+        word_table: torch.Tensor | None = None,
+    ) -> None:
+        if head not in ("mlm", "similarity"):
+            raise ConfigError(f"head must be 'mlm' or 'similarity', got {head!r}")
+        self.client = client
+        self.tokenizer = tokenizer
+        self.task = task
+        self.head = head
+        self.attention = str(attention.attention_kind.value)
+        self.model_name = model_name
+        self.hidden_size = client.hidden
+        self.embedding_std = embedding_std
+        self.max_length = max_length
+        self.word_table = word_table
+        self.template = task.template if head == "mlm" else task.similarity_template
+        self._cache: dict[tuple[str, int], Encoded] = {}
+        self._calls = 0
+        if head == "mlm":
+            spec = HeadSpec("mlm", [[label_word_id(tokenizer, task, w)] for w in task.words])
+            client.setup(attention, spec, max_rows=max_rows)
+        else:
+            descs = [Example((d,), 0) for d in task.label_descriptions]
+            enc = encode_examples(tokenizer, "{text}", descs, max_length, 0)
+            client.setup(attention, HeadSpec("similarity", scale=temperature), max_rows=max_rows,
+                         label_inputs=(enc.input_ids, enc.attention_mask))
+
+    def encode(self, batch: Batch, n_prompt: int) -> tuple[str, Encoded]:
+        key = (batch.key, n_prompt)
+        if key not in self._cache:
+            enc = encode_examples(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
+            self._cache[key] = enc
+            self.client.register(f"{batch.key}/{n_prompt}", enc.input_ids, enc.attention_mask,
+                                 enc.mask_pos if self.head == "mlm" else None)
+        return f"{batch.key}/{n_prompt}", self._cache[key]
+
+    def logits(self, prompts: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Label logits ``(P, B, n_labels)`` for ``prompts`` ``(P, n_prompt, hidden)``."""
+        if prompts.dim() != 3 or (prompts.shape[1] and prompts.shape[2] != self.hidden_size):
+            raise ConfigError(f"prompts: expected (P, n_prompt, {self.hidden_size}), got {tuple(prompts.shape)}")
+        key, _ = self.encode(batch, int(prompts.shape[1]))
+        self._calls += 1
+        return self.client.forward(key, prompts.to(torch.float64)).float()
+
+    def init_prompt(self, n_prompt: int, seed: int) -> torch.Tensor | None:
+        """BBT's ``p0`` from random vocabulary words (needs the disclosed word table), else None."""
+        if self.word_table is None:
+            return None
+        special = set(self.tokenizer.all_special_ids)
+        g = torch.Generator().manual_seed(seed)
+        ids: list[int] = []
+        while len(ids) < n_prompt:
+            i = int(torch.randint(0, self.word_table.shape[0], (1,), generator=g))
+            if i not in special:
+                ids.append(i)
+        return self.word_table[torch.tensor(ids)].clone()
+
+    def server_costs(self) -> dict[int, CostTracker]:
+        return self.client.server_costs()
+
+    def cost(self) -> EvalCost:
+        costs = self.server_costs()
+        totals = [c.total() for c in costs.values()]
+        return EvalCost(
+            bytes_per_server=max(t.bytes_sent for t in totals),
+            rounds=max(t.rounds for t in totals),
+            compute_s=max(sum(v.time_s for k, v in c.ops.items() if "/" not in k) for c in costs.values()),
+            forward_calls=self._calls,
+        )
+
+    @property
+    def forward_calls(self) -> int:
+        return self._calls

