@@ -21,6 +21,16 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
+_ZEROS = [memoryview(bytes(1 << 20))]
+
+
+def _zeros(n: int) -> memoryview:
+    """A read-only view of ``n`` zero bytes (the plaintext AES-CTR encrypts into the key stream)."""
+    if len(_ZEROS[0]) < n:
+        _ZEROS[0] = memoryview(bytes(max(n, 2 * len(_ZEROS[0]))))
+    return _ZEROS[0][:n]
+
+
 class PRGStream:
     """Sequential draws from one AES-CTR key stream."""
 
@@ -34,12 +44,14 @@ class PRGStream:
         return self._enc.update(bytes(n))
 
     def ring(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
-        """Uniform elements of Z_2^64 as an int64 tensor."""
+        """Uniform elements of Z_2^64 as an int64 tensor (key stream written in place, no copies)."""
         n = math.prod(shape)
         if n == 0:
             return torch.zeros(shape, dtype=torch.int64)
-        buf = bytearray(self.bytes(8 * n))
-        return torch.frombuffer(buf, dtype=torch.int64).reshape(shape)
+        nbytes = 8 * n
+        buf = bytearray(nbytes + 15)  # update_into needs block-size head-room
+        self._enc.update_into(_zeros(nbytes), buf)
+        return torch.frombuffer(buf, dtype=torch.int64, count=n).reshape(shape)
 
     def bits(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
         """Uniform bits (int64 0/1)."""
