@@ -127,10 +127,15 @@ def run_once(name: str, mode: str) -> dict[str, Any]:
 
         res = run_in_process({SERVER0: program(name), SERVER1: program(name)}, timeout=600)
         return res[SERVER0] | {"dealer_bytes": res[SERVER1]["dealer_bytes"]}
-    from secfwt.launch import run_processes  # type: ignore[import-not-found]
+    import tempfile
 
-    res = run_processes({SERVER0: f"engine_ops:prog_{name}", SERVER1: f"engine_ops:prog_{name}"}, timeout=900,
-                        extra_pythonpath=[str(Path(__file__).resolve().parent)])
+    from secfwt.launch import run_processes, write_local_config
+
+    with tempfile.TemporaryDirectory(prefix="secfwt-bench-") as tmp:
+        cfg = write_local_config(Path(tmp), timeout=600)
+        # Children inherit this interpreter's sys.path (which holds benchmarks/), so they import engine_ops.
+        res = run_processes({SERVER0: f"engine_ops:prog_{name}", SERVER1: f"engine_ops:prog_{name}"}, cfg,
+                            timeout=900, threads_per_party=1)
     return res[SERVER0] | {"dealer_bytes": res[SERVER1]["dealer_bytes"]}
 
 
