@@ -36,7 +36,7 @@ def run_with_processes(spec: Any, shares: Path, owner: Any, parties: str) -> Any
         config = write_local_config(Path(tmp), timeout=spec.timeout, frac_bits=spec.frac_bits)
         env = {"SECFWT_SHARES_DIR": str(shares)}
         progs = {SERVER0: "secfwt.serve.entry:serve_from_env", SERVER1: "secfwt.serve.entry:serve_from_env"}
-        with PartyProcesses(progs, config, env=env, external=[OWNER]) as procs:
+        with PartyProcesses(progs, config, env=env, external=[OWNER], threads_per_party=1) as procs:
             result = _run_owner(config, owner)
             procs.wait(timeout=600)
         return result
