@@ -13,7 +13,7 @@ from secfwt.cli import tune_cmd
 from secfwt.tuning.run import add_arguments
 
 DEMO_DEFAULTS = {
-    "task": "demo", "k": 4, "d": 40, "n_prompt": 4, "popsize": 6, "iterations": 6, "max_length": 24,
+    "task": "demo", "k": 2, "d": 20, "n_prompt": 2, "popsize": 4, "iterations": 3, "max_length": 20,
     "attention": "softmax", "parties": "local", "report": "runs/demo/report.json", "plot": "runs/demo/history.png",
     "patience": 0,
 }
