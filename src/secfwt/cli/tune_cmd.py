@@ -74,7 +74,13 @@ def op_table(costs: dict[int, dict[str, Any]]) -> Table:
     return t
 
 
-def execute(a: argparse.Namespace, console: Console | None = None) -> TuneResult:
+def execute(a: argparse.Namespace, console: Console | None = None) -> int:
+    """The sub-command: run, print tables, write report and plot. Exit code 0."""
+    tune_and_report(a, console)
+    return 0
+
+
+def tune_and_report(a: argparse.Namespace, console: Console | None = None) -> TuneResult:
     console = console or Console()
     spec = spec_from_args(a)
     where = f", parties: {a.parties}" if spec.mode == "mpc" else ""
