@@ -54,7 +54,7 @@ def spec_from_args(a: argparse.Namespace) -> RunSpec:
 def cost_table(costs: dict[int, dict[str, Any]], time_s: float) -> Table:
     """Per-server totals with LAN/WAN projections, and the top operations by bytes."""
     t = Table(title="MPC cost per server (whole run)")
-    for col in ("server", "MB sent", "MB recv", "rounds", "dealer MB", "compute s", "LAN s", "WAN s"):
+    for col in ("server", "MB sent", "MB recv", "rounds", "dealer MB", "wall s", "LAN s", "WAN s"):
         t.add_column(col, justify="right")
     for rank, d in sorted(costs.items()):
         c = CostTracker.from_dict(d).total()
