@@ -114,3 +114,13 @@ def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
         if full[start : start + len(content)] == content:
             return full[:start], full[start + len(content) :]
     raise ConfigError("cannot locate the content tokens inside the tokenizer's special-token wrapping")
+
+
+def label_word_id(tokenizer: Any, task_name: str, word: str) -> int:
+    """The single token id of a verbalizer word (with a leading space first, for BPE vocabularies)."""
+    for cand in (" " + word, word):
+        ids = tokenizer(cand, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return int(ids[0])
+    toks = tokenizer.tokenize(" " + word)
+    raise ConfigError(f"task {task_name}: label word {word!r} is not one token for this tokenizer ({toks})")

@@ -19,19 +19,9 @@ from secfwt.errors import ConfigError
 from secfwt.nn.config import AttentionConfig
 from secfwt.serve.session import HeadSpec, PrivateModelClient
 from secfwt.tuning.data import Example
-from secfwt.tuning.encode import Encoded, encode_examples
+from secfwt.tuning.encode import Encoded, encode_examples, label_word_id
 from secfwt.tuning.objective import Batch, EvalCost
 from secfwt.tuning.tasks import TaskSpec
-
-
-def label_word_id(tokenizer: Any, task: TaskSpec, word: str) -> int:
-    """The single token id of a verbalizer word (with a leading space first, for BPE vocabularies)."""
-    for cand in (" " + word, word):
-        ids = tokenizer(cand, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            return int(ids[0])
-    raise ConfigError(f"task {task.name}: label word {word!r} is not one token for this tokenizer "
-                      f"({tokenizer.tokenize(' ' + word)})")
 
 
 class MpcEvaluator:
@@ -70,7 +60,7 @@ class MpcEvaluator:
         self._cache: dict[tuple[str, int], Encoded] = {}
         self._calls = 0
         if head == "mlm":
-            spec = HeadSpec("mlm", [[label_word_id(tokenizer, task, w)] for w in task.words])
+            spec = HeadSpec("mlm", [[label_word_id(tokenizer, task.name, w)] for w in task.words])
             client.setup(attention, spec, max_rows=max_rows)
         else:
             descs = [Example((d,), 0) for d in task.label_descriptions]

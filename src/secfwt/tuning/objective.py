@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from secfwt.errors import ConfigError
 from secfwt.tuning.data import Example
-from secfwt.tuning.encode import Encoded, encode_examples
+from secfwt.tuning.encode import Encoded, encode_examples, label_word_id
 from secfwt.tuning.tasks import TaskSpec
 
 
@@ -173,7 +173,8 @@ class HFPlainEvaluator:
         self._compute_s = 0.0
         self._calls = 0
         if head == "mlm":
-            self.label_ids = torch.tensor([self._word_id(w) for w in task.words], dtype=torch.int64)
+            ids = [label_word_id(tokenizer, task.name, w) for w in task.words]
+            self.label_ids = torch.tensor(ids, dtype=torch.int64)
         else:
             self.anchors = self._anchor_embeddings()
 
@@ -193,14 +194,6 @@ class HFPlainEvaluator:
         # pip-packaged checkpoints keep weights in <package>/model: name them after the package
         kwargs.setdefault("model_name", path.parent.name if path.name == "model" else path.name)
         return cls(model, tokenizer, task, **kwargs)
-
-    def _word_id(self, word: str) -> int:
-        for cand in (" " + word, word):
-            ids = self.tokenizer(cand, add_special_tokens=False)["input_ids"]
-            if len(ids) == 1:
-                return int(ids[0])
-        toks = self.tokenizer.tokenize(" " + word)
-        raise ConfigError(f"task {self.task.name}: label word {word!r} is not one token for this tokenizer ({toks})")
 
     @torch.no_grad()
     def _anchor_embeddings(self) -> torch.Tensor:

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from secfwt.comm.base import OWNER, SERVER0, SERVER1
 from secfwt.context import FixedPoint, PartyContext
 from secfwt.errors import ConfigError
@@ -163,4 +161,4 @@ def run(spec: RunSpec, parties: str = "inprocess") -> tuple[TuneResult, dict[int
     return run_with_processes(spec, shares, owner, parties)
 
 
-__all__ = ["RunSpec", "ensure_shares", "owner_program", "run", "server_program", "torch"]
+__all__ = ["RunSpec", "ensure_shares", "owner_program", "run", "server_program"]
