@@ -10,11 +10,12 @@ import argparse
 from typing import Any
 
 from secfwt.cli import tune_cmd
-from secfwt.tuning.run import add_arguments
+from secfwt.cli.tune_cmd import add_arguments
 
 DEMO_DEFAULTS = {
     "task": "demo", "k": 2, "d": 20, "n_prompt": 2, "popsize": 4, "iterations": 3, "max_length": 20,
     "attention": "softmax", "parties": "local", "report": "runs/demo/report.json", "plot": "runs/demo/history.png",
+    "save_prompt": "runs/demo/prompt.safetensors",
     "patience": 0,
 }
 

@@ -11,10 +11,50 @@ from rich.console import Console
 from rich.table import Table
 
 from secfwt.cost import LAN, WAN, CostTracker
-from secfwt.tuning.fot import TuneResult
+from secfwt.errors import ConfigError
+from secfwt.tuning.fot import TuneConfig, TuneResult
+from secfwt.tuning.prompt_file import PromptFile
 from secfwt.tuning.report import plot_history, print_summary, report_dict
-from secfwt.tuning.run import add_arguments, config_from_args
 from secfwt.tuning.runner import RunSpec, run
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Task, data and tuning options shared by every runner."""
+    d = TuneConfig()
+    p.add_argument("--task", required=True, help="built-in task name or a .toml task file")
+    p.add_argument("--source", default=None, help="data source of the task (default: its first)")
+    p.add_argument("--data-root", default=None, help="data directory (default: $SECFWT_DATA or ../shared/data)")
+    p.add_argument("--k", type=int, default=16, help="examples per class for train and for dev")
+    p.add_argument("--seed", type=int, default=13, help="data seed (k-shot sampling, LM-BFF folder)")
+    p.add_argument("--max-eval", type=int, default=None, help="cap the evaluation split (seeded subsample)")
+    p.add_argument("--d", type=int, default=d.d, help="subspace dimension")
+    p.add_argument("--n-prompt", type=int, default=d.n_prompt, help="soft-prompt length")
+    p.add_argument("--popsize", type=int, default=d.popsize, help="CMA-ES population size")
+    p.add_argument("--budget", type=int, default=d.budget_calls, help="budget in API calls")
+    p.add_argument("--iterations", type=int, default=None, help="budget in iterations (overrides --budget)")
+    p.add_argument("--sigma", type=float, default=d.sigma, help="CMA-ES initial step size")
+    p.add_argument("--tune-seed", type=int, default=d.seed, help="CMA-ES seed")
+    p.add_argument("--proj-seed", type=int, default=None, help="owner-secret seed of the projection A")
+    p.add_argument("--init", choices=("none", "vocab"), default=d.init, help="p0: zeros or random word embeddings")
+    p.add_argument("--loss", choices=("ce", "hinge"), default=d.loss)
+    p.add_argument("--train-batch", type=int, default=None, help="train examples per iteration (default: all)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="iterations between dev evaluations")
+    p.add_argument("--patience", type=int, default=d.patience, help="iterations without dev gain (0 = off)")
+    p.add_argument("--no-floor", action="store_true", help="never fall back to the zero-shot template")
+    p.add_argument("--checkpoint-dir", default=None, help="save/resume the loop state here")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--out", default=None, help="directory for report.json and history.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(a: argparse.Namespace) -> TuneConfig:
+    return TuneConfig(
+        d=a.d, n_prompt=a.n_prompt, popsize=a.popsize, budget_calls=a.budget, iterations=a.iterations,
+        sigma=a.sigma, seed=a.tune_seed, proj_seed=a.proj_seed, init=a.init, loss=a.loss,
+        train_batch=a.train_batch, eval_every=a.eval_every, patience=a.patience or None,
+        zero_shot_floor=not a.no_floor, checkpoint_every=a.checkpoint_every,
+    )
 
 
 def add_mpc_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +76,8 @@ def add_mpc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a party waits for a message")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--plot", default=None, help="write the loss/accuracy plot here (PNG)")
+    p.add_argument("--save-prompt", default=None,
+                   help="write the tuned prompt here for `secfwt predict` (default: OUT/prompt.safetensors)")
 
 
 def spec_from_args(a: argparse.Namespace) -> RunSpec:
@@ -45,9 +87,10 @@ def spec_from_args(a: argparse.Namespace) -> RunSpec:
     return RunSpec(
         task=a.task, model=a.model, mode=a.mode,
         attention={"kind": a.attention, "n_features": a.rfa_features, "seed": a.rfa_seed},
-        embedding=a.embedding, head=a.head, k=a.k, seed=a.seed, data_root=a.data_root, max_eval=a.max_eval,
-        max_length=a.max_length, max_rows=a.max_rows, tune=dataclasses.asdict(cfg), shares_dir=a.shares_dir,
-        checkpoint_dir=a.checkpoint_dir, frac_bits=a.frac_bits, timeout=a.timeout, progress=not a.quiet,
+        embedding=a.embedding, head=a.head, k=a.k, seed=a.seed, data_root=a.data_root, source=a.source,
+        max_eval=a.max_eval, max_length=a.max_length, max_rows=a.max_rows, tune=dataclasses.asdict(cfg),
+        shares_dir=a.shares_dir, checkpoint_dir=a.checkpoint_dir, resume=not a.no_resume, frac_bits=a.frac_bits,
+        timeout=a.timeout, progress=not a.quiet,
     )
 
 
@@ -90,6 +133,8 @@ def tune_and_report(a: argparse.Namespace, console: Console | None = None) -> Tu
     if costs:
         console.print(cost_table(costs, result.time_s))
         console.print(op_table(costs))
+    if a.out and not a.report:
+        a.report = str(Path(a.out) / "report.json")
     if a.report:
         rep = report_dict(result)
         if spec.mode == "mpc":
@@ -97,11 +142,27 @@ def tune_and_report(a: argparse.Namespace, console: Console | None = None) -> Tu
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)
         Path(a.report).write_text(json.dumps(rep, indent=2) + "\n")
         console.print(f"report: {a.report}")
+    save = a.save_prompt or (str(Path(a.out) / "prompt.safetensors") if a.out else None)
+    if save:
+        prompt_file(spec, result).save(save)
+        console.print(f"prompt: {save}  (use: secfwt predict --prompt {save} --text ...)")
     plot = a.plot or (str(Path(a.out) / "history.png") if a.out else None)
     if plot:
         plot_history(result.history, plot, title=f"{result.task} / {result.model} ({result.mode})")
         console.print(f"plot:   {plot}")
     return result
+
+
+def prompt_file(spec: RunSpec, result: TuneResult) -> PromptFile:
+    """The tuned prompt with the settings ``secfwt predict`` needs to use it the same way."""
+    if result.prompt is None:
+        raise ConfigError("tune: the run returned no prompt to save")
+    settings = {"head": spec.head, "attention": spec.attention, "embedding": spec.embedding,
+                "max_length": spec.max_length, "temperature": spec.temperature, "frac_bits": spec.frac_bits}
+    info = {"mode": result.mode, "accuracy": result.accuracy, "zero_shot_accuracy": result.zero_shot_accuracy,
+            "dev_accuracy": result.dev_accuracy, "eval_split": result.eval_split, "n_eval": result.n_eval,
+            "k": result.k, "seed": result.seed, "iterations": result.iterations, "used_prompt": result.used_prompt}
+    return PromptFile(result.prompt, spec.task, str(spec.model_dir()), settings, info)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
-"""``python -m secfwt.tuning``: plaintext tuning runner (see :mod:`secfwt.tuning.run`)."""
+"""``python -m secfwt.tuning ...`` = ``secfwt tune --mode plaintext ...`` (one entry point for every mode)."""
 
 import sys
 
-from secfwt.tuning.run import main
+from secfwt.cli import main
 
-sys.exit(main())
+sys.exit(main(["tune", "--mode", "plaintext", *sys.argv[1:]]))

@@ -124,6 +124,7 @@ class TuneResult:
     stop_reason: str
     history: list[IterRecord] = field(default_factory=list)
     cost: EvalCost | None = None
+    prompt: torch.Tensor | None = None  # the selected soft prompt (n_prompt, hidden); 0 rows = template alone
 
 
 class Projection:
@@ -329,5 +330,5 @@ def _finish(loop: _Loop, elapsed: float) -> TuneResult:
         dev_accuracy=dev_acc, zero_shot_dev_accuracy=zs_dev[0],
         time_s=elapsed + time.perf_counter() - start, n_eval=len(eval_batch), eval_split=data.eval_split,
         best_z=best_z, used_prompt=use_prompt, stop_reason=loop.stop_reason, history=list(loop.history),
-        cost=ev.cost(),
+        cost=ev.cost(), prompt=loop.proj(best_z[None])[0][: cfg.n_prompt if use_prompt else 0].clone(),
     )

@@ -1,9 +1,12 @@
-"""One tuning run from a specification: plaintext, or private with the parties in-process or as processes.
+"""One job of the data owner (a tuning run, or private inference) from a specification.
 
-The data owner's program (:func:`owner_program`) builds the :class:`~secfwt.tuning.mpc_eval.MpcEvaluator`
-and runs :func:`~secfwt.tuning.fot.tune`; the servers run :func:`secfwt.serve.session.serve_model` on their
-share files; the dealer answers server 1. In ``parties="inprocess"`` mode all of them are threads of this
-process; with a parties file (see :mod:`secfwt.launch`) each is its own process talking TLS.
+A *job* is a function of an :class:`~secfwt.tuning.objective.Evaluator`. In plaintext mode it gets an
+:class:`~secfwt.tuning.objective.HFPlainEvaluator`; in MPC mode the data owner's program
+(:func:`owner_program`) builds the :class:`~secfwt.tuning.mpc_eval.MpcEvaluator` and runs the job on it, the
+servers run :func:`secfwt.serve.session.serve_model` on their share files and the dealer answers server 1.
+With ``parties="inprocess"`` all of them are threads of this process; with ``"local"`` or a parties file (see
+:mod:`secfwt.launch`) each is its own process talking TLS. :func:`run` is the tuning job
+(:func:`~secfwt.tuning.fot.tune`); ``secfwt predict`` runs :func:`~secfwt.tuning.predict.classify` the same way.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from secfwt.comm.base import OWNER, SERVER0, SERVER1
 from secfwt.context import FixedPoint, PartyContext
@@ -25,8 +29,11 @@ from secfwt.serve.shares import load_server_shares, owner_word_table, public_dir
 from secfwt.tuning.data import TaskData, load_task_data
 from secfwt.tuning.fot import TuneConfig, TuneResult, tune
 from secfwt.tuning.mpc_eval import MpcEvaluator
-from secfwt.tuning.objective import HFPlainEvaluator
-from secfwt.tuning.tasks import get_task
+from secfwt.tuning.objective import Evaluator, HFPlainEvaluator
+from secfwt.tuning.tasks import TaskSpec, get_task
+
+T = TypeVar("T")
+Costs = dict[int, dict[str, Any]]
 
 
 @dataclass
@@ -42,6 +49,7 @@ class RunSpec:
     k: int = 16
     seed: int = 13
     data_root: str | None = None
+    source: str | None = None  # data source of the task (default: its first)
     max_eval: int | None = None
     max_length: int = 64
     max_rows: int = 64
@@ -49,6 +57,7 @@ class RunSpec:
     tune: dict[str, Any] = field(default_factory=dict)  # TuneConfig fields
     shares_dir: str | None = None  # default: a cache directory keyed by the model path
     checkpoint_dir: str | None = None
+    resume: bool = True
     frac_bits: int = 16
     timeout: float = 120.0
     progress: bool = True
@@ -100,14 +109,15 @@ def _head(spec: RunSpec, shares: Path) -> str:
 
 
 def load_data(spec: RunSpec) -> TaskData:
-    return load_task_data(get_task(spec.task), spec.data_root, k=spec.k, seed=spec.seed, max_eval=spec.max_eval)
+    return load_task_data(get_task(spec.task), spec.data_root, k=spec.k, seed=spec.seed, source=spec.source,
+                          max_eval=spec.max_eval)
 
 
-def owner_program(spec: RunSpec, shares: Path, data: TaskData) -> Any:
-    """The data owner's role: tune privately, then fetch the servers' cost ledgers and stop them."""
+def owner_program(spec: RunSpec, shares: Path, task: TaskSpec, job: Callable[[Evaluator], T]) -> Any:
+    """The data owner's role: build the MPC evaluator, run ``job`` on it, fetch the servers' ledgers, stop them."""
     from transformers import AutoTokenizer
 
-    def prog(ctx: PartyContext) -> tuple[TuneResult, dict[int, dict[str, Any]]]:
+    def prog(ctx: PartyContext) -> tuple[T, Costs]:
         pub = public_dir(shares)
         cfg = json.loads((pub / "config.json").read_text())
         tok = AutoTokenizer.from_pretrained(str(pub), local_files_only=True)
@@ -119,13 +129,15 @@ def owner_program(spec: RunSpec, shares: Path, data: TaskData) -> Any:
         std = json.loads(meta_p.read_text())["embedding_std"] if meta_p.is_file() else 0.05
         if table is not None:
             std = float(table.std())
-        ev = MpcEvaluator(client, tok, data.task, head=_head(spec, shares), attention=spec.attention_config(),
+        ev = MpcEvaluator(client, tok, task, head=_head(spec, shares), attention=spec.attention_config(),
                           model_name=model_name(spec.model_dir()), embedding_std=std, max_length=spec.max_length,
                           max_rows=spec.max_rows, temperature=spec.temperature, word_table=table)
-        result = tune(ev, data, spec.tune_config(), checkpoint_dir=spec.checkpoint_dir, progress=spec.progress)
-        costs = {r: c.to_dict() for r, c in client.server_costs().items()}
-        client.stop()
-        return result, costs
+        try:
+            out = job(ev)
+            costs = {r: c.to_dict() for r, c in client.server_costs().items()}
+        finally:
+            client.stop()
+        return out, costs
 
     return prog
 
@@ -137,28 +149,41 @@ def server_program(shares: Path) -> Any:
     return prog
 
 
-def run(spec: RunSpec, parties: str = "inprocess") -> tuple[TuneResult, dict[int, dict[str, Any]]]:
-    """Run one tuning job; returns the result and (MPC) each server's cost ledger."""
-    data = load_data(spec)
+def run_job(
+    spec: RunSpec, task: TaskSpec, job: Callable[[Evaluator], T], parties: str = "inprocess"
+) -> tuple[T, Costs]:
+    """Run ``job`` on the evaluator ``spec.mode`` asks for; returns its result and (MPC) each server's ledger."""
     if spec.mode == "plaintext":
-        ev = HFPlainEvaluator.from_pretrained(spec.model_dir(), data.task, head=spec.head, max_length=spec.max_length,
+        ev = HFPlainEvaluator.from_pretrained(spec.model_dir(), task, head=spec.head, max_length=spec.max_length,
                                               max_rows=max(spec.max_rows, 64), temperature=spec.temperature)
-        return tune(ev, data, spec.tune_config(), checkpoint_dir=spec.checkpoint_dir, progress=spec.progress), {}
+        return job(ev), {}
     if spec.mode != "mpc":
         raise ConfigError(f"mode: expected 'mpc' or 'plaintext', got {spec.mode!r}")
     shares = ensure_shares(spec)
-    owner = owner_program(spec, shares, data)
+    owner = owner_program(spec, shares, task, job)
     servers = server_program(shares)
     if parties == "inprocess":
         from secfwt.runtime import run_in_process
 
         res = run_in_process({SERVER0: servers, SERVER1: servers, OWNER: owner},
                              fxp=FixedPoint(spec.frac_bits), timeout=spec.timeout)
-        result: tuple[TuneResult, dict[int, dict[str, Any]]] = res[OWNER]
+        result: tuple[T, Costs] = res[OWNER]
         return result
     from secfwt.tuning.processes import run_with_processes
 
-    return run_with_processes(spec, shares, owner, parties)
+    out: tuple[T, Costs] = run_with_processes(spec, shares, owner, parties)
+    return out
 
 
-__all__ = ["RunSpec", "ensure_shares", "owner_program", "run", "server_program"]
+def run(spec: RunSpec, parties: str = "inprocess") -> tuple[TuneResult, Costs]:
+    """One tuning run; returns the result and (MPC) each server's cost ledger."""
+    data = load_data(spec)
+
+    def job(ev: Evaluator) -> TuneResult:
+        return tune(ev, data, spec.tune_config(), checkpoint_dir=spec.checkpoint_dir, resume=spec.resume,
+                    progress=spec.progress)
+
+    return run_job(spec, data.task, job, parties)
+
+
+__all__ = ["RunSpec", "ensure_shares", "owner_program", "run", "run_job", "server_program"]
