@@ -166,19 +166,29 @@ class ModelServer:
         h = self.shares.config.hidden
         prompts = self.be.from_owner((n_pop, n_prompt, h)) if n_prompt else None
         n_ex = batch.mask.shape[0]
+        n_rows = n_pop * n_ex
+        # Row r = p * n_ex + b. Chunks take the rows example-major (all candidates of a few examples), and each
+        # chunk drops the trailing columns that are padding in all its rows (the mask is public): with the
+        # owner's batches sorted by length, short sentences no longer pay for the longest one.
+        order = torch.arange(n_rows).reshape(n_pop, n_ex).t().reshape(-1)
         outs = []
-        for lo in range(0, n_pop * n_ex, self.max_rows):
-            rows = torch.arange(lo, min(lo + self.max_rows, n_pop * n_ex))
+        for lo in range(0, n_rows, self.max_rows):
+            rows = order[lo : lo + self.max_rows]
             p_idx, b_idx = rows // n_ex, rows % n_ex
-            x = self.be.index(batch.embeds, b_idx)  # (R, T, H)
+            mask = batch.mask[b_idx]
+            t = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else mask.shape[1]
+            cols = (b_idx, slice(0, t))
+            x = self.be.index(batch.embeds, cols)  # (R, t, H)
             pr = self.be.index(prompts, p_idx) if prompts is not None else None  # (R, n_prompt, H)
-            out = self.encoder.forward(self.be, x, batch.mask[b_idx], prompt=pr)
+            out = self.encoder.forward(self.be, x, mask[:, :t], prompt=pr)
             if isinstance(self.head, MaskedLMHead):
                 assert batch.mask_one_hot is not None
-                outs.append(self.head.forward(self.be, out, self.be.index(batch.mask_one_hot, b_idx)))
+                outs.append(self.head.forward(self.be, out, self.be.index(batch.mask_one_hot, cols)))
             else:
                 outs.append(self.head.forward(self.be, out))
-        logits = self.be.cat(outs, dim=0)  # (P * B, L)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n_rows)
+        logits = self.be.index(self.be.cat(outs, dim=0), inverse)  # (P * B, L), row p * n_ex + b
         reveal_to(self.ctx, logits, OWNER, tag="logits")
 
 

@@ -57,7 +57,7 @@ class MpcEvaluator:
         self.max_length = max_length
         self.word_table = word_table
         self.template = task.template if head == "mlm" else task.similarity_template
-        self._cache: dict[tuple[str, int], Encoded] = {}
+        self._cache: dict[tuple[str, int], tuple[Encoded, torch.Tensor]] = {}
         self._calls = 0
         if head == "mlm":
             spec = HeadSpec("mlm", [[label_word_id(tokenizer, task.name, w)] for w in task.words])
@@ -68,22 +68,32 @@ class MpcEvaluator:
             client.setup(attention, HeadSpec("similarity", scale=temperature), max_rows=max_rows,
                          label_inputs=(enc.input_ids, enc.attention_mask))
 
-    def encode(self, batch: Batch, n_prompt: int) -> tuple[str, Encoded]:
+    def encode(self, batch: Batch, n_prompt: int) -> tuple[str, Encoded, torch.Tensor]:
+        """Register ``batch`` once, its rows sorted by token length (the servers trim padding per chunk).
+
+        Returns the batch key, the encoding (sorted) and ``order``: sorted row i is example ``order[i]``.
+        """
         key = (batch.key, n_prompt)
         if key not in self._cache:
             enc = encode_examples(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
-            self._cache[key] = enc
+            order = torch.argsort(enc.attention_mask.sum(1), stable=True)
+            enc = Encoded(enc.input_ids[order], enc.attention_mask[order], enc.mask_pos[order])
+            self._cache[key] = (enc, order)
             self.client.register(f"{batch.key}/{n_prompt}", enc.input_ids, enc.attention_mask,
                                  enc.mask_pos if self.head == "mlm" else None)
-        return f"{batch.key}/{n_prompt}", self._cache[key]
+        enc, order = self._cache[key]
+        return f"{batch.key}/{n_prompt}", enc, order
 
     def logits(self, prompts: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Label logits ``(P, B, n_labels)`` for ``prompts`` ``(P, n_prompt, hidden)``."""
         if prompts.dim() != 3 or (prompts.shape[1] and prompts.shape[2] != self.hidden_size):
             raise ConfigError(f"prompts: expected (P, n_prompt, {self.hidden_size}), got {tuple(prompts.shape)}")
-        key, _ = self.encode(batch, int(prompts.shape[1]))
+        key, _, order = self.encode(batch, int(prompts.shape[1]))
         self._calls += 1
-        return self.client.forward(key, prompts.to(torch.float64)).float()
+        out = self.client.forward(key, prompts.to(torch.float64)).float()  # (P, B, L) in sorted row order
+        unsorted = torch.empty_like(out)
+        unsorted[:, order] = out
+        return unsorted
 
     def init_prompt(self, n_prompt: int, seed: int) -> torch.Tensor | None:
         """BBT's ``p0`` from random vocabulary words (needs the disclosed word table), else None."""
