@@ -1,0 +1,167 @@
+"""SST-2 few-shot tuning, side by side: private (MPC, softmax and RFA attention) and in the clear.
+
+Run:  python benchmarks/sst2_tuning.py [--runs plaintext,mpc-softmax,mpc-rfa] [--parties local]
+                                      [--k 16] [--iterations 2] [--popsize 4] [--max-eval 32] [--out ...]
+
+Every run uses the same task split (LM-BFF SST-2 ``16-<seed>``; evaluation on the 872-example GLUE dev set,
+subsampled to ``--max-eval`` with a fixed seed), the same CMA-ES seed, the bundled all-MiniLM-L6-v2 (similarity
+head) unless ``--model`` says otherwise, and the same tuning settings; only the engine and the attention differ.
+With ``--parties local`` the two servers and the dealer are separate processes talking TLS on loopback.
+
+Printed and written (``--out`` JSON, and the same table as markdown next to it): test and zero-shot accuracy,
+best dev accuracy, wall time, bytes and rounds per server, per-forward costs (one forward = one candidate
+prompt on one example), and the LAN/WAN projection of the run (``secfwt.cost``). The data owner's zero-shot
+floor is measured by each run with its own engine. Settings are scaled down from BBT's (8000 calls,
+population 20, 50 prompt tokens) so the private runs fit a 2-core machine; the per-forward figures project them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from secfwt.cost import LAN, WAN
+from secfwt.tuning.report import report_dict
+from secfwt.tuning.runner import RunSpec, run
+
+RUNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plaintext": ("plaintext", {"kind": "softmax"}),
+    "mpc-softmax": ("mpc", {"kind": "softmax"}),
+    "mpc-rfa": ("mpc", {"kind": "rfa", "n_features": 64, "seed": 0}),
+}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="plaintext,mpc-softmax,mpc-rfa", help=f"comma list of {sorted(RUNS)}")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--model", default="", help="model directory (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--parties", default="local", help="inprocess | local | parties TOML")
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--seed", type=int, default=13, help="data seed (LM-BFF split 16-<seed>)")
+    p.add_argument("--tune-seed", type=int, default=2)
+    p.add_argument("--d", type=int, default=50)
+    p.add_argument("--n-prompt", type=int, default=5)
+    p.add_argument("--popsize", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--train-batch", type=int, default=8, help="train examples per iteration (seeded minibatch)")
+    p.add_argument("--eval-every", type=int, default=None, help="dev evaluation cadence (default: last iteration)")
+    p.add_argument("--max-eval", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--max-rows", type=int, default=64)
+    p.add_argument("--out", default="benchmarks/results/sst2_tuning.json")
+    return p.parse_args(argv)
+
+
+def spec_for(a: argparse.Namespace, name: str) -> RunSpec:
+    mode, attention = RUNS[name]
+    tune = {"d": a.d, "n_prompt": a.n_prompt, "popsize": a.popsize, "iterations": a.iterations,
+            "train_batch": a.train_batch, "eval_every": a.eval_every or a.iterations, "patience": None,
+            "seed": a.tune_seed}
+    return RunSpec(task=a.task, model=a.model, mode=mode, attention=dict(attention), k=a.k, seed=a.seed,
+                   data_root=a.data_root, max_eval=a.max_eval, max_length=a.max_length, max_rows=a.max_rows,
+                   tune=tune, progress=False, timeout=600)
+
+
+def row_for(name: str, spec: RunSpec, parties: str) -> dict[str, Any]:
+    start = time.perf_counter()
+    result, _ = run(spec, parties=parties if spec.mode == "mpc" else "inprocess")
+    wall = time.perf_counter() - start
+    rep = report_dict(result)
+    rep["attention"] = spec.attention["kind"]
+    cost = result.cost
+    mpc = cost is not None and spec.mode == "mpc"
+    forwards = _forwards(result, spec)
+    rep.update({
+        "run": name, "parties": parties if spec.mode == "mpc" else "-", "wall_s": round(wall, 1),
+        "dev_accuracy": result.dev_accuracy, "zero_shot_dev_accuracy": result.zero_shot_dev_accuracy,
+        "used_prompt": result.used_prompt, "forwards": forwards,
+        "s_per_forward": round(result.time_s / forwards, 4),
+        "bytes_per_forward": int(rep["bytes_per_server"] / forwards),
+        "lan_s": round(LAN.project(cost.compute_s, cost.bytes_per_server, cost.rounds), 1) if mpc else None,
+        "wan_s": round(WAN.project(cost.compute_s, cost.bytes_per_server, cost.rounds), 1) if mpc else None,
+    })
+    return rep
+
+
+def _forwards(result: Any, spec: RunSpec) -> int:
+    """Sequence forwards of the run: train candidates, dev checks, and the zero-shot and final evaluations."""
+    t = spec.tune_config()
+    dev = 2 * spec.k
+    train = t.train_batch or 2 * spec.k
+    dev_checks = sum(1 for h in result.history if h.dev_acc is not None)
+    return result.calls * train + (dev_checks + 1) * dev + result.n_eval * (2 if result.used_prompt else 1)
+
+
+def table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="SST-2 forward-only tuning: private vs in the clear")
+    cols = ("run", "test acc", "zero-shot", "dev / zs dev", "time s", "MB / server", "rounds", "forwards",
+            "s / fwd", "MB / fwd", "LAN s", "WAN s")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(
+            r["run"], f"{r['accuracy']:.3f}", f"{r['zero_shot_accuracy']:.3f}",
+            f"{r['dev_accuracy']:.3f} / {r['zero_shot_dev_accuracy']:.3f}", f"{r['time_s']:.0f}",
+            f"{r['bytes_per_server'] / 1e6:.0f}", str(r["rounds"]), str(r["forwards"]), f"{r['s_per_forward']:.3f}",
+            f"{r['bytes_per_forward'] / 1e6:.1f}", "-" if r["lan_s"] is None else f"{r['lan_s']:.0f}",
+            "-" if r["wan_s"] is None else f"{r['wan_s']:.0f}",
+        )
+    return t
+
+
+def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    lines = [f"SST-2 ({header['settings']}); {header['date']}, {header['machine']}.", "",
+             "| run | test acc | zero-shot | dev / zero-shot dev | time s | MB / server | rounds | forwards | s / fwd "
+             "| MB / fwd | LAN s | WAN s |", "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['accuracy']:.3f} | {r['zero_shot_accuracy']:.3f} | {r['dev_accuracy']:.3f} / "
+            f"{r['zero_shot_dev_accuracy']:.3f} | {r['time_s']:.0f} | {r['bytes_per_server'] / 1e6:.0f} | "
+            f"{r['rounds']} | {r['forwards']} | {r['s_per_forward']:.3f} | {r['bytes_per_forward'] / 1e6:.1f} | "
+            f"{'-' if r['lan_s'] is None else round(r['lan_s'])} | {'-' if r['wan_s'] is None else round(r['wan_s'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    names = [n.strip() for n in a.runs.split(",") if n.strip()]
+    bad = [n for n in names if n not in RUNS]
+    if bad:
+        print(f"sst2_tuning: unknown run {bad[0]!r} (known: {', '.join(RUNS)})", file=sys.stderr)
+        return 2
+    console = Console()
+    rows = []
+    for name in names:
+        console.print(f"[bold]{name}[/] ...")
+        rows.append(row_for(name, spec_for(a, name), a.parties))
+        console.print(table(rows))
+    header = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        "settings": f"k={a.k} per class, data seed {a.seed}, d={a.d}, {a.n_prompt} prompt tokens, population "
+                    f"{a.popsize}, {a.iterations} iterations, train minibatch {a.train_batch}, "
+                    f"{rows[0]['n_eval']} test examples, parties {a.parties}",
+        "command": "python benchmarks/sst2_tuning.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(rows, header))
+    console.print(f"results: {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
