@@ -37,12 +37,8 @@ FAST = TuneConfig(d=16, n_prompt=3, popsize=6, iterations=12, checkpoint_every=3
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Small forwards run faster on one thread, and much faster on a busy machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs torch on one thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

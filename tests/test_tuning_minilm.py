@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from secfwt.tuning import HFPlainEvaluator, TuneConfig, get_task, load_task_data, tune
 from secfwt.tuning import checkpoint as ckpt
@@ -25,12 +24,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Small forwards run faster on one thread, and much faster on a busy machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs torch on one thread (conftest.one_thread)."""
 
 
 def test_minilm_demo_loss_goes_down_and_beats_zero_shot_floor() -> None:
