@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--shares is for server0 and server1, not {args.role}")
         os.environ["SECFWT_SHARE_FILE"] = str(args.shares)
         program = "secfwt.serve.entry:serve_from_env"
+    if args.role == "owner" and program is None:
+        raise ConfigError(f"the data owner runs `secfwt tune --parties {args.config}` or `secfwt predict --parties "
+                          f"{args.config}` (or give --program module:function)")
     run_party_process(args.config, args.role, program, out=args.out, parties=parties)
     return 0
 
