@@ -44,6 +44,7 @@ def test_mpc_losses_follow_the_plaintext_loop(tiny, parties):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 def test_private_sst2_run_in_processes_beats_zero_shot_on_dev():
     """Issue 4's end-to-end check on real data: the bundled MiniLM (similarity head), SST-2 4-shot (LM-BFF split
     16-42), servers and dealer as TLS processes. Dev accuracy of the tuned prompt beats the template alone, and the
