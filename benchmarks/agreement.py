@@ -226,7 +226,7 @@ def _commit() -> str:
 def summary(r: dict[str, Any]) -> str:
     s0, s1 = r["per_server"]["0"], r["per_server"]["1"]
     lines = [
-        f"| attention | n | agreement (MPC vs plain, same attention) | MPC vs plain softmax | logit max / mean abs err "
+        "| attention | n | agreement (MPC vs plain, same attention) | MPC vs plain softmax | logit max / mean abs err "
         "| acc MPC / plain / plain softmax | s / example | MB / example / server (s0, s1) | rounds / batch |",
         "|" + "---|" * 9,
         f"| {r['attention']} | {r['n']} | {r['agreement']:.4f} | {r['agreement_vs_plain_softmax']:.4f} | "
