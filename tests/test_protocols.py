@@ -9,7 +9,7 @@ from helpers import mine, split
 from secfwt import ring
 from secfwt.comm.base import DEALER, SERVER0, SERVER1
 from secfwt.protocols.arith import matmul_aa, mul_aa, square_a, trunc
-from secfwt.protocols.compare import less_than, ltz, max_, relu
+from secfwt.protocols.compare import less_than, ltz, max_, pack_bits, relu, unpack_bits
 from secfwt.runtime import run_in_process
 from secfwt.share import AShare, add, reveal, reveal_ring
 
@@ -95,7 +95,9 @@ def test_fixed_point_mul_matmul_within_one_ulp_chain():
 
 def test_ltz_exact_on_whole_ring_including_edges():
     edges = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 2**62, -(2**62), 2**62 - 1, 2**31, -(2**31)])
-    x = torch.cat([edges, ring_rand((3000,), 7)])
+    powers = torch.tensor([s * (2**k) + d for k in range(63) for s in (1, -1) for d in (-1, 0, 1)])
+    small = torch.arange(-300, 301)
+    x = torch.cat([edges, powers, small, ring_rand((3001,), 7)])
     xs = split(x, encoded=True)
 
     def prog(ctx):
@@ -103,6 +105,24 @@ def test_ltz_exact_on_whole_ring_including_edges():
 
     got = run(prog)[SERVER0]
     assert torch.equal(got, (x < 0).to(torch.int64))
+
+
+def test_ltz_shapes_and_bit_packing():
+    # Odd sizes exercise the padding of the sub-byte fields; a 3-D shape and an empty tensor keep their shape.
+    for shape in [(1,), (7,), (3, 5, 9), (0, 4)]:
+        x = ring_rand(shape, 11)
+        xs = split(x, encoded=True)
+
+        def prog(ctx, xs=xs):
+            return reveal_ring(ctx, ltz(ctx, AShare(xs[ctx.rank].clone(), 0)))
+
+        got = run(prog)[SERVER0]
+        assert got.shape == x.shape and torch.equal(got, (x < 0).to(torch.int64))
+    for width in (1, 2, 4, 8, 16, 32):
+        v = torch.randint(0, 2**width, (13,), dtype=torch.int64)
+        packed = pack_bits(v, width)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-13 * width // 8)
+        assert torch.equal(unpack_bits(packed, width, 13), v)
 
 
 def test_relu_max_and_less_than():
@@ -152,9 +172,12 @@ def test_costs_match_formulas_and_dealer_traffic_is_separate():
     # mul: 1 round + 1 truncation round; payload 2n*8 + n*8 bytes (plus framing headers).
     assert c0["mul"].rounds == 2
     assert 24 * n <= c0["mul"].bytes_sent < 24 * n + 400
-    # ltz: 8 rounds, 152 bytes per element (uint8 bit opening: 1 byte) -> 8 + 8*17 + 1 = 145
-    assert c0["ltz"].rounds == 8
-    assert 145 * n <= c0["ltz"].bytes_sent < 145 * n + 1000
+    # ltz: 6 rounds; 8 bytes (c) + packed tree bits 3 * (16 + 8 + 4 + 2) + 3 = 93 bits -> 19.625 bytes/element
+    assert c0["ltz"].rounds == 6
+    assert 19.625 * n <= c0["ltz"].bytes_sent < 19.625 * n + 6 * 150
+    # dealer -> server 1 for ltz: rb 8 + q 4 + tc 8 + 7 monomials 56 = 76 bytes per element
+    c1 = res.costs[SERVER1].by_top_level()
+    assert 76 * n <= c1["ltz"].dealer_bytes < 76 * n + 4 * 150
     # Server 0 derives all its dealer material from a seed: no online dealer traffic at all.
     assert sum(c.dealer_bytes for k, c in res.costs[SERVER0].ops.items() if k != "setup") == 0
     assert sum(c.dealer_bytes for k, c in res.costs[SERVER1].ops.items() if k != "setup") > 0

@@ -16,7 +16,8 @@ mul           c = a * b  (elementwise, broadcasting)                      8 * nu
 matmul        c = a @ b                                                   8 * numel(c)
 square        c = a * a                                                   8 * numel(a)
 trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
-compare       r (arith), rb = r (XOR shares), AND triples, bit s as A/B    8 * n * (1 + 2 * 6 + 1)
+compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 8 + 7 * 8) = 76 n
+              final masks s, a, b and their 7 monomials (arith)
 cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
 bit2a         random bit s as XOR share and arithmetic share               8 * n
 ============  ==========================================================  ========================================
@@ -40,7 +41,6 @@ from secfwt.prg import PRG, PRGStream
 Material = dict[str, Tensor]
 Shape = tuple[int, ...]
 
-COMPARE_LEVELS = 6  # log2(64): levels of the carry tree in the comparison protocol
 
 
 def _shape(params: dict[str, Any], key: str) -> Shape:
@@ -101,34 +101,59 @@ def _trunc_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     return {"rq": ring.logical_rshift(r, k) - m0["rq"], "rm": ring.msb(r) - m0["rm"]}
 
 
+# Comparison material (see protocols/compare.py for how it is used). Per element:
+#   r      arithmetic mask; rb = r as XOR shares (64-bit word)
+#   q      XOR shares of the 32 pair products r_(2j+1) AND r_(2j) (bits 0..31): tree level 1 is local
+#   t      AND triples (ta, tb1, tb2, tc1 = ta AND tb1, tc2 = ta AND tb2) for the 4 interactive tree levels,
+#          all levels in one word each: level l occupies COMPARE_WIDTHS[l] bits at COMPARE_OFFSETS[l]
+#   fb     final-level mask bits s (bit 0), a (bit 1), b (bit 2) as XOR shares
+#   mono   arithmetic shares of the monomials s, a, b, sa, sb, ab, sab (fused boolean -> arithmetic step)
+COMPARE_WIDTHS = (16, 8, 4, 2)  # output width (bits per element) of the interactive tree levels 2..5
+COMPARE_OFFSETS = (0, 16, 24, 28)
+_CMP_TBITS = (1 << 30) - 1
+_M32 = (1 << 32) - 1
+_EVEN = [(0x5555555555555555, 1), (0x3333333333333333, 2), (0x0F0F0F0F0F0F0F0F, 4),
+         (0x00FF00FF00FF00FF, 8), (0x0000FFFF0000FFFF, 16), (0x00000000FFFFFFFF, 0)]
+
+
+def even_bits(x: Tensor) -> Tensor:
+    """Bits 0, 2, 4, ..., 62 of ``x`` compacted into bits 0..31 (a bit permutation: linear over XOR)."""
+    y = x & _EVEN[0][0]
+    for (_, sh), (mask, _) in zip(_EVEN[:-1], _EVEN[1:], strict=True):
+        y = (y | (y >> sh)) & mask
+    return y
+
+
+def odd_bits(x: Tensor) -> Tensor:
+    """Bits 1, 3, ..., 63 of ``x`` compacted into bits 0..31."""
+    return even_bits(x >> 1)
+
+
 def _compare_draw0(p: dict[str, Any], st: PRGStream) -> Material:
     shape = _shape(p, "shape")
-    m = {"r": st.ring(shape), "rb": st.ring(shape), "sb": st.bits(shape), "sa": st.ring(shape)}
-    for lv in range(COMPARE_LEVELS):
-        for name in ("ta", "tb1", "tb2", "tc1", "tc2"):
-            m[f"{name}{lv}"] = st.ring(shape)
-    return m
+    return {"r": st.ring(shape), "rb": st.ring(shape), "q": st.ring(shape), "t": st.ring((5, *shape)),
+            "fb": st.ring(shape), "mono": st.ring((7, *shape))}
 
 
 def _compare_draw1(p: dict[str, Any], st: PRGStream) -> Material:
     shape = _shape(p, "shape")
-    m = {"r": st.ring(shape), "sb": st.bits(shape)}
-    for lv in range(COMPARE_LEVELS):
-        for name in ("ta", "tb1", "tb2"):
-            m[f"{name}{lv}"] = st.ring(shape)
-    return m
+    return {"r": st.ring(shape), "t": st.ring((3, *shape)), "fb": st.ring(shape)}
 
 
 def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     r = m0["r"] + m1["r"]
-    out = {"rb": r ^ m0["rb"]}
-    for lv in range(COMPARE_LEVELS):
-        ta = m0[f"ta{lv}"] ^ m1[f"ta{lv}"]
-        out[f"tc1{lv}"] = (ta & (m0[f"tb1{lv}"] ^ m1[f"tb1{lv}"])) ^ m0[f"tc1{lv}"]
-        out[f"tc2{lv}"] = (ta & (m0[f"tb2{lv}"] ^ m1[f"tb2{lv}"])) ^ m0[f"tc2{lv}"]
-    s = m0["sb"] ^ m1["sb"]
-    out["sa"] = s - m0["sa"]
-    return out
+    q = odd_bits(r) & even_bits(r)
+    t = m0["t"][:3] ^ m1["t"]
+    tc = torch.stack([t[0] & t[1], t[0] & t[2]])
+    fb = m0["fb"] ^ m1["fb"]
+    s, a, b = fb & 1, (fb >> 1) & 1, (fb >> 2) & 1
+    mono = torch.stack([s, a, b, s * a, s * b, a * b, s * a * b])
+    return {
+        "rb": r ^ m0["rb"],
+        "q": ((q ^ m0["q"]) & _M32).to(torch.int32),  # 4 bytes: only the low 32 bits are used
+        "tc": ((tc ^ m0["t"][3:]) & _CMP_TBITS).to(torch.int32),  # 2 x 30 bits
+        "mono": mono - m0["mono"],
+    }
 
 
 def _cossin_draw0(p: dict[str, Any], st: PRGStream) -> Material:
@@ -195,7 +220,7 @@ class Pending:
 
     def _fill(self) -> None:
         for name in self._names:
-            self.material[name] = self._client.comm.recv(DEALER, f"dealer/{self._kind}/{name}")
+            self.material[name] = self._client.comm.recv(DEALER, f"dealer/{self._kind}/{name}", dtype=None)
         self._done = True
 
     def get(self) -> Material:

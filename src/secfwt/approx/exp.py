@@ -38,7 +38,7 @@ def exp(ctx: PartyContext, x: AShare) -> AShare:
     Steps: (1) b = [x + 2^n >= 0] (one ltz); w = 1 + x / 2^n exactly at scale f + n (local);
     (2) b w (exact bit product, 1 round); (3) base = (1 + (b w)^2) / 2 (square + truncation, 2 rounds);
     (4) n squarings at scale 28 (2 rounds each; the last one truncates to f).
-    Cost: 11 + 2n = 25 rounds; bytes per element per server: 145 + 16 + 16 + 16 n = 289.
+    Cost: 9 + 2n = 23 rounds; bytes per element per server: 19.6 (ltz) + 16 + 16 + 16 n = 163.6.
     Valid range: x <= 0 (also accurate for 0 < x <= 1, error growing like x^3 / 4^n beyond).
     Error: <= 1.4e-5 (approximation, see module docstring) + ~2^-f (fixed point): ~3e-5 absolute.
     """
@@ -61,9 +61,9 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
     Steps: (1) masked logits replaced by -2^20 (local: public 0/1 multiply); (2) m = max_(x, dim) (tree of
     ceil(log2 N) comparisons); (3) e = exp(x - m) (x - m <= 0), times the mask (local); (4) s = sum(e) in
     [1, N]; (5) r = reciprocal(s, lo=0, hi=ceil(log2 N)) (range known: s >= e(max) = 1); (6) y = e r.
-    Cost (N = size of ``dim``, K = max(ceil(log2 N) - 1, 0)): 9 ceil(log2 N) + 25 + (16 if K else 8) + 2
-    rounds; bytes per element per server ~ 161 (max tree: 145 + 16 per comparison, N - 1 comparisons per
-    row) + 289 (exp) + 24 (final product) + (145 K + 160) / N (reciprocal, once per row).
+    Cost (N = size of ``dim``, K = max(ceil(log2 N) - 1, 0)): 7 ceil(log2 N) + 23 + (14 if K else 8) + 2
+    rounds; bytes per element per server ~ 35.6 (max tree: 19.6 + 16 per comparison, N - 1 comparisons
+    per row) + 163.6 (exp) + 24 (final product) + (19.6 K + 160) / N (reciprocal, once per row).
     Valid range: any logits with |x| < 2^19; rows must have at least one unmasked position (a fully
     masked row returns zeros, where torch returns NaN).
     Error: <= ~1e-4 absolute per probability (exp error, reciprocal ~2e-6 relative, truncations).

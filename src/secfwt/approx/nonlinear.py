@@ -5,16 +5,16 @@ for tanh/sigmoid, 0 and x for GELU/SiLU) and Chebyshev-interpolated degree-7 pol
 intervals, each in its own scaled variable v = (x - center) / 2^m in [-1, 1] (so coefficients stay of the
 order of the function values). The specs are fitted with numpy on first use and cached.
 
-Cost of every function here (:func:`~secfwt.approx.poly.piecewise` with degree 7, L = 3): 15 rounds;
-bytes per element per server = 145 K + 88 S + 8 (+ 16 with a linear tail), K breakpoints, S interior pieces:
+Cost of every function here (:func:`~secfwt.approx.poly.piecewise` with degree 7, L = 3): 13 rounds;
+bytes per element per server = 19.625 K + 88 S + 8 (+ 16 with a linear tail), K breakpoints, S interior pieces:
 
 =========  =======================  ==  ==  ===========
 function   breakpoints              K   S   bytes/elem
 =========  =======================  ==  ==  ===========
-gelu       -4, -1, 1, 4             4   3   868
-tanh       -5, -2, 0, 2, 5          5   4   1085
-sigmoid    -10, -4, 0, 4, 10        5   4   1085
-silu       -16, -4, 0, 4, 16        5   4   1101
+gelu       -4, -1, 1, 4             4   3   366.5
+tanh       -5, -2, 0, 2, 5          5   4   458.1
+sigmoid    -10, -4, 0, 4, 10        5   4   458.1
+silu       -16, -4, 0, 4, 16        5   4   474.1
 =========  =======================  ==  ==  ===========
 
 Measured errors are in docs/APPROXIMATIONS.md. Reference: piecewise low-degree polynomials with a
@@ -75,7 +75,7 @@ def gelu(ctx: PartyContext, x: AShare) -> AShare:
 
     Steps: :func:`~secfwt.approx.poly.piecewise` with :func:`gelu_spec` (one ltz on 4 thresholds,
     three degree-7 pieces on [-4,-1], [-1,1], [1,4], exact tails 0 and x).
-    Cost: 15 rounds, 868 bytes per element per server. Valid range: every x in the fixed-point range.
+    Cost: 13 rounds, 366.5 bytes per element per server. Valid range: every x in the fixed-point range.
     Error: max abs ~1.3e-4 (tail at x = -4 / 4), see docs/APPROXIMATIONS.md.
     Reference: PUMA's segmented GeLU (Dong et al., arXiv 2307.12533), Chebyshev-fitted pieces.
     """
@@ -86,7 +86,7 @@ def gelu(ctx: PartyContext, x: AShare) -> AShare:
 def tanh(ctx: PartyContext, x: AShare) -> AShare:
     """tanh(x) on shares: saturated to -1 / 1 beyond |x| >= 5, degree-7 pieces on [-5,-2,0,2,5].
 
-    Cost: 15 rounds, 1085 bytes per element per server. Valid range: all x. Error: max abs ~1e-4.
+    Cost: 13 rounds, 458.1 bytes per element per server. Valid range: all x. Error: max abs ~1e-4.
     Reference: piecewise polynomial with comparison-selected segments (PUMA / BOLT style).
     """
     with ctx.cost.scope("tanh"):
@@ -96,7 +96,7 @@ def tanh(ctx: PartyContext, x: AShare) -> AShare:
 def sigmoid(ctx: PartyContext, x: AShare) -> AShare:
     """sigmoid(x) on shares: 0 / 1 beyond |x| >= 10, degree-7 pieces on [-10,-4,0,4,10].
 
-    Cost: 15 rounds, 1085 bytes per element per server. Valid range: all x. Error: max abs ~5e-5.
+    Cost: 13 rounds, 458.1 bytes per element per server. Valid range: all x. Error: max abs ~5e-5.
     Reference: piecewise polynomial with comparison-selected segments (PUMA / BOLT style).
     """
     with ctx.cost.scope("sigmoid"):
@@ -106,7 +106,7 @@ def sigmoid(ctx: PartyContext, x: AShare) -> AShare:
 def silu(ctx: PartyContext, x: AShare) -> AShare:
     """SiLU(x) = x sigmoid(x) on shares: 0 below -16, x above 16, degree-7 pieces on [-16,-4,0,4,16].
 
-    Cost: 15 rounds, 1101 bytes per element per server. Valid range: all x. Error: max abs ~1e-4.
+    Cost: 13 rounds, 474.1 bytes per element per server. Valid range: all x. Error: max abs ~1e-4.
     Reference: piecewise polynomial with comparison-selected segments (PUMA / BOLT style).
     """
     with ctx.cost.scope("silu"):

@@ -5,7 +5,7 @@ LayerNorm over a dim of size n (gamma = weight, beta = bias, both shared):
   2. c = x - mu; batch [c * c, c * gamma] in one Beaver round, untruncated          1 round
   3. S = sum(c^2) and c gamma brought to scale f by ONE truncation call             1 round
   4. r = sqrt(n) / sqrt(S + n eps) = 1 / sqrt(var + eps): rsqrt with sqrt(n) folded into its public
-     initial guess, on the range n [2^-16, 2^16]                                    16 rounds
+     initial guess, on the range n [2^-16, 2^16]                                    14 rounds
   5. y = (c gamma) * r + beta                                                       2 rounds
 Dividing S by n is never done: it is folded into rsqrt, which also keeps eps (e.g. 1e-5, below the 2^-16
 resolution) accurate as n eps. RMSNorm is the same without the mean.
@@ -53,10 +53,10 @@ def layernorm(
 ) -> AShare:
     """LayerNorm over ``dim``: (x - mean) / sqrt(var + eps) * weight + bias (weight, bias shared or None).
 
-    Steps: see the module docstring. Cost: 21 rounds. Bytes per element per server: 16 (c^2) + 16
+    Steps: see the module docstring. Cost: 19 rounds. Bytes per element per server: 16 (c^2) + 16
     (c gamma, with a weight) + 8 (c gamma truncation) + 24 (final product) = 64 (40 without weight), plus
-    per row 8 (mean) + 8 (S) + 145 * 32 + 160 (rsqrt on n [2^-16, 2^16]: 33 - 1 thresholds) ~ 4800 bytes,
-    i.e. ~12.5 bytes per element for n = 384.
+    per row 8 (mean) + 8 (S) + 19.6 * 32 + 160 (rsqrt on n [2^-16, 2^16]: 33 - 1 thresholds) ~ 804 bytes,
+    i.e. ~2.1 bytes per element for n = 384.
     Valid range: per-row variance in [2^-16, 2^16] (|x| up to ~256), |x| < 2^15, |c gamma| < 2^13.
     Error: rsqrt's relative error (~1e-5 for var >= 2^-8) times |c gamma| plus ~2^-f per truncation;
     measured in docs/APPROXIMATIONS.md (~2e-4 abs for unit-variance rows of size 768).
@@ -74,7 +74,7 @@ def layernorm(
 def rmsnorm(ctx: PartyContext, x: AShare, weight: AShare | None, eps: float, dim: int = -1) -> AShare:
     """RMSNorm over ``dim``: x / sqrt(mean(x^2) + eps) * weight.
 
-    Cost: 20 rounds (LayerNorm without the mean); bytes as :func:`layernorm` without the mean.
+    Cost: 18 rounds (LayerNorm without the mean); bytes as :func:`layernorm` without the mean.
     Valid range: mean(x^2) in [2^-16, 2^16]. Error: as :func:`layernorm`.
     Reference: Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """

@@ -254,7 +254,7 @@ def fit_piecewise(
 def interval_bits(ctx: PartyContext, x: AShare, thresholds: Sequence[float]) -> AShare:
     """Bits [x < t_k] for all public thresholds at once: ONE ltz call on the stacked differences.
 
-    Returns shape (K, *x.shape), scale 0. Cost: 8 rounds, 145 K bytes per element per server (ltz: 8 + 136 + 1).
+    Returns shape (K, *x.shape), scale 0. Cost: 6 rounds, 19.625 K bytes per element per server (ltz: 8 + 93 / 8).
     """
     diffs = [add_public(ctx, x, -float(t)) for t in thresholds]
     return ltz(ctx, stack(diffs, dim=0))
@@ -274,13 +274,13 @@ def piecewise(ctx: PartyContext, x: AShare, spec: PiecewiseSpec) -> AShare:
     """Evaluate a piecewise polynomial: y = sum_i [x in I_i] * piece_i(x), exactly selected.
 
     Steps:
-      1. One batched ltz of x against all K breakpoints -> one-hot interval bits (8 rounds).
+      1. One batched ltz of x against all K breakpoints -> one-hot interval bits (6 rounds).
       2. All polynomial pieces evaluated together on the stacked local variables v_i = (x - c_i) / 2^m_i
          with :func:`poly_eval` (untruncated, 2L - 1 rounds).
       3. One round of exact bit products [bits * P_i, (sum_i slope_i bits_i) * x], then one truncation.
     Pieces evaluated outside their interval may wrap (garbage), but they are multiplied by an exact 0.
-    Cost: 2L + 9 rounds (L = :func:`poly_levels` of the degree; 15 for degree 7). Bytes per element per
-    server: 145 K + S * poly bytes (72 for degree 7, untruncated) + 16 S (selection) + 8 (truncation)
+    Cost: 2L + 7 rounds (L = :func:`poly_levels` of the degree; 13 for degree 7). Bytes per element per
+    server: 19.625 K + S * poly bytes (72 for degree 7, untruncated) + 16 S (selection) + 8 (truncation)
     + 16 if any piece has a nonzero slope; S = number of polynomial pieces.
     Valid range: all x in the fixed-point range. Error: the fit error plus ~2^-f.
     """

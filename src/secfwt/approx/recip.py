@@ -3,8 +3,8 @@
 Both follow the same recipe (cf. the normalisation-then-iterate approach of SecureML/CrypTen and the
 one-hot range reduction of "SiRnn" (Rathee et al., S&P 2021)):
   1. ONE batched comparison of x against all thresholds 2^k (k = lo+1 .. hi-1) -> one-hot interval bits
-     h_j = [2^j <= x < 2^(j+1)] (8 rounds; 145 bytes per threshold per element: ltz sends
-     8 + 136 + 1 bytes).
+     h_j = [2^j <= x < 2^(j+1)] (6 rounds; 19.625 bytes per threshold per element: ltz sends
+     8 + 93 / 8 bytes).
   2. A public-coefficient combination of the bits (local) gives the initial guess g = c 2^-j (reciprocal)
      or g = c 2^(-j/2) (rsqrt) and, at high precision, the normaliser g (resp. g^2).
   3. e = 1 - x g (resp. 1 - x g^2) in [-1/3, 1/3] for c = 2/3 (resp. c^2 = 2/3): one product (2 rounds).
@@ -83,8 +83,8 @@ def reciprocal(
     """1/x for x in [2^lo, 2^hi] (shared, positive); the result has ``out_scale`` bits (default f).
 
     Steps: see the module docstring (g = (2/3) 2^-j on [2^j, 2^(j+1)), e = 1 - x g, 1/x = g P(e)).
-    Cost: 16 rounds (8 comparison + 2 + 6); bytes per element per server: 145 (hi - lo - 1) + 24 + 136
-    (2915 for the defaults); with hi - lo = 1 no comparison (8 rounds, 160 bytes).
+    Cost: 14 rounds (6 comparison + 2 + 6); bytes per element per server: 19.625 (hi - lo - 1) + 24 + 136
+    (533 for the defaults); with hi - lo = 1 no comparison (8 rounds, 160 bytes).
     Valid range: [2^lo, 2^hi]; outside it the error grows quickly (e leaves [-1/3, 1/3]).
     Error: relative <= 2.3e-6 from the correction polynomial (:func:`series_error`), plus fixed point:
     absolute ~2^-f from the final truncation and 2^-p of the guess (p = working scale): measured
@@ -109,7 +109,7 @@ def rsqrt(
 
     Steps: as :func:`reciprocal` with g = sqrt(2/3) 2^(-j/2) and the normaliser g^2 = (2/3) 2^-j (both
     public per interval, so g^2 costs nothing), e = 1 - x g^2, 1/sqrt(x) = g P(e), P ~ (1 - e)^(-1/2).
-    Cost: 16 rounds; bytes per element per server: 145 (hi - lo - 1) + 160 (4075 for the defaults).
+    Cost: 14 rounds; bytes per element per server: 19.625 (hi - lo - 1) + 160 (690 for the defaults).
     Valid range: [2^lo, 2^hi]. Error: relative <= 5.2e-7 from the polynomial (:func:`series_error`) plus
     fixed point (~2^-f absolute); measured in docs/APPROXIMATIONS.md.
     Reference: one-hot range reduction (SiRnn, S&P 2021); PUMA/CrypTen use Newton iterations instead.
