@@ -58,7 +58,8 @@ def config_from_args(a: argparse.Namespace) -> TuneConfig:
 
 
 def add_mpc_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="", help="local model directory (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--model", default="", help="local model directory (default: the bundled all-MiniLM-L6-v2); "
+                   "'smollm2' or a local HF Llama directory: the decoder path (docs/DECODER.md)")
     p.add_argument("--mode", choices=("mpc", "plaintext"), default="mpc")
     p.add_argument("--attention", choices=("softmax", "rfa", "2quad", "relu", "power"), default="softmax")
     p.add_argument("--rfa-features", type=int, default=64, help="RFA: number of random frequencies")

@@ -50,6 +50,11 @@ RFA_FORMS = ("prefix", "masked")
 # Range of mean(x^2) at the RMSNorms under MPC. LLaMA residual streams carry "massive activations" (SmolLM2:
 # |x| up to ~2.2e4 on the first token, mean(x^2) up to ~8.6e5 = 2^19.7; embeddings down to ~8e-3).
 RMS_RANGE = (2.0**-12, 2.0**22)
+# Public floor of causal RFA's mean normaliser phi(q_t) . mean_{s<=t} phi(k_s) (an estimate of a kernel mean
+# in [exp(-2/tau^2), 1] that random features can push to <= 0). Both backends compute max(den, floor), so
+# plaintext and MPC evaluate the same function and the MPC reciprocal's input stays in [floor, 1].
+RFA_FLOOR = 0.02
+RFA_SQ_EPS = 2.0**-16  # added to |x|^2 before RFA's l2 normalisation
 
 
 def _sub(params: dict[str, V], prefix: str) -> dict[str, V]:
@@ -82,6 +87,7 @@ class CausalSelfAttention(Generic[V]):
     layer: int
     p: dict[str, V]
     rfa_form: str = "masked"
+    rfa_floor: float = RFA_FLOOR
 
     def forward(self, be: Backend[V], h: V, mask: Tensor) -> V:
         """h: (B, T, H) -> (B, T, H); mask: public (B, T) 0/1, right-padded."""
@@ -149,7 +155,9 @@ class CausalSelfAttention(Generic[V]):
         w = rfa_frequencies(a.n_features, d, a.seed + self.layer, a.orthogonal)  # (m, d), public
         if a.rfa_norm == "l2":
             lo, hi = a.rfa_sq_range
-            x = be.mul(x, be.rsqrt(be.sum(be.square(x), dim=-1, keepdim=True), lo, hi))
+            # + one fixed-point ulp: an all-zero row (e.g. a zero-initialised pad embedding) stays finite
+            sq = be.add_public(be.sum(be.square(x), dim=-1, keepdim=True), RFA_SQ_EPS)
+            x = be.mul(x, be.rsqrt(sq, lo, hi))
             w_eff = w / (a.rfa_tau * 2.0 * math.pi)
         else:
             w_eff = w * (d ** -0.25) / (a.rfa_tau * 2.0 * math.pi)
@@ -180,7 +188,12 @@ class CausalSelfAttention(Generic[V]):
         num = be.index(out, (Ellipsis, slice(0, d)))  # (B, nkv, g, T, d)
         den = be.index(out, (Ellipsis, slice(d, d + 1)))  # (B, nkv, g, T, 1)
         n_valid = cmask.sum(dim=-1, keepdim=True) * m  # (B, 1, 1, T, 1)
-        return be.reshape(_normalise(be, num, den, n_valid, self.attn.recip_range(), 0.0), (b, nkv, gt, d))
+        # mean normaliser clamped from below by the public floor: max(x, c) = c + relu(x - c), one batched
+        # comparison for all (B, nkv, g, T) query rows (docs/DECODER.md "Causal RFA normaliser")
+        mean = be.mul_public(den, 1.0 / n_valid)  # (B, nkv, g, T, 1)
+        mean = be.add_public(be.relu(be.add_public(mean, -self.rfa_floor)), self.rfa_floor)
+        r = be.reciprocal(mean, self.rfa_floor, self.attn.recip_range()[1])  # input in [floor, 1]
+        return be.reshape(be.mul(be.mul_public(num, 1.0 / n_valid), r), (b, nkv, gt, d))
 
 
 @dataclass
@@ -205,13 +218,15 @@ class DecoderLayer(Generic[V]):
     p: dict[str, V]
     rfa_form: str = "masked"
     rms_range: tuple[float, float] = RMS_RANGE
+    rfa_floor: float = RFA_FLOOR
 
     def forward(self, be: Backend[V], h: V, mask: Tensor) -> V:
         eps, rng = self.cfg.rms_norm_eps, self.rms_range
         with be.scope("rmsnorm"):
             x = be.rmsnorm(h, self.p["attn_norm.weight"], eps, rng)
         with be.scope("attention"):
-            a = CausalSelfAttention(self.cfg, self.attn_cfg, self.index, _sub(self.p, "attn."), self.rfa_form)
+            a = CausalSelfAttention(self.cfg, self.attn_cfg, self.index, _sub(self.p, "attn."), self.rfa_form,
+                                    self.rfa_floor)
             h = be.add(h, a.forward(be, x, mask))
         with be.scope("rmsnorm"):
             x = be.rmsnorm(h, self.p["mlp_norm.weight"], eps, rng)
@@ -243,10 +258,13 @@ class Decoder(Generic[V]):
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rfa_form: str = "masked"
     rms_range: tuple[float, float] = RMS_RANGE
+    rfa_floor: float = RFA_FLOOR
 
     def __post_init__(self) -> None:
         if self.rfa_form not in RFA_FORMS:
             raise ConfigError(f"rfa_form: expected one of {RFA_FORMS}, got {self.rfa_form!r}")
+        if not 0.0 < self.rfa_floor < 1.0:
+            raise ConfigError(f"rfa_floor: expected a value in (0, 1), got {self.rfa_floor}")
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, attention: AttentionConfig | None = None,
@@ -263,7 +281,7 @@ class Decoder(Generic[V]):
         (:class:`secfwt.nn.decoder_heads.LabelWordHead`); the token table is dropped unless asked."""
         keep = {k: fn(k, t) for k, t in self.params.items()
                 if k not in ("lm_head", "norm.weight") and (keep_word_embeddings or k != "emb.word")}
-        return Decoder(self.config, keep, self.attention, self.rfa_form, self.rms_range)
+        return Decoder(self.config, keep, self.attention, self.rfa_form, self.rms_range, self.rfa_floor)
 
     def forward(self, be: Backend[V], inputs_embeds: V, attention_mask: Tensor, prompt: V | None = None,
                 prompt_at: int = 0) -> DecoderOutput[V]:
@@ -284,7 +302,7 @@ class Decoder(Generic[V]):
         mask = torch.cat([m[:, :prompt_at], torch.ones(b, n_prompt, dtype=torch.float64), m[:, prompt_at:]], 1)
         for i in range(cfg.n_layers):
             layer = DecoderLayer(cfg, self.attention, i, _sub(self.params, f"layer.{i}."), self.rfa_form,
-                                 self.rms_range)
+                                 self.rms_range, self.rfa_floor)
             x = layer.forward(be, x, mask)
         return DecoderOutput(x, mask, n_prompt, prompt_at)
 
@@ -307,5 +325,5 @@ def insert_prompt(be: Backend[V], x: V, prompt: V | None, at: int) -> tuple[V, i
     return be.cat([head, prompt, tail], dim=1), ps[1]
 
 
-__all__ = ["CausalSelfAttention", "Decoder", "DecoderLayer", "DecoderOutput", "GatedMLP", "RFA_FORMS", "RMS_RANGE",
-           "causal_key_mask", "check_right_padded", "insert_prompt"]
+__all__ = ["CausalSelfAttention", "Decoder", "DecoderLayer", "DecoderOutput", "GatedMLP", "RFA_FLOOR", "RFA_FORMS",
+           "RMS_RANGE", "causal_key_mask", "check_right_padded", "insert_prompt"]

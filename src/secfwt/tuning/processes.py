@@ -28,14 +28,16 @@ def _run_owner(config: Path, owner: Any) -> Any:
         comm.close()
 
 
-def run_with_processes(spec: Any, shares: Path, owner: Any, parties: str) -> Any:
-    """Run the data owner here and the other parties as processes (``local``) or on their hosts (a file)."""
+def run_with_processes(spec: Any, shares: Path, owner: Any, parties: str,
+                       server_program: str = "secfwt.serve.entry:serve_from_env") -> Any:
+    """Run the data owner here and the other parties as processes (``local``) or on their hosts (a file).
+    ``server_program``: the servers' ``module:function`` (the decoder service for decoder models)."""
     if parties != "local":
         return _run_owner(Path(parties), owner)
     with tempfile.TemporaryDirectory(prefix="secfwt-parties-") as tmp:
         config = write_local_config(Path(tmp), timeout=spec.timeout, frac_bits=spec.frac_bits)
         env = {"SECFWT_SHARES_DIR": str(shares)}
-        progs = {SERVER0: "secfwt.serve.entry:serve_from_env", SERVER1: "secfwt.serve.entry:serve_from_env"}
+        progs = {SERVER0: server_program, SERVER1: server_program}
         with PartyProcesses(progs, config, env=env, external=[OWNER], threads_per_party=1) as procs:
             result = _run_owner(config, owner)
             procs.wait(timeout=600)

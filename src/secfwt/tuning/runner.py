@@ -153,6 +153,10 @@ def run_job(
     spec: RunSpec, task: TaskSpec, job: Callable[[Evaluator], T], parties: str = "inprocess"
 ) -> tuple[T, Costs]:
     """Run ``job`` on the evaluator ``spec.mode`` asks for; returns its result and (MPC) each server's ledger."""
+    from secfwt.tuning.decoder_eval import is_decoder_model, run_decoder_job
+
+    if is_decoder_model(spec.model):  # LLaMA-architecture LMs: the decoder evaluators (docs/DECODER.md)
+        return run_decoder_job(spec, task, job, parties)
     if spec.mode == "plaintext":
         ev = HFPlainEvaluator.from_pretrained(spec.model_dir(), task, head=spec.head, max_length=spec.max_length,
                                               max_rows=max(spec.max_rows, 64), temperature=spec.temperature)

@@ -82,9 +82,18 @@ class TaskSpec:
     descriptions: tuple[str, ...] = ()
     sim_template: str | None = None
     sources: tuple[DataSource, ...] = field(default_factory=tuple)
+    # Causal LMs (secfwt.tuning.decoder_eval): a template whose next token is the label word (no {mask}) and
+    # its label words; default: ``template`` cut at {mask}, and ``words``.
+    decoder_template: str | None = None
+    decoder_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate_template(self.template, self.name, need_mask=True)
+        if self.decoder_template is not None:
+            validate_template(self.decoder_template, self.name, need_mask=False)
+        if self.decoder_words and len(self.decoder_words) != len(self.labels):
+            raise ConfigError(f"task {self.name}: expected {len(self.labels)} decoder words, "
+                              f"got {len(self.decoder_words)}")
         if self.sim_template is not None:
             validate_template(self.sim_template, self.name, need_mask=False)
         if len(self.words) != len(self.labels):
@@ -184,6 +193,8 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             "sst2", "{text} It was {mask} .", _SENT2, ("bad", "great"),
             descriptions=("a bad movie", "a great movie"), sim_template="{text}", sources=(_SST2,),
+            # SmolLM2-135M-Instruct zero-shot: 78.3% on the 872 dev examples (docs/DECODER.md)
+            decoder_template="Review: {text}\nSentiment:", decoder_words=("negative", "positive"),
         ),
         TaskSpec(
             "mr", "{text} It was {mask} .", _SENT2, ("bad", "great"),

@@ -1,0 +1,109 @@
+"""Forward-only tuning on a decoder LM (tiny random Llama): the MPC loop follows the plaintext loop.
+
+The tiny Llama uses a WordPiece vocabulary of the demo sentences ([CLS] ... [SEP] around each input, so the
+soft prompt goes after [CLS]: prompt_at = 1). CMA-ES only uses the ranking of the candidates' losses, so
+with MPC logits within fixed-point error of the plaintext ones both runs take the same steps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from secfwt.tuning.data import Example  # noqa: E402
+from secfwt.tuning.decoder_eval import (  # noqa: E402
+    PlainDecoderEvaluator,
+    decoder_template,
+    encode_decoder,
+    is_decoder_model,
+)
+from secfwt.tuning.objective import Batch  # noqa: E402
+from secfwt.tuning.runner import RunSpec, run  # noqa: E402
+from secfwt.tuning.tasks import get_task  # noqa: E402
+
+LOSS_TOL = 2e-2  # cross-entropy from MPC logits (max abs logit error ~1e-3) vs plaintext
+
+
+def make_tiny_llama_lm(d: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM (tied, GQA) with a WordPiece tokenizer of the demo sentences."""
+    from secfwt.tuning.demo import NEGATIVE, POSITIVE
+
+    words = sorted({w for s in NEGATIVE + POSITIVE for w in s.split()} | {"it", "was", "bad", "great"})
+    tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)})
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tinydec")
+    return make_tiny_llama_lm(d / "model"), d
+
+
+def _spec(model: Path, d: Path, mode: str, kind: str = "softmax") -> RunSpec:
+    att = {"kind": kind, "n_features": 16, "rfa_sq_range": (2.0**-10, 2.0**6)} if kind == "rfa" else {"kind": kind}
+    return RunSpec(task="demo", model=str(model), mode=mode, attention=att, k=2, max_length=24,
+                   max_rows=32, tune={"d": 10, "n_prompt": 2, "popsize": 4, "iterations": 3, "patience": None},
+                   shares_dir=str(d / "shares"), progress=False, timeout=120)
+
+
+def test_templates_and_encoding(tiny: tuple[Path, Path]) -> None:
+    model, _ = tiny
+    assert is_decoder_model(str(model)) and not is_decoder_model("")
+    assert decoder_template(get_task("sst2")) == ("Review: {text}\nSentiment:", ("negative", "positive"))
+    assert decoder_template(get_task("demo"))[0] == "{text} It was"
+    tok = transformers.AutoTokenizer.from_pretrained(str(model))
+    exs = [Example(("a great movie " * 10,), 1), Example(("bad",), 0)]
+    enc = encode_decoder(tok, "{text} It was", exs, max_length=12, n_prompt=3)
+    assert enc.input_ids.shape[1] <= 9 and enc.attention_mask[0].sum() == 9
+    assert enc.attention_mask[1].tolist() == [1] * 5 + [0] * 4  # [CLS] bad it was [SEP], right-padded
+    row = tok.convert_ids_to_tokens(enc.input_ids[0, :9].tolist())
+    assert row[0] == "[CLS]" and row[-3:] == ["it", "was", "[SEP]"]  # the text was cut, the template kept
+
+
+def test_plain_evaluator_prompt_rows(tiny: tuple[Path, Path]) -> None:
+    """Population rows are independent: each candidate's logits equal a one-candidate call."""
+    model, _ = tiny
+    ev = PlainDecoderEvaluator.from_pretrained(str(model), get_task("demo"), max_rows=3)
+    batch = Batch.of("b", [Example(("a great movie",), 1), Example(("it was bad",), 0)])
+    prompts = 0.1 * torch.randn(3, 2, ev.hidden_size, generator=torch.Generator().manual_seed(0))
+    all3 = ev.logits(prompts, batch)
+    assert all3.shape == (3, 2, 2)
+    for i in range(3):
+        assert torch.allclose(all3[i], ev.logits(prompts[i:i + 1], batch)[0], atol=1e-6)
+    assert ev.logits(torch.zeros(1, 0, ev.hidden_size), batch).shape == (1, 2, 2)
+
+
+@pytest.mark.parametrize("parties,kind", [("inprocess", "softmax"), ("local", "softmax"),
+                                          pytest.param("inprocess", "rfa", marks=pytest.mark.slow)])
+def test_mpc_decoder_tuning_follows_plaintext(tiny: tuple[Path, Path], parties: str, kind: str) -> None:
+    model, d = tiny
+    plain, _ = run(_spec(model, d, "plaintext", kind))
+    private, costs = run(_spec(model, d, "mpc", kind), parties=parties)
+    assert private.mode == "mpc" and plain.mode == "plaintext" and private.attention == kind
+    assert len(private.history) == len(plain.history) == 3
+    for a, b in zip(private.history, plain.history, strict=True):
+        assert abs(a.loss_min - b.loss_min) < LOSS_TOL, (a, b)
+        assert abs(a.loss_mean - b.loss_mean) < LOSS_TOL, (a, b)
+    assert abs(private.zero_shot_accuracy - plain.zero_shot_accuracy) <= 1 / private.n_eval + 1e-9
+    assert set(costs) == {0, 1}
+    assert sum(v["bytes_sent"] for v in costs[0].values()) > 0
+    assert private.cost is not None and private.cost.bytes_per_server > 0
