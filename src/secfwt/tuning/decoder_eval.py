@@ -14,7 +14,7 @@ decoder template ends where the label word would follow (``TaskSpec.decoder_temp
 ``"Review: {text}\\nSentiment:"`` with " negative" / " positive"; without one, the encoder template is cut at
 ``{mask}``). It is rendered as a plain string and tokenised whole (the tokenizer's own special tokens); when
 too long, the text's tokens are cut from the end. Rows are right-padded; the soft prompt is inserted after
-the tokenizer's prefix special tokens (none for SmolLM2: prepended).
+the first token (:func:`prompt_position`).
 
 What the servers learn: shapes (P, B, T, prompt length, L) and each example's token count (the public
 padding mask). Not the tokens, prompts, labels, label words (owner-shared rows, or a private selection)
@@ -134,6 +134,13 @@ def encode_decoder(tokenizer: Any, template: str, examples: Sequence[Example], m
     return DecoderBatch(input_ids, mask)
 
 
+def prompt_position(tokenizer: Any) -> int:
+    """Where the soft prompt goes: after the tokenizer's prefix special tokens (BOS), and after at least one
+    token: a LLaMA-family model's first position is its attention sink (massive activations, docs/DECODER.md),
+    which should stay a real token (for SmolLM2, without BOS: the template's first token)."""
+    return max(len(special_tokens(tokenizer)[0]), 1)
+
+
 def label_token_ids(tokenizer: Any, task: TaskSpec) -> list[list[int]]:
     return [[label_word_id(tokenizer, task.name, w.strip())] for w in decoder_template(task)[1]]
 
@@ -180,7 +187,7 @@ class PlainDecoderEvaluator:
         self.hidden_size = dec.config.hidden
         self.embedding_std = float(self.table.std())
         self.max_length, self.max_rows = max_length, max_rows
-        self.prompt_at = len(special_tokens(tokenizer)[0])
+        self.prompt_at = prompt_position(tokenizer)
         self._cache: dict[tuple[str, int], DecoderBatch] = {}
         self._calls = 0
         self._compute_s = 0.0
@@ -429,7 +436,7 @@ class MpcDecoderEvaluator:
         self.attention = str(attention.attention_kind.value)
         self.model_name, self.hidden_size, self.embedding_std = model_name, client.hidden, embedding_std
         self.max_length, self.word_table = max_length, word_table
-        self.prompt_at = len(special_tokens(tokenizer)[0])
+        self.prompt_at = prompt_position(tokenizer)
         ids = label_token_ids(tokenizer, task)
         rows = None
         if word_table is not None and tied:  # the owner already holds the tied label rows: share them
