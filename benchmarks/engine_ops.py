@@ -65,6 +65,24 @@ def _op_gelu(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return reveal(ctx, y), torch.nn.functional.gelu(xp)
 
 
+def _op_gelu_piecewise(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from secfwt.approx import gelu
+
+    x, xp = _shares(ctx, (128, 3072), 4, 2.0)
+    with ctx.cost.scope("bench"):
+        y = gelu(ctx, x, method="piecewise")
+    return reveal(ctx, y), torch.nn.functional.gelu(xp)
+
+
+def _op_silu(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from secfwt.approx import silu
+
+    x, xp = _shares(ctx, (128, 1536), 9, 8.0)  # SmolLM2-135M's MLP width; N(0, 8^2) reaches |x| ~ 40
+    with ctx.cost.scope("bench"):
+        y = silu(ctx, x)
+    return reveal(ctx, y), torch.nn.functional.silu(xp)
+
+
 def _op_layernorm(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
     from secfwt.approx import layernorm
 
@@ -97,6 +115,8 @@ OPS: dict[str, tuple[str, Callable[[Any], tuple[torch.Tensor, torch.Tensor]], fl
     "matmul": ("128x768 @ 768x768", _op_matmul, 1e-2),
     "softmax": ("12x128x128, last dim", _op_softmax, 2e-2),
     "gelu": ("128x3072", _op_gelu, 2e-2),
+    "gelu_piecewise": ("128x3072", _op_gelu_piecewise, 2e-2),
+    "silu": ("128x1536", _op_silu, 2e-2),
     "layernorm": ("128x768", _op_layernorm, 5e-2),
     "ltz": ("128x3072 (sign)", _op_ltz, 0.0),
     "mul": ("128x3072 elementwise", _op_mul, 1e-3),

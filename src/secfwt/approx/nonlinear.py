@@ -1,11 +1,16 @@
-"""GELU, tanh, sigmoid and SiLU as piecewise polynomials (saturated tails + degree-7 middle pieces).
+"""GELU, tanh, sigmoid and SiLU on shares, two selectable constructions (``method=``).
 
-Each function is a :class:`~secfwt.approx.poly.PiecewiseSpec`: exact tails outside [t_1, t_K] (constants
+``"symmetric"`` (the default): a linear part plus an even/odd part evaluated on |x| with degree-7 pieces and
+exact tails, see :mod:`secfwt.approx.symmetric` (14 rounds; gelu 186.9, silu 314.1, tanh and sigmoid 298.1
+bytes per element per server).
+
+``"piecewise"`` (the previous construction, kept for comparison): each function is a
+:class:`~secfwt.approx.poly.PiecewiseSpec`: exact tails outside [t_1, t_K] (constants
 for tanh/sigmoid, 0 and x for GELU/SiLU) and Chebyshev-interpolated degree-7 polynomials on the interior
 intervals, each in its own scaled variable v = (x - center) / 2^m in [-1, 1] (so coefficients stay of the
 order of the function values). The specs are fitted with numpy on first use and cached.
 
-Cost of every function here (:func:`~secfwt.approx.poly.piecewise` with degree 7, L = 3): 13 rounds;
+Cost of the piecewise method (:func:`~secfwt.approx.poly.piecewise`, degree 7, L = 3): 13 rounds;
 bytes per element per server = 19.625 K + 88 S + 8 (+ 16 with a linear tail), K breakpoints, S interior pieces:
 
 =========  =======================  ==  ==  ===========
@@ -25,10 +30,12 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import Literal
 
 import numpy as np
 
 from secfwt.approx.poly import Piece, PiecewiseSpec, fit_piecewise, piecewise
+from secfwt.approx.symmetric import SPECS, symmetric_eval
 from secfwt.context import PartyContext
 from secfwt.share import AShare
 
@@ -70,47 +77,69 @@ def silu_spec() -> PiecewiseSpec:
                          Piece(slope=1))
 
 
-def gelu(ctx: PartyContext, x: AShare) -> AShare:
+Method = Literal["symmetric", "piecewise"]
+
+
+def _check_method(method: str) -> None:
+    if method not in ("symmetric", "piecewise"):
+        raise ValueError(f"activation method: expected 'symmetric' or 'piecewise', got {method!r}")
+
+
+def gelu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     """GELU(x) = x Phi(x) on shares (exact-erf GELU, torch's default).
 
-    Steps: :func:`~secfwt.approx.poly.piecewise` with :func:`gelu_spec` (one ltz on 4 thresholds,
-    three degree-7 pieces on [-4,-1], [-1,1], [1,4], exact tails 0 and x).
-    Cost: 13 rounds, 366.5 bytes per element per server. Valid range: every x in the fixed-point range.
-    Error: max abs ~1.3e-4 (tail at x = -4 / 4), see docs/APPROXIMATIONS.md.
-    Reference: PUMA's segmented GeLU (Dong et al., arXiv 2307.12533), Chebyshev-fitted pieces.
+    ``method="symmetric"`` (default): x/2 + g(|x|), g even, one degree-7 piece on |x| < 4 and the exact tails
+    0 / x (:mod:`secfwt.approx.symmetric`): 14 rounds, 186.9 bytes per element per server, max abs error
+    ~2e-4 on all reals. ``method="piecewise"``: the previous construction (:func:`gelu_spec`, one ltz on 4
+    thresholds, three degree-7 pieces on [-4,-1], [-1,1], [1,4]): 13 rounds, 366.5 bytes, ~1.3e-4.
+    Valid range: every x in the fixed-point range. Errors measured in docs/APPROXIMATIONS.md.
+    Reference: PUMA's segmented GeLU (Dong et al., arXiv 2307.12533); even/odd split as in BOLT.
     """
+    _check_method(method)
     with ctx.cost.scope("gelu"):
-        return piecewise(ctx, x, gelu_spec())
+        if method == "piecewise":
+            return piecewise(ctx, x, gelu_spec())
+        return symmetric_eval(ctx, x, SPECS["gelu"])
 
 
-def tanh(ctx: PartyContext, x: AShare) -> AShare:
-    """tanh(x) on shares: saturated to -1 / 1 beyond |x| >= 5, degree-7 pieces on [-5,-2,0,2,5].
+def tanh(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
+    """tanh(x) on shares: odd, sign(x) g(|x|) with degree-7 pieces on |x| in [0, 2, 5], +-1 beyond.
 
-    Cost: 13 rounds, 458.1 bytes per element per server. Valid range: all x. Error: max abs ~1e-4.
-    Reference: piecewise polynomial with comparison-selected segments (PUMA / BOLT style).
+    Symmetric (default): 14 rounds, 298.1 bytes per element per server, max abs error ~9e-5.
+    ``method="piecewise"``: 4 pieces on [-5,-2,0,2,5]: 13 rounds, 458.1 bytes. Valid range: all x.
     """
+    _check_method(method)
     with ctx.cost.scope("tanh"):
-        return piecewise(ctx, x, tanh_spec())
+        if method == "piecewise":
+            return piecewise(ctx, x, tanh_spec())
+        return symmetric_eval(ctx, x, SPECS["tanh"])
 
 
-def sigmoid(ctx: PartyContext, x: AShare) -> AShare:
-    """sigmoid(x) on shares: 0 / 1 beyond |x| >= 10, degree-7 pieces on [-10,-4,0,4,10].
+def sigmoid(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
+    """sigmoid(x) = 1/2 + odd part, degree-7 pieces on |x| in [0, 4, 10], 0 / 1 beyond.
 
-    Cost: 13 rounds, 458.1 bytes per element per server. Valid range: all x. Error: max abs ~5e-5.
-    Reference: piecewise polynomial with comparison-selected segments (PUMA / BOLT style).
+    Symmetric (default): 14 rounds, 298.1 bytes per element per server, max abs error ~5e-5.
+    ``method="piecewise"``: 4 pieces on [-10,-4,0,4,10]: 13 rounds, 458.1 bytes. Valid range: all x.
     """
+    _check_method(method)
     with ctx.cost.scope("sigmoid"):
-        return piecewise(ctx, x, sigmoid_spec())
+        if method == "piecewise":
+            return piecewise(ctx, x, sigmoid_spec())
+        return symmetric_eval(ctx, x, SPECS["sigmoid"])
 
 
-def silu(ctx: PartyContext, x: AShare) -> AShare:
-    """SiLU(x) = x sigmoid(x) on shares: 0 below -16, x above 16, degree-7 pieces on [-16,-4,0,4,16].
+def silu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
+    """SiLU(x) = x sigmoid(x) = x/2 + g(|x|), g even: degree-7 pieces on |x| in [0, 4, 12], exact 0 / x beyond.
 
-    Cost: 13 rounds, 474.1 bytes per element per server. Valid range: all x. Error: max abs ~1e-4.
-    Reference: piecewise polynomial with comparison-selected segments (PUMA / BOLT style).
+    Symmetric (default): 14 rounds, 314.1 bytes per element per server, max abs error ~8e-5 (the tail at
+    |x| = 12); inputs of any size (SmolLM2 reaches |x| ~ 49) hit the exact tails.
+    ``method="piecewise"``: 4 pieces on [-16,-4,0,4,16]: 13 rounds, 474.1 bytes. Valid range: all x.
     """
+    _check_method(method)
     with ctx.cost.scope("silu"):
-        return piecewise(ctx, x, silu_spec())
+        if method == "piecewise":
+            return piecewise(ctx, x, silu_spec())
+        return symmetric_eval(ctx, x, SPECS["silu"])
 
 
 __all__ = ["gelu", "gelu_spec", "sigmoid", "sigmoid_spec", "silu", "silu_spec", "tanh", "tanh_spec"]
