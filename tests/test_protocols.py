@@ -9,7 +9,7 @@ from helpers import mine, split
 from secfwt import ring
 from secfwt.comm.base import DEALER, SERVER0, SERVER1
 from secfwt.protocols.arith import matmul_aa, mul_aa, square_a, trunc
-from secfwt.protocols.compare import less_than, ltz, max_, pack_bits, relu, unpack_bits
+from secfwt.protocols.compare import less_than, ltz, ltz_select, max_, pack_bits, relu, unpack_bits
 from secfwt.runtime import run_in_process
 from secfwt.share import AShare, add, reveal, reveal_ring
 
@@ -107,6 +107,22 @@ def test_ltz_exact_on_whole_ring_including_edges():
     assert torch.equal(got, (x < 0).to(torch.int64))
 
 
+def test_ltz_select_products_exact_on_the_ring():
+    # b * x for the first rows comes from the dealer's monomial * r shares: exact mod 2^64, any x.
+    edges = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 2**62, -(2**62), 2**31, -(2**31), 5])
+    x = torch.stack([torch.cat([edges, ring_rand((501,), 3)]), ring_rand((511,), 4), ring_rand((511,), 5)])
+    xs = split(x, encoded=True)
+
+    def prog(ctx):
+        b, bx = ltz_select(ctx, AShare(xs[ctx.rank].clone(), 0), 2)
+        return reveal_ring(ctx, b), reveal_ring(ctx, bx)
+
+    b, bx = run_in_process({SERVER0: prog, SERVER1: prog})[SERVER0]
+    want = (x < 0).to(torch.int64)
+    assert torch.equal(b, want) and bx.shape == (2, 511)
+    assert torch.equal(bx, want[:2] * x[:2])
+
+
 def test_ltz_shapes_and_bit_packing():
     # Odd sizes exercise the padding of the sub-byte fields; a 3-D shape and an empty tensor keep their shape.
     for shape in [(1,), (7,), (3, 5, 9), (0, 4)]:
@@ -178,6 +194,13 @@ def test_costs_match_formulas_and_dealer_traffic_is_separate():
     # dealer -> server 1 for ltz: rb 8 + q 4 + tc 8 + 7 monomials 56 = 76 bytes per element
     c1 = res.costs[SERVER1].by_top_level()
     assert 76 * n <= c1["ltz"].dealer_bytes < 76 * n + 4 * 150
+    # relu = x - [x < 0] x with the product from ltz_select: the same 6 rounds and bytes as ltz.
+    def prog2(ctx):
+        relu(ctx, mine(ctx, xs))
+
+    c2 = run_in_process({SERVER0: prog2, SERVER1: prog2}).costs[SERVER0].by_top_level()
+    assert c2["relu"].rounds == 6
+    assert 19.625 * n <= c2["relu"].bytes_sent < 19.625 * n + 6 * 150
     # Server 0 derives all its dealer material from a seed: no online dealer traffic at all.
     assert sum(c.dealer_bytes for k, c in res.costs[SERVER0].ops.items() if k != "setup") == 0
     assert sum(c.dealer_bytes for k, c in res.costs[SERVER1].ops.items() if k != "setup") > 0

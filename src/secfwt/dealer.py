@@ -18,6 +18,7 @@ square        c = a * a                                                   8 * nu
 trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
 compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 8 + 7 * 8) = 76 n
               final masks s, a, b and their 7 monomials (arith)
+compare_sel   compare + the 7 monomials times r for the first k elements   76 n + 56 k
 cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
 bit2a         random bit s as XOR share and arithmetic share               8 * n
 ============  ==========================================================  ========================================
@@ -156,6 +157,22 @@ def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     }
 
 
+def _compare_sel_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    m = _compare_draw0(p, st)
+    m["monor"] = st.ring((7, *_shape(p, "prod_shape")))
+    return m
+
+
+def _compare_sel_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    """``compare`` plus shares of mono_k * r for the first prod_shape[0] elements (ltz with the product b x)."""
+    out = _compare_correct(p, m0, m1)
+    k = _shape(p, "prod_shape")[0]
+    r = (m0["r"] + m1["r"])[:k]
+    mono = out["mono"][:, :k] + m0["mono"][:, :k]
+    out["monor"] = mono * r - m0["monor"]
+    return out
+
+
 def _cossin_draw0(p: dict[str, Any], st: PRGStream) -> Material:
     shape = _shape(p, "shape")
     return {"t": st.ring(shape), "cos": st.ring(shape), "sin": st.ring(shape)}
@@ -196,6 +213,7 @@ KINDS: dict[str, tuple[_Draw, _Draw, _Correct]] = {
     "square": (_square_draw0, _square_draw1, _square_correct),
     "trunc": (_trunc_draw0, _trunc_draw1, _trunc_correct),
     "compare": (_compare_draw0, _compare_draw1, _compare_correct),
+    "compare_sel": (_compare_sel_draw0, _compare_draw1, _compare_sel_correct),
     "cossin": (_cossin_draw0, _cossin_draw1, _cossin_correct),
     "bit2a": (_bit2a_draw0, _bit2a_draw1, _bit2a_correct),
 }

@@ -61,8 +61,8 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
     Steps: (1) masked logits replaced by -2^20 (local: public 0/1 multiply); (2) m = max_(x, dim) (tree of
     ceil(log2 N) comparisons); (3) e = exp(x - m) (x - m <= 0), times the mask (local); (4) s = sum(e) in
     [1, N]; (5) r = reciprocal(s, lo=0, hi=ceil(log2 N)) (range known: s >= e(max) = 1); (6) y = e r.
-    Cost (N = size of ``dim``, K = max(ceil(log2 N) - 1, 0)): 7 ceil(log2 N) + 23 + (14 if K else 8) + 2
-    rounds; bytes per element per server ~ 35.6 (max tree: 19.6 + 16 per comparison, N - 1 comparisons
+    Cost (N = size of ``dim``, K = max(ceil(log2 N) - 1, 0)): 6 ceil(log2 N) + 23 + (14 if K else 8) + 2
+    rounds; bytes per element per server ~ 19.6 (max tree: one ltz_select per comparison, N - 1 comparisons
     per row) + 163.6 (exp) + 24 (final product) + (19.6 K + 160) / N (reciprocal, once per row).
     Valid range: any logits with |x| < 2^19; rows must have at least one unmasked position (a fully
     masked row returns zeros, where torch returns NaN).

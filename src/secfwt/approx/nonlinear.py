@@ -1,7 +1,7 @@
 """GELU, tanh, sigmoid and SiLU on shares, two selectable constructions (``method=``).
 
 ``"symmetric"`` (the default): a linear part plus an even/odd part evaluated on |x| with degree-7 pieces and
-exact tails, see :mod:`secfwt.approx.symmetric` (14 rounds; gelu 186.9, silu 314.1, tanh and sigmoid 298.1
+exact tails, see :mod:`secfwt.approx.symmetric` (13 rounds; gelu 154.9, silu, tanh and sigmoid 282.1
 bytes per element per server).
 
 ``"piecewise"`` (the previous construction, kept for comparison): each function is a
@@ -89,7 +89,7 @@ def gelu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     """GELU(x) = x Phi(x) on shares (exact-erf GELU, torch's default).
 
     ``method="symmetric"`` (default): x/2 + g(|x|), g even, one degree-7 piece on |x| < 4 and the exact tails
-    0 / x (:mod:`secfwt.approx.symmetric`): 14 rounds, 186.9 bytes per element per server, max abs error
+    0 / x (:mod:`secfwt.approx.symmetric`): 13 rounds, 154.9 bytes per element per server, max abs error
     ~2e-4 on all reals. ``method="piecewise"``: the previous construction (:func:`gelu_spec`, one ltz on 4
     thresholds, three degree-7 pieces on [-4,-1], [-1,1], [1,4]): 13 rounds, 366.5 bytes, ~1.3e-4.
     Valid range: every x in the fixed-point range. Errors measured in docs/APPROXIMATIONS.md.
@@ -105,7 +105,7 @@ def gelu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
 def tanh(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     """tanh(x) on shares: odd, sign(x) g(|x|) with degree-7 pieces on |x| in [0, 2, 5], +-1 beyond.
 
-    Symmetric (default): 14 rounds, 298.1 bytes per element per server, max abs error ~9e-5.
+    Symmetric (default): 13 rounds, 282.1 bytes per element per server, max abs error ~9e-5.
     ``method="piecewise"``: 4 pieces on [-5,-2,0,2,5]: 13 rounds, 458.1 bytes. Valid range: all x.
     """
     _check_method(method)
@@ -118,7 +118,7 @@ def tanh(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
 def sigmoid(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     """sigmoid(x) = 1/2 + odd part, degree-7 pieces on |x| in [0, 4, 10], 0 / 1 beyond.
 
-    Symmetric (default): 14 rounds, 298.1 bytes per element per server, max abs error ~5e-5.
+    Symmetric (default): 13 rounds, 282.1 bytes per element per server, max abs error ~5e-5.
     ``method="piecewise"``: 4 pieces on [-10,-4,0,4,10]: 13 rounds, 458.1 bytes. Valid range: all x.
     """
     _check_method(method)
@@ -131,7 +131,7 @@ def sigmoid(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShar
 def silu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     """SiLU(x) = x sigmoid(x) = x/2 + g(|x|), g even: degree-7 pieces on |x| in [0, 4, 12], exact 0 / x beyond.
 
-    Symmetric (default): 14 rounds, 314.1 bytes per element per server, max abs error ~8e-5 (the tail at
+    Symmetric (default): 13 rounds, 282.1 bytes per element per server, max abs error ~8e-5 (the tail at
     |x| = 12); inputs of any size (SmolLM2 reaches |x| ~ 49) hit the exact tails.
     ``method="piecewise"``: 4 pieces on [-16,-4,0,4,16]: 13 rounds, 474.1 bytes. Valid range: all x.
     """

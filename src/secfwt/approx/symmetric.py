@@ -15,19 +15,22 @@ so only the half-line a >= 0 needs polynomial pieces, and beyond the last breakp
 exactly its asymptote (x or 0 for GELU/SiLU, +-1 for tanh, 0/1 for sigmoid): no blow-up anywhere.
 
 Steps of :func:`symmetric_eval` (breakpoints 0 = t_0 < t_1 < ... < t_K = T on a, K pieces):
-  1. ONE ltz on the stacked [x, x - t_k, x + t_k for k = 1..K] -> bits L(t) = [x < t] (6 rounds).
-     Every region indicator ([t_(i-1) <= a < t_i] for even, the signed one for odd, the tails) is a
-     +-1 combination of these bits (products of nested threshold bits are again threshold bits): local.
-  2. One Beaver round of exact bit products: a = (1 - 2 L(0)) x and, for GELU/SiLU, the tail
-     (m+ [x >= T] + m- [x < -T]) x with the integer tail slopes m+- (1 and 0) (1 round, no truncation).
+  1. ONE :func:`~secfwt.protocols.compare.ltz_select` on the stacked [x, x - T, x + T, x -+ t_k (k < K)]
+     -> bits L(t) = [x < t] (6 rounds), and for free (dealer-aided, no extra round or byte) the products
+     L(0) x, L(T) (x - T), L(-T) (x + T). Every region indicator ([t_(i-1) <= a < t_i] for even g, the
+     signed one for odd g, the tails) is a +-1 combination of the bits (products of nested threshold
+     bits are again threshold bits): local.
+  2. Local: a = x - 2 L(0) x, and for GELU/SiLU the exact tail m+ [x >= T] x + m- [x < -T] x with the
+     integer tail slopes m+- (1 and 0).
   3. All pieces P_i(v_i), v_i = (a - center_i) / 2^m_i in [-1, 1], with one stacked
      :func:`~secfwt.approx.poly.poly_eval` (untruncated, 2L - 1 = 5 rounds for degree 7).
   4. Q_i = P_i + lin * x (even) or lin * a (odd), local at the polynomial's scale (for |x| > T this may
-     wrap, harmlessly: step 5 multiplies it by an exact 0); one Beaver round sel_i * Q_i (1 round) and
-     ONE truncation of the sum (1 round). Constants (c0, tanh/sigmoid tails) are local.
-Cost: 14 rounds for degree 7. Bytes per element per server: 19.625 (2K + 1) (ltz) + 16 (a) [+ 16 tail
-product] + 72 K (poly, degree 7, untruncated) + 16 K (selection) + 8 (truncation):
-gelu 186.9 (K = 1), silu 314.1, tanh 298.1, sigmoid 298.1 (K = 2).
+     wrap, harmlessly: it is multiplied by an exact 0); one Beaver round sel_i * Q_i (1 round) and ONE
+     truncation of the sum (1 round). Constants (c0, tanh/sigmoid tails) are local.
+Cost: 6 + 5 + 1 + 1 = 13 rounds for degree 7. Bytes per element per server: 19.625 (2K + 1) (ltz)
++ 72 K (poly, degree 7, untruncated) + 16 K (selection) + 8 (truncation): gelu 154.9 (K = 1), silu,
+tanh and sigmoid 282.1 (K = 2). Dealer -> server 1: 76 (2K + 1) + 56 * 3 (56 for tanh/sigmoid) + the
+Beaver/truncation material.
 Valid range: every x in the fixed-point range (tails are exact). Error: the fit error (printed by
 ``python -m secfwt.approx.symmetric``) plus ~2^-f; measured values in docs/APPROXIMATIONS.md.
 Reference: even/odd splitting of activations with low-degree pieces as in BOLT (Pang et al., S&P 2024)
@@ -45,10 +48,11 @@ import numpy as np
 import torch
 
 from secfwt import ring
-from secfwt.approx.poly import interval_bits, mul_exact_many, poly_eval, server0_public, to_scale
+from secfwt.approx.poly import mul_exact_many, poly_eval, server0_public, to_scale
 from secfwt.context import PartyContext
 from secfwt.protocols.arith import trunc
-from secfwt.share import AShare, add, mul_public_int, rescale_up, stack
+from secfwt.protocols.compare import ltz_select
+from secfwt.share import AShare, add, add_public, mul_public_int, rescale_up, stack
 
 DEGREE = 7
 _FIT_GRID = 4001  # points per piece for the minimax fit
@@ -228,15 +232,21 @@ def symmetric_eval(ctx: PartyContext, x: AShare, spec: SymmetricSpec) -> AShare:
         f = ctx.f
         x = to_scale(ctx, x, f)
         ts = spec.breakpoints
-        thresholds = [0.0] + [s * t for t in ts for s in (1.0, -1.0)]
-        bits = interval_bits(ctx, x, thresholds).data  # (2K + 1, *x.shape), bits[0] = [x < 0]
+        kk = len(ts)
+        m_pos, m_neg = (int(m) for m in spec.tail_multipliers())
+        has_tail = bool(m_pos or m_neg)
+        # Rows: x, x - T, x + T (their bit products come free with ltz_select), then x -+ t_k for k < K.
+        shifts = [0.0, ts[-1], -ts[-1]] + [s * t for t in ts[:-1] for s in (1.0, -1.0)]
+        row = {(kk, 1): 1, (kk, -1): 2} | {(k + 1, s): 3 + 2 * k + (s < 0) for k in range(kk - 1) for s in (1, -1)}
+        diffs = stack([add_public(ctx, x, -t) if t else x for t in shifts], dim=0)
+        bits_sh, prods = ltz_select(ctx, diffs, 3 if has_tail else 1)
+        bits = bits_sh.data  # (2K + 1, *x.shape): bits[row] = [x < shift]
 
         def lt(k: int, sign: int) -> torch.Tensor:
             """[x < sign * t_k] (t_0 = 0)."""
-            return bits[0] if k == 0 else bits[2 * k - 1 if sign > 0 else 2 * k]
+            return bits[0] if k == 0 else bits[row[(k, sign)]]
 
         one = server0_public(ctx, torch.ones(x.shape, dtype=torch.float64), 0)
-        kk = len(ts)
         out_pos, out_neg = one - lt(kk, 1), lt(kk, -1)
         sels = []
         for i in range(1, kk + 1):
@@ -244,14 +254,15 @@ def symmetric_eval(ctx: PartyContext, x: AShare, spec: SymmetricSpec) -> AShare:
             neg = lt(i - 1, -1) - lt(i, -1)  # [-t_i <= x < -t_(i-1)] (x < 0 for i = 1)
             sels.append(pos + neg if spec.parity == "even" else pos - neg)
 
-        # Step 2: a = |x| and the exact tails m+ [x >= T] x + m- [x < -T] x, in one round.
-        m_pos, m_neg = (int(m) for m in spec.tail_multipliers())
-        pairs = [(AShare(one - 2 * bits[0], 0), x)]
-        tail_w = m_pos * out_pos + m_neg * out_neg
-        if m_pos or m_neg:
-            pairs.append((AShare(tail_w, 0), x))
-        prods = mul_exact_many(ctx, pairs)
-        a = prods[0]
+        # Step 2 (no communication): a = x - 2 [x < 0] x; the exact tails m+ [x >= T] x + m- [x < -T] x,
+        # with [x < +-T] x = [x < +-T] (x -+ T) +- T [x < +-T].
+        a = AShare(x.data - 2 * prods.data[0], f)
+        tail = None
+        if has_tail:
+            t_enc = int(ring.encode(torch.tensor(ts[-1]), f))
+            below_pos = prods.data[1] + t_enc * lt(kk, 1)  # [x < T] x
+            below_neg = prods.data[2] - t_enc * lt(kk, -1)  # [x < -T] x
+            tail = AShare(m_pos * (x.data - below_pos) + m_neg * below_neg, f)
 
         # Step 3: all pieces on their local variables, untruncated (scale 2p + f).
         deg = spec.degree
@@ -273,8 +284,8 @@ def symmetric_eval(ctx: PartyContext, x: AShare, spec: SymmetricSpec) -> AShare:
             q = q + rescale_up(AShare(mul_public_int(lin_src, num).data, f + 8), top).data
         sel = mul_exact_many(ctx, [(AShare(torch.stack(sels), 0), AShare(q, top))])[0]
         y = trunc(ctx, sel.sum(0), top - f)
-        if m_pos or m_neg:
-            y = add(y, prods[1])
+        if tail is not None:
+            y = add(y, tail)
         # Constants: c0 everywhere, and g's constant asymptote on the tails (sign-flipped for odd g).
         cst = ring.encode(torch.tensor(spec.const), f) * one
         if spec.tail_const:
