@@ -231,6 +231,8 @@ def symmetric_eval(ctx: PartyContext, x: AShare, spec: SymmetricSpec) -> AShare:
     with ctx.cost.scope("symmetric"):
         f = ctx.f
         x = to_scale(ctx, x, f)
+        if x.numel() == 0:
+            return AShare(torch.zeros(x.shape, dtype=torch.int64), f)
         ts = spec.breakpoints
         kk = len(ts)
         m_pos, m_neg = (int(m) for m in spec.tail_multipliers())
