@@ -57,6 +57,10 @@ class BertDims:
 BERT_BASE = BertDims(hidden=768, heads=12, ffn=3072, layers=1)
 MINILM = BertDims(hidden=384, heads=12, ffn=1536, layers=6)
 N_CLASSES = 2
+# ``tiny=True`` shapes: the same workloads at toy sizes, for fast tests of the runners (not benchmarks)
+TINY_LAYER = BertDims(hidden=32, heads=2, ffn=64, layers=1)
+TINY_MODEL = BertDims(hidden=32, heads=2, ffn=64, layers=2)
+TINY_SEQ = 8
 
 
 @dataclass
@@ -97,28 +101,33 @@ def model_params(rng: np.random.Generator, d: BertDims) -> dict[str, np.ndarray]
     return p
 
 
-def make_case(name: str, batch: int = 1, seq: int = 128, seed: int = 0) -> Case:
+def make_case(name: str, batch: int = 1, seq: int = 128, seed: int = 0, tiny: bool = False) -> Case:
+    """Seeded inputs of one workload. ``tiny``: toy shapes (tests only); the engines' workers use the full ones."""
     rng = _rng(name, seed)
+    s, h, f = (TINY_SEQ, 16, 32) if tiny else (128, 768, 3072)
     if name == "matmul":
-        return Case(name, rng.normal(0, 1, (128, 768)), {"w": rng.normal(0, 0.02, (768, 768))},
-                    meta={"shape": "128x768 @ 768x768"})
+        return Case(name, rng.normal(0, 1, (s, h)), {"w": rng.normal(0, 0.02, (h, h))},
+                    meta={"shape": f"{s}x{h} @ {h}x{h}"})
     if name == "softmax":
         # attention-score-like logits: N(0, 2^2)
-        return Case(name, rng.normal(0, 2, (12, 128, 128)), meta={"shape": "12x128x128, dim=-1"})
+        nh = 2 if tiny else 12
+        return Case(name, rng.normal(0, 2, (nh, s, s)), meta={"shape": f"{nh}x{s}x{s}, dim=-1"})
     if name == "gelu":
-        return Case(name, rng.normal(0, 1, (128, 3072)), meta={"shape": "128x3072"})
+        return Case(name, rng.normal(0, 1, (s, f)), meta={"shape": f"{s}x{f}"})
     if name == "layernorm":
-        x = rng.normal(0, 1, (128, 768)) * rng.uniform(0.5, 3.0, (128, 1)) + rng.normal(0, 0.5, (128, 1))
-        return Case(name, x, {"g": 1.0 + rng.normal(0, 0.02, 768), "b": rng.normal(0, 0.02, 768)},
-                    meta={"shape": "128x768, over last dim"})
+        x = rng.normal(0, 1, (s, h)) * rng.uniform(0.5, 3.0, (s, 1)) + rng.normal(0, 0.5, (s, 1))
+        return Case(name, x, {"g": 1.0 + rng.normal(0, 0.02, h), "b": rng.normal(0, 0.02, h)},
+                    meta={"shape": f"{s}x{h}, over last dim"})
     if name == "encoder_layer":
-        return Case(name, rng.normal(0, 1, (128, BERT_BASE.hidden)), layer_params(rng, BERT_BASE, "l0."),
-                    meta={"shape": "BERT-base layer, seq 128", "dims": BERT_BASE.__dict__})
+        d = TINY_LAYER if tiny else BERT_BASE
+        return Case(name, rng.normal(0, 1, (s, d.hidden)), layer_params(rng, d, "l0."),
+                    meta={"shape": f"{'tiny' if tiny else 'BERT-base'} layer, seq {s}", "dims": d.__dict__})
     if name in ("small_model_forward", "tuning_step"):
-        x = rng.normal(0, 1, (batch, seq, MINILM.hidden))
+        d = TINY_MODEL if tiny else MINILM
+        x = rng.normal(0, 1, (batch, seq, d.hidden))
         labels = rng.integers(0, N_CLASSES, batch)
-        return Case(name, x, model_params(rng, MINILM), labels=labels,
-                    meta={"batch": batch, "seq": seq, "dims": MINILM.__dict__, "init": "random"})
+        return Case(name, x, model_params(rng, d), labels=labels,
+                    meta={"batch": batch, "seq": seq, "dims": d.__dict__, "init": "random"})
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
 
 
@@ -195,9 +204,9 @@ def reference(case: Case) -> np.ndarray:
     if n == "layernorm":
         return ref_layernorm(x, p["g"], p["b"])
     if n == "encoder_layer":
-        return ref_encoder_layer(x, p, "l0.", BERT_BASE)
+        return ref_encoder_layer(x, p, "l0.", BertDims(**case.meta["dims"]))
     if n == "small_model_forward":
-        return ref_small_model(x, p)[0]
+        return ref_small_model(x, p, BertDims(**case.meta["dims"]))[0]
     raise ValueError(f"no forward reference for {n}")
 
 
