@@ -67,7 +67,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], failures: list[st
         f"at start {meta['loadavg_start'][0]}, during the engine calls min {min(load, default=0):.1f} / "
         f"median {sorted(load)[len(load) // 2] if load else 0:.1f} / max {max(load, default=0):.1f}, "
         f"at end {meta['loadavg_end'][0]}. Engines ran alternating (per repeat and workload: "
-        f"{', '.join(meta['engines'])}); medians over {meta['repeats_requested']} repeat(s).",
+        f"{', '.join(meta['engines'])}); medians over {meta['repeats_done']} repeat(s) "
+        f"(of {meta['repeats_requested']} requested).",
         "",
         "MB = 10^6 bytes SENT by one server to the other (each receives as much; CrypTen's and SPU's sent + "
         "received counters halved); dealer / TTP traffic excluded. Rounds: secfwt = waits on the peer, "

@@ -164,6 +164,27 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def write_results(raw: list[dict[str, Any]], args: argparse.Namespace, engines: list[str], started: str,
+                  load_start: tuple[float, float, float], repeats_done: int, argv: list[str] | None,
+                  md_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], str]:
+    rows, details, failures = aggregate(raw)
+    meta = {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python benchmarks/compare/run.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "repeats_requested": args.repeats, "repeats_done": repeats_done, "engines": engines,
+            "machine": machine(), "loadavg_start": [round(v, 2) for v in load_start],
+            "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+            "loadavg_1m_during": [r["host"]["loadavg_1m"] for r in raw if "host" in r],
+            "tolerance": TOLERANCE,
+            "secfwt_tuning_step": {"popsize": args.popsize, "n_prompt": args.n_prompt, "d": args.d,
+                                   "batch": args.batch, "seq": args.seq, "max_rows": args.max_rows}}
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    args.out.with_name(args.out.stem + ".details.json").write_text(
+        json.dumps({"meta": meta, "rows": details}, indent=1, default=str) + "\n")
+    text = markdown(rows, meta, failures)
+    md_path.write_text(text)
+    return rows, details, failures, text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=HERE.parent / "results" / "compare.json")
@@ -184,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=setup_envs.default_cache_dir())
     ap.add_argument("--log", type=Path, help="engines' stderr (default: the --out path with .log)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        sys.exit(f"--repeats: expected an integer >= 1, got {args.repeats}")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     bad = skip - set(ENGINES)
     if bad:
@@ -216,21 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 raw += rows
                 print(", ".join(f"{r.get('attention') or '-'}: {r['time_s']:.3f} s" if r.get("status") == "ok"
                                 else f"FAILED ({r.get('error', '')[:80]})" for r in rows), flush=True)
-    rows, details, failures = aggregate(raw)
-    meta = {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python benchmarks/compare/run.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "repeats_requested": args.repeats, "engines": engines, "machine": machine(),
-            "loadavg_start": [round(v, 2) for v in load_start],
-            "loadavg_end": [round(v, 2) for v in os.getloadavg()],
-            "loadavg_1m_during": [r["host"]["loadavg_1m"] for r in raw if "host" in r],
-            "tolerance": TOLERANCE,
-            "secfwt_tuning_step": {"popsize": args.popsize, "n_prompt": args.n_prompt, "d": args.d,
-                                   "batch": args.batch, "seq": args.seq}}
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    args.out.with_name(args.out.stem + ".details.json").write_text(
-        json.dumps({"meta": meta, "rows": details}, indent=1, default=str) + "\n")
-    text = markdown(rows, meta, failures)
-    md_path.write_text(text)
+        # Files are rewritten after every repeat: a run stopped early leaves the medians of the repeats it finished.
+        rows, details, failures, text = write_results(raw, args, engines, started, load_start, rep + 1, argv, md_path)
     print("\n" + text)
     for line in headline(rows):
         print(line)
