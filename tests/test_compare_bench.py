@@ -57,6 +57,7 @@ def test_tiny_ops_rows_follow_the_contract_and_match_plaintext(tmp_path):
     assert all(d["check"] == "ok" for d in details["rows"])
 
 
+@pytest.mark.slow
 def test_tiny_tuning_step_runs_the_real_loop_and_matches_plaintext(tmp_path):
     from secfwt.tuning.testing import make_tiny_bert
 

@@ -60,7 +60,8 @@ def _worker_cmd(engine: str, workload: str, args: argparse.Namespace) -> list[st
     shape = ["--batch", str(args.batch), "--seq", str(args.seq)]
     if engine in ("secfwt", "plaintext"):
         script = HERE / ("secfwt_runner.py" if engine == "secfwt" else "plaintext_runner.py")
-        cmd = [sys.executable, str(script), "--workload", workload, "--repeats", "1", "--attention", args.attention,
+        att = args.forward_attention if workload == "small_model_forward" else args.attention
+        cmd = [sys.executable, str(script), "--workload", workload, "--repeats", "1", "--attention", att,
                *shape, "--popsize", str(args.popsize), "--n-prompt", str(args.n_prompt), "--d", str(args.d),
                "--max-rows", str(args.max_rows)]
         if args.model:
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of engines to leave out (crypten, spu, ...)")
     ap.add_argument("--workload", default="all", help=f"comma list of {W.WORKLOADS} or 'all'")
-    ap.add_argument("--attention", default="softmax,rfa", help="secfwt attention kinds (layer, model workloads)")
+    ap.add_argument("--attention", default="softmax,rfa", help="secfwt attention kinds (encoder_layer, tuning_step)")
+    ap.add_argument("--forward-attention", default="softmax,rfa", help="secfwt attention kinds, small_model_forward")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--popsize", type=int, default=20, help="secfwt tuning step: CMA-ES population")
