@@ -142,23 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sst2_tuning: unknown run {bad[0]!r} (known: {', '.join(RUNS)})", file=sys.stderr)
         return 2
     console = Console()
-    rows = []
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
     for name in names:
         console.print(f"[bold]{name}[/] ...")
         rows.append(row_for(name, spec_for(a, name), a.parties))
         console.print(table(rows))
-    header = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.1f}",
-        "settings": f"k={a.k} per class, data seed {a.seed}, d={a.d}, {a.n_prompt} prompt tokens, population "
-                    f"{a.popsize}, {a.iterations} iterations, train minibatch {a.train_batch}, "
-                    f"{rows[0]['n_eval']} test examples, parties {a.parties}",
-        "command": "python benchmarks/sst2_tuning.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, header))
+        header = {
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+            f"load average {os.getloadavg()[0]:.1f}",
+            "settings": f"k={a.k} per class, data seed {a.seed}, d={a.d}, {a.n_prompt} prompt tokens, population "
+                        f"{a.popsize}, {a.iterations} iterations, train minibatch {a.train_batch}, "
+                        f"{rows[0]['n_eval']} test examples, parties {a.parties}",
+            "command": "python benchmarks/sst2_tuning.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        }
+        out.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")  # after every run: partial results
+        out.with_suffix(".md").write_text(markdown(rows, header))
     console.print(f"results: {out} and {out.with_suffix('.md')}")
     return 0
 
