@@ -252,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="exit 1 below this agreement (default: 0.99 for softmax, none otherwise)")
     ap.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/agreement-<attn>.json)")
     a = ap.parse_args(argv)
+    commit = _commit()  # the code this run imports (taken before a long run, in case the tree moves)
     root = data_root(a.data_dir)
     model = Path(a.model) if a.model else default_model_dir()
     task, examples = load_examples(root, a.n)
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     res = agreement(model, task, examples, a.attention, a.batch, a.mode, a.max_length)
     res.update({
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average": os.getloadavg()[0],
         "torch_threads": torch.get_num_threads(), "model": str(model), "data": str(root),
         "wall_s": time.perf_counter() - start,

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -134,7 +135,8 @@ def server(ctx: PartyContext) -> dict[str, Any]:
         out = enc.forward(be, x, mask).hidden  # (B, T, H)
     reveal_to(ctx, out, OWNER, tag="hidden")
     fwd = ctx.cost.by_top_level()["forward"]
-    return {"time_s": fwd.time_s, "bytes": fwd.bytes_sent, "rounds": fwd.rounds, "dealer_bytes": fwd.dealer_bytes}
+    return {"time_s": fwd.time_s, "bytes": fwd.bytes_sent, "rounds": fwd.rounds, "dealer_bytes": fwd.dealer_bytes,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _owner(embeds: Tensor) -> Any:
@@ -218,7 +220,8 @@ def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeat
             "attention": att, "batch": batch, "seq": seq, "time_s": t, "owner_wall_s": wall,
             "bytes_per_server": max(s0["bytes"], s1["bytes"]), "bytes": [s0["bytes"], s1["bytes"]],
             "rounds": max(s0["rounds"], s1["rounds"]), "dealer_bytes": s1["dealer_bytes"],
-            "max_abs_err": err, "plain_fp64_s": plain64, "hf_fp32_s": plain["hf_fp32_s"] if att == "softmax" else None,
+            "max_abs_err": err, "server_peak_rss_mb": max(s0["peak_rss_mb"], s1["peak_rss_mb"]),
+            "plain_fp64_s": plain64, "hf_fp32_s": plain["hf_fp32_s"] if att == "softmax" else None,
             "plain_vs_hf_max_abs": plain["plain_vs_hf_max_abs"],
             "lan_s": LAN.project(t, max(s0["bytes"], s1["bytes"]), max(s0["rounds"], s1["rounds"])),
             "wan_s": WAN.project(t, max(s0["bytes"], s1["bytes"]), max(s0["rounds"], s1["rounds"])),
@@ -230,14 +233,15 @@ def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeat
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     hdr = ("model", "attention", "B x T", "time s", "GB sent / server", "rounds", "dealer GB", "max abs err",
-           "LAN s", "WAN s", "plaintext HF fp32 s", "plaintext fp64 (same code) s")
+           "LAN s", "WAN s", "plaintext HF fp32 s", "plaintext fp64 (same code) s", "server peak RSS GB")
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         hf = "-" if r["hf_fp32_s"] is None else f"{r['hf_fp32_s']:.3f}"
         lines.append(
             f"| {r['model']} ({r['layers']}x{r['hidden']}) | {r['attention']} | {r['batch']} x {r['seq']} | "
             f"{r['time_s']:.1f} | {r['bytes_per_server'] / 1e9:.2f} | {r['rounds']} | {r['dealer_bytes'] / 1e9:.2f} | "
-            f"{r['max_abs_err']:.1e} | {r['lan_s']:.1f} | {r['wan_s']:.1f} | {hf} | {r['plain_fp64_s']:.3f} |")
+            f"{r['max_abs_err']:.1e} | {r['lan_s']:.1f} | {r['wan_s']:.1f} | {hf} | {r['plain_fp64_s']:.3f} | "
+            f"{r['server_peak_rss_mb'] / 1024:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -267,13 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if x not in ATTENTIONS:
             raise SystemExit(f"forward: unknown attention {x!r} (known: {', '.join(ATTENTIONS)})")
     load0 = os.getloadavg()[0]
+    commit = _commit()  # the code this run imports (taken before a long run, in case the tree moves)
     rows = []
     for m in models:
         rows.extend(run_model(m, atts, a.batch, a.seq, a.repeats, a.timeout))
     header = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per party",
         "load_average": [load0, os.getloadavg()[0]], "mode": "processes (TLS, loopback)",
+        "owner_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "command": "python benchmarks/forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     table = markdown(rows)
