@@ -275,10 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for m in models:
         rows.extend(run_model(m, atts, a.batch, a.seq, a.repeats, a.timeout))
-    header = {
+    load1 = os.getloadavg()[0]
+    header: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per party",
-        "load_average": [load0, os.getloadavg()[0]], "mode": "processes (TLS, loopback)",
+        "load_average": [load0, load1], "mode": "processes (TLS, loopback)",
         "owner_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "command": "python benchmarks/forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
@@ -289,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
     out.with_suffix(".md").write_text(
         f"{header['date']}, commit {header['commit']}, {header['machine']}, load average "
-        f"{load0:.1f} -> {header['load_average'][1]:.1f}; `{header['command']}`\n\n" + table)
+        f"{load0:.1f} -> {load1:.1f}; `{header['command']}`\n\n" + table)
     print(f"results: {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0
 
