@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +188,8 @@ def plain_times(model_dir: Path, enc: Encoder[Tensor], ids: Tensor, embeds: Tens
     return {"hf_fp32_s": statistics.median(ts), "plain_vs_hf_max_abs": float((ours - ref.double()).abs().max())}
 
 
-def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeats: int,
-              timeout: float) -> list[dict[str, Any]]:
+def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeats: int, timeout: float,
+              on_row: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
     model_dir = MODELS[name]()
     enc = Encoder.from_pretrained(model_dir)
     ids = input_ids(batch, seq, enc.config.vocab_size)
@@ -228,6 +228,7 @@ def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeat
         })
         print(f"  {att}: {t:.1f} s, {rows[-1]['bytes_per_server'] / 1e9:.2f} GB/server, {rows[-1]['rounds']} "
               f"rounds, err {err:.1e}", file=sys.stderr, flush=True)
+        on_row(rows[-1])
     return rows
 
 
@@ -273,24 +274,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     commit = _commit()  # the code this run imports (taken before a long run, in case the tree moves)
     rows = []
-    for m in models:
-        rows.extend(run_model(m, atts, a.batch, a.seq, a.repeats, a.timeout))
-    load1 = os.getloadavg()[0]
-    header: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per party",
-        "load_average": [load0, load1], "mode": "processes (TLS, loopback)",
-        "owner_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "command": "python benchmarks/forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
-    table = markdown(rows)
-    print(table)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(
-        f"{header['date']}, commit {header['commit']}, {header['machine']}, load average "
-        f"{load0:.1f} -> {load1:.1f}; `{header['command']}`\n\n" + table)
+
+    def save(row: dict[str, Any]) -> None:
+        """Write the results so far after every run (a long benchmark keeps what it measured)."""
+        rows.append(row)
+        load1 = os.getloadavg()[0]
+        header: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per party",
+            "load_average": [load0, load1], "mode": "processes (TLS, loopback)",
+            "owner_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "command": "python benchmarks/forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        }
+        out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
+        out.with_suffix(".md").write_text(
+            f"{header['date']}, commit {commit}, {header['machine']}, load average {load0:.1f} -> {load1:.1f}; "
+            f"`{header['command']}`\n\n" + markdown(rows))
+
+    for m in models:
+        run_model(m, atts, a.batch, a.seq, a.repeats, a.timeout, save)
+    print(markdown(rows))
     print(f"results: {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0
 
