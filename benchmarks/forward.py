@@ -167,7 +167,7 @@ def run_private(shares: Path, attention: dict[str, Any], embeds: Tensor, timeout
             finally:
                 comm.close()
             wall = time.perf_counter() - start
-            res = procs.wait(timeout=timeout)
+            res = procs.wait(timeout=time.monotonic() - procs.started + 600)
     return res, out, wall
 
 

@@ -10,6 +10,7 @@ is the data owner.
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,5 +41,8 @@ def run_with_processes(spec: Any, shares: Path, owner: Any, parties: str,
         progs = {SERVER0: server_program, SERVER1: server_program}
         with PartyProcesses(progs, config, env=env, external=[OWNER], threads_per_party=1) as procs:
             result = _run_owner(config, owner)
-            procs.wait(timeout=600)
+            # PartyProcesses.wait counts from the start of the processes: give the servers and the dealer
+            # 600 s to exit after the owner's job, however long the job took (was a fixed 600 s in total,
+            # which killed every run longer than 10 minutes after its last result).
+            procs.wait(timeout=time.monotonic() - procs.started + 600)
         return result
