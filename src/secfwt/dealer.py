@@ -16,9 +16,9 @@ mul           c = a * b  (elementwise, broadcasting)                      8 * nu
 matmul        c = a @ b                                                   8 * numel(c)
 square        c = a * a                                                   8 * numel(a)
 trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
-compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 8 + 7 * 8) = 76 n
+compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 7.5 + 7 * 8) ~ 75.5 n
               final masks s, a, b and their 7 monomials (arith)
-compare_sel   compare + the 7 monomials times r for the first k elements   76 n + 56 k
+compare_sel   compare + the 7 monomials times r for the first k elements   75.5 n + 56 k
 cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
 bit2a         random bit s as XOR share and arithmetic share               8 * n
 ============  ==========================================================  ========================================
@@ -102,19 +102,25 @@ def _trunc_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     return {"rq": ring.logical_rshift(r, k) - m0["rq"], "rm": ring.msb(r) - m0["rm"]}
 
 
-# Comparison material (see protocols/compare.py for how it is used). Per element:
-#   r      arithmetic mask; rb = r as XOR shares (64-bit word)
-#   q      XOR shares of the 32 pair products r_(2j+1) AND r_(2j) (bits 0..31): tree level 1 is local
-#   t      AND triples (ta, tb1, tb2, tc1 = ta AND tb1, tc2 = ta AND tb2) for the 4 interactive tree levels,
-#          all levels in one word each: level l occupies COMPARE_WIDTHS[l] bits at COMPARE_OFFSETS[l]
-#   fb     final-level mask bits s (bit 0), a (bit 1), b (bit 2) as XOR shares
-#   mono   arithmetic shares of the monomials s, a, b, sa, sb, ab, sab (fused boolean -> arithmetic step)
-COMPARE_WIDTHS = (16, 8, 4, 2)  # output width (bits per element) of the interactive tree levels 2..5
-COMPARE_OFFSETS = (0, 16, 24, 28)
-_CMP_TBITS = (1 << 30) - 1
+# Comparison material (see protocols/compare.py for how it is used). For n elements:
+#   r      arithmetic mask (n); rb = r as XOR shares (n 64-bit words)
+#   q      XOR shares of the 32 pair products r_(2j+1) AND r_(2j) per element (bits 0..31): tree level 1 local
+#   t      AND triples (ta, tb1, tb2, tc1 = ta AND tb1, tc2 = ta AND tb2) for the 4 interactive tree levels as
+#          dense 64-bit words: level l uses compare_words(n)[l + 1] words, the levels one after the other
+#   fb     final-level masks s, a, b: one bit per element, 32 elements per word (low 32 bits), 3 rows
+#   mono   arithmetic shares of the monomials s, a, b, sa, sb, ab, sab per element (fused bit -> arithmetic)
 _M32 = (1 << 32) - 1
 _EVEN = [(0x5555555555555555, 1), (0x3333333333333333, 2), (0x0F0F0F0F0F0F0F0F, 4),
          (0x00FF00FF00FF00FF, 8), (0x0000FFFF0000FFFF, 16), (0x00000000FFFFFFFF, 0)]
+
+
+def compare_words(n: int) -> list[int]:
+    """Dense word counts of the comparison tree for n elements: [W_0, ..., W_4], W_0 = ceil(n / 2) words of
+    two 32-bit fields after level 1, W_(l+1) = ceil(W_l / 2) after each packed level (64 / w fields of w bits)."""
+    ws = [(n + 1) // 2]
+    for _ in range(4):
+        ws.append((ws[-1] + 1) // 2)
+    return ws
 
 
 def even_bits(x: Tensor) -> Tensor:
@@ -131,28 +137,36 @@ def odd_bits(x: Tensor) -> Tensor:
 
 
 def _compare_draw0(p: dict[str, Any], st: PRGStream) -> Material:
-    shape = _shape(p, "shape")
-    return {"r": st.ring(shape), "rb": st.ring(shape), "q": st.ring(shape), "t": st.ring((5, *shape)),
-            "fb": st.ring(shape), "mono": st.ring((7, *shape))}
+    (n,) = _shape(p, "shape")
+    ws = compare_words(n)
+    return {"r": st.ring((n,)), "rb": st.ring((n,)), "q": st.ring((n,)), "t": st.ring((5, sum(ws[1:]))),
+            "fb": st.ring((3, ws[4])), "mono": st.ring((7, n))}
 
 
 def _compare_draw1(p: dict[str, Any], st: PRGStream) -> Material:
-    shape = _shape(p, "shape")
-    return {"r": st.ring(shape), "t": st.ring((3, *shape)), "fb": st.ring(shape)}
+    (n,) = _shape(p, "shape")
+    ws = compare_words(n)
+    return {"r": st.ring((n,)), "t": st.ring((3, sum(ws[1:]))), "fb": st.ring((3, ws[4]))}
+
+
+def word_bits(words: Tensor, n: int) -> Tensor:
+    """Bit i % 32 of words[i // 32] for i < n (the final-level layout: 32 elements per word)."""
+    shifts = torch.arange(32, dtype=torch.int64)
+    return ((words.unsqueeze(-1) >> shifts) & 1).reshape(*words.shape[:-1], -1)[..., :n]
 
 
 def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    (n,) = _shape(p, "shape")
     r = m0["r"] + m1["r"]
     q = odd_bits(r) & even_bits(r)
     t = m0["t"][:3] ^ m1["t"]
     tc = torch.stack([t[0] & t[1], t[0] & t[2]])
-    fb = m0["fb"] ^ m1["fb"]
-    s, a, b = fb & 1, (fb >> 1) & 1, (fb >> 2) & 1
+    s, a, b = word_bits(m0["fb"] ^ m1["fb"], n)
     mono = torch.stack([s, a, b, s * a, s * b, a * b, s * a * b])
     return {
         "rb": r ^ m0["rb"],
         "q": ((q ^ m0["q"]) & _M32).to(torch.int32),  # 4 bytes: only the low 32 bits are used
-        "tc": ((tc ^ m0["t"][3:]) & _CMP_TBITS).to(torch.int32),  # 2 x 30 bits
+        "tc": tc ^ m0["t"][3:],  # dense words: 2 * 30 bits per element
         "mono": mono - m0["mono"],
     }
 

@@ -11,8 +11,10 @@ sending every tree bit packed (no byte per bit):
      (G, P) <- (G_hi XOR (P_hi AND G_lo), P_hi AND P_lo)). Bit 63 enters the tree as G = c_63 XOR r_63,
      P = 1, so the root G is msb(x) itself.
      Level 1 (32 pairs of bits) is local: with c public, G and P of a pair are linear in r_hi, r_lo and
-     q. Levels 2..5 (outputs 16, 8, 4, 2 bits per element): the hi/lo halves are split by bit compaction
-     and the two ANDs with a shared operand open 3 packed fields of 16, 8, 4, 2 bits.
+     q. From then on the (G, P) fields of consecutive elements are kept in dense 64-bit words (2, 4, ...,
+     32 elements per word). Levels 2..5 (outputs 16, 8, 4, 2 bits per element): the hi/lo halves of every
+     field are split by bit compaction, re-densified, and the two ANDs with a shared operand open 3 words
+     per output word, i.e. 3 x 16, 8, 4, 2 bits per element with no padding inside a word.
   4. Level 6 fused with boolean -> arithmetic: open g XOR s, p XOR a, q XOR b (3 bits); the root
      G = g XOR (p AND q) = g + pq - 2gpq is a multilinear polynomial in (s, a, b) with public
      coefficients, so it is a public combination of the dealer's arithmetic monomial shares.
@@ -30,61 +32,24 @@ Rathee et al., CrypTFlow2 (2020) and Boyle et al. (function secret sharing, 2021
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from secfwt.comm.base import SERVER0
 from secfwt.context import PartyContext
-from secfwt.dealer import COMPARE_OFFSETS, COMPARE_WIDTHS, even_bits, odd_bits
+from secfwt.dealer import compare_words, even_bits, odd_bits, word_bits
 from secfwt.protocols.arith import mul_aa
-from secfwt.share import AShare, add, add_public, cat, open_, sub
+from secfwt.share import AShare, add, add_public, cat, open_, open_many, sub
 
 _M32 = (1 << 32) - 1
 _LOW31 = (1 << 31) - 1
-_WORD_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 
 
-def pack_bits(x: Tensor, width: int) -> Tensor:
-    """The low ``width`` bits (1, 2, 4, 8, 16 or 32) of every element of the 1-D int64 ``x`` as bytes.
-
-    Returns ceil(numel * width / 8) uint8 values; XOR commutes with packing.
-    """
-    if width in _WORD_DTYPES:
-        return x.to(_WORD_DTYPES[width]).view(torch.uint8)
-    per = 8 // width
-    pad = (-x.numel()) % per
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad)])
-    cols = x.reshape(-1, per)
-    out = cols[:, 0].clone()
-    for j in range(1, per):
-        out |= cols[:, j] << (j * width)
-    return out.to(torch.uint8)
-
-
-def unpack_bits(b: Tensor, width: int, n: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: ``n`` int64 values in [0, 2^width)."""
-    mask = (1 << width) - 1
-    if width in _WORD_DTYPES:
-        return b.clone().view(_WORD_DTYPES[width]).to(torch.int64) & mask
-    per = 8 // width
-    bb = b.to(torch.int64)
-    cols = torch.stack([(bb >> (j * width)) & mask for j in range(per)], dim=1)
-    return cols.reshape(-1)[:n]
-
-
-def _open_bits(ctx: PartyContext, fields: Sequence[Tensor], width: int, tag: str) -> list[Tensor]:
-    """Open XOR-shared ``width``-bit fields (1-D, same length) in one round, packed into one message."""
-    n = fields[0].numel()
-    packed = [pack_bits(f, width) for f in fields]
-    opened = open_(ctx, torch.cat(packed), tag, xor=True)
-    out, i = [], 0
-    for p in packed:
-        out.append(unpack_bits(opened[i : i + p.numel()], width, n))
-        i += p.numel()
-    return out
+def _merge(x: Tensor) -> Tensor:
+    """Words with 32 valid bits -> half as many dense words (pairs: low | high << 32), zero-padded."""
+    if x.numel() % 2:
+        x = torch.cat([x, x.new_zeros(1)])
+    return x[0::2] | (x[1::2] << 32)
 
 
 def ltz(ctx: PartyContext, x: AShare) -> AShare:
@@ -126,7 +91,7 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
     q = m["q"].to(torch.int64) & _M32
     tc = m["t"][3:] if s0 else m["tc"].to(torch.int64)
 
-    # Level 1 (local): pairs (2j+1, 2j) -> bit j of 32-bit words.
+    # Level 1 (local): pairs (2j+1, 2j) -> bit j of a 32-bit field per element.
     ch, cl, rh, rl = odd_bits(c), even_bits(c), odd_bits(rb), even_bits(rb)
     nch, ncl = ~ch & _M32, ~cl & _M32
     g = (nch & rh) ^ (ncl & ((nch & rl) ^ q))  # G_hi XOR P_hi G_lo
@@ -138,16 +103,21 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         p = p ^ (nch & ncl)
         g31 = g31 ^ ((ch >> 31) & 1)
         p31 = p31 ^ ((ncl >> 31) & 1)
-    g = (g & _LOW31) | (g31 << 31)
-    p = (p & _LOW31) | (p31 << 31)
+    # Dense words from here on: word j holds consecutive elements' fields in order (2 x 32 bits now).
+    g = _merge((g & _LOW31) | (g31 << 31))
+    p = _merge((p & _LOW31) | (p31 << 31))
 
-    # Levels 2..5: one AND pair (P_hi G_lo, P_hi P_lo) per block, 3 packed fields opened.
-    for lv, (w, off) in enumerate(zip(COMPARE_WIDTHS, COMPARE_OFFSETS, strict=True)):
-        mask = (1 << w) - 1
-        ta, tb1, tb2 = ((t[i] >> off) & mask for i in range(3))
-        tc1, tc2 = ((tc[i] >> off) & mask for i in range(2))
-        gh, gl, ph, pl = odd_bits(g), even_bits(g), odd_bits(p), even_bits(p)
-        e, f1, f2 = _open_bits(ctx, [ph ^ ta, gl ^ tb1, pl ^ tb2], w, f"ltz/tree{lv}")
+    # Levels 2..5: split every field into hi/lo halves by bit compaction (the fields of a word stay in
+    # order), AND-pair (P_hi G_lo, P_hi P_lo) with one shared mask, 3 dense words per output word opened.
+    ws = compare_words(n)
+    off = 0
+    for lv in range(4):
+        size = ws[lv + 1]
+        ta, tb1, tb2 = (t[i, off : off + size] for i in range(3))
+        tc1, tc2 = (tc[i, off : off + size] for i in range(2))
+        off += size
+        gh, gl, ph, pl = (_merge(h) for h in (odd_bits(g), even_bits(g), odd_bits(p), even_bits(p)))
+        e, f1, f2 = open_many(ctx, [ph ^ ta, gl ^ tb1, pl ^ tb2], f"ltz/tree{lv}", xor=True)
         z1 = tc1 ^ (e & tb1) ^ (f1 & ta)
         z2 = tc2 ^ (e & tb2) ^ (f2 & ta)
         if s0:
@@ -156,9 +126,12 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         g = gh ^ z1
         p = z2
 
-    # Level 6 fused with boolean -> arithmetic: G = g XOR (p AND q) from masked bits (step 4).
-    mg, e, f = _open_bits(ctx, [((g >> 1) ^ fb) & 1, ((p >> 1) ^ (fb >> 1)) & 1, (g ^ (fb >> 2)) & 1],
-                          1, "ltz/root")
+    # Level 6 fused with boolean -> arithmetic: G = g XOR (p AND q) from masked bits (step 4). Each word
+    # now holds 32 elements' 2-bit fields; the opened bits are sent as int32 (1 bit per element).
+    fb = m["fb"] & _M32
+    masked = torch.stack([odd_bits(g) ^ fb[0], odd_bits(p) ^ fb[1], even_bits(g) ^ fb[2]]).to(torch.int32)
+    opened = open_(ctx, masked, "ltz/root", xor=True).to(torch.int64) & _M32
+    mg, e, f = word_bits(opened, n)
     g1, p1, q1 = 1 - 2 * mg, 1 - 2 * e, 1 - 2 * f  # 1 - 2 (opened bit)
     mono = m["mono"]  # s, a, b, sa, sb, ab, sab
     coef = [g1 * (1 - 2 * e * f), g1 * p1 * f, g1 * e * q1, -2 * g1 * p1 * f, -2 * g1 * e * q1,
