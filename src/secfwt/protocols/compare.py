@@ -23,11 +23,11 @@ sending every tree bit packed (no byte per bit):
 mono_k * r, and b x = b c - b r (c public). :func:`relu` / :func:`maximum` use it (6 rounds, 19.625 bytes).
 
 Cost of ltz: 6 rounds; bytes sent per server per element: 8 (c) + (3 * (16 + 8 + 4 + 2) + 3) / 8
-= 19.625 (plus one frame header per round); dealer -> server 1 per element: 8 + 4 + 8 + 56 = 76.
+= 19.625 (plus one frame header per round); dealer -> server 1 per element: 8 + 4 + 7.5 + 56 = 75.5.
 The result is exact for every x in Z_2^64 (read as signed). Reference: dealer-aided comparison in the
 style of ABY/CrypTen A2B, replaced by a mask-and-compare carry tree (Damgard et al. bit-decomposition;
-Kogge & Stone, 1973); local first level and fused bit conversion as in the dealer-assisted comparisons of
-Rathee et al., CrypTFlow2 (2020) and Boyle et al. (function secret sharing, 2021) in spirit.
+Kogge & Stone, 1973). The dealer-computed first level, the dense packing and the fused bit conversion
+(and ltz_select) are this package's own dealer-model simplifications, not taken from a paper.
 """
 
 from __future__ import annotations
