@@ -214,6 +214,25 @@ def agreement(model_dir: Path, task: TaskSpec, examples: Sequence[Example], atte
     return res
 
 
+def plain_only(model_dir: Path, task: TaskSpec, examples: Sequence[Example], kinds: Sequence[str],
+               batch: int = 64, max_length: int = 128, temperature: float = 20.0) -> list[dict[str, Any]]:
+    """Plaintext only (no MPC): each attention kind's accuracy and label agreement with exact softmax."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    groups, _ = batches(tok, task, examples, batch, max_length)
+    labels = torch.tensor([e.label for e in examples])
+    soft, _ = plain_logits(model_dir, tok, task, examples, groups, AttentionConfig("softmax"), max_length,
+                           temperature)
+    rows = []
+    for k in kinds:
+        lg = soft if k == "softmax" else plain_logits(model_dir, tok, task, examples, groups,
+                                                      AttentionConfig(**ATTENTIONS[k]), max_length, temperature)[0]
+        rows.append({"attention": k, "n": len(examples), "accuracy": float((lg.argmax(1) == labels).double().mean()),
+                     "agreement_vs_softmax": float((lg.argmax(1) == soft.argmax(1)).double().mean())})
+    return rows
+
+
 def _commit() -> str:
     try:
         root = Path(__file__).resolve().parent
@@ -250,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--min-agreement", type=float, default=None,
                     help="exit 1 below this agreement (default: 0.99 for softmax, none otherwise)")
+    ap.add_argument("--plain-only", default=None, metavar="KINDS",
+                    help="no MPC: plaintext accuracy and agreement with softmax of these kinds (comma list)")
     ap.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/agreement-<attn>.json)")
     a = ap.parse_args(argv)
     commit = _commit()  # the code this run imports (taken before a long run, in case the tree moves)
@@ -258,6 +279,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     task, examples = load_examples(root, a.n)
     print(f"{len(examples)} SST-2 dev examples from {root}, model {model}, attention {a.attention}, mode {a.mode}",
           file=sys.stderr)
+    if a.plain_only:
+        kinds = [k.strip() for k in a.plain_only.split(",") if k.strip()]
+        bad = [k for k in kinds if k not in ATTENTIONS]
+        if bad:
+            raise SystemExit(f"agreement: unknown attention {bad[0]!r} (known: {', '.join(ATTENTIONS)})")
+        rows = plain_only(model, task, examples, kinds, max_length=a.max_length)
+        print("| attention | n | plaintext accuracy | label agreement with plaintext softmax |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['attention']} | {r['n']} | {r['accuracy']:.3f} | {r['agreement_vs_softmax']:.3f} |")
+        out = Path(a.out or "benchmarks/results/agreement-plaintext.json")
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+                                   "command": "python benchmarks/agreement.py "
+                                   + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}, indent=1)
+                       + "\n")
+        return 0
     start = time.perf_counter()
     res = agreement(model, task, examples, a.attention, a.batch, a.mode, a.max_length)
     res.update({

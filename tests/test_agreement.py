@@ -60,3 +60,12 @@ def test_minilm_sst2_dev_agreement_at_least_99_percent(tmp_path: Path) -> None:
     r = agreement.agreement(model, task, examples, "softmax", batch=8, mode="inprocess", progress=False)
     assert r["agreement"] >= 0.99
     assert r["logit_max_abs_err"] < 0.05
+
+
+def test_plain_only_rows_on_a_tiny_model(tmp_path: Path) -> None:
+    model = make_tiny_bert(tmp_path / "model")
+    examples = [Example((s,), y) for s, y in SENTENCES]
+    rows = agreement.plain_only(model, get_task("sst2"), examples, ["softmax", "rfa"], batch=2)
+    assert [r["attention"] for r in rows] == ["softmax", "rfa"]
+    assert rows[0]["agreement_vs_softmax"] == 1.0
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
