@@ -25,9 +25,14 @@ SENTENCES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny") / "model")
+
+
 @pytest.mark.parametrize("attention", ["softmax", "rfa"])
-def test_agreement_code_path_on_a_tiny_model(tmp_path: Path, attention: str) -> None:
-    model = make_tiny_bert(tmp_path / "model")
+def test_agreement_code_path_on_a_tiny_model(tmp_path: Path, tiny_model: Path, attention: str) -> None:
+    model = tiny_model
     examples = [Example((s,), y) for s, y in SENTENCES]
     r = agreement.agreement(model, get_task("sst2"), examples, attention, batch=2, mode="inprocess",
                             shares_dir=str(tmp_path / "shares"), check_hf=attention == "softmax", progress=False)
@@ -62,8 +67,8 @@ def test_minilm_sst2_dev_agreement_at_least_99_percent(tmp_path: Path) -> None:
     assert r["logit_max_abs_err"] < 0.05
 
 
-def test_plain_only_rows_on_a_tiny_model(tmp_path: Path) -> None:
-    model = make_tiny_bert(tmp_path / "model")
+def test_plain_only_rows_on_a_tiny_model(tiny_model: Path) -> None:
+    model = tiny_model
     examples = [Example((s,), y) for s, y in SENTENCES]
     rows = agreement.plain_only(model, get_task("sst2"), examples, ["softmax", "rfa"], batch=2)
     assert [r["attention"] for r in rows] == ["softmax", "rfa"]
