@@ -251,3 +251,37 @@ def test_what_a_server_receives_in_a_multiplication_is_uniform_whatever_the_inpu
         assert _chi2_bytes(msgs) < bound, label
     # Negative control: the statistic does detect a non-uniform message (the encoded input itself).
     assert _chi2_bytes(ring.encode(big, F)) > bound
+
+
+def test_what_a_server_receives_in_ltz_is_uniform_whatever_the_inputs():
+    # Every ltz message server 1 receives (c, the 4 packed tree levels, the root bits) for constant inputs 0
+    # and -1: each message's bytes must look uniform (same chi-square bound as above), per message tag.
+    n = 40000
+    received: dict[tuple[str, str], torch.Tensor] = {}
+
+    def make_prog(value: int, label: str):
+        shares = split(torch.full((n,), value, dtype=torch.int64), encoded=True, seed=5)
+
+        def prog(ctx):
+            if ctx.rank == SERVER1:
+                orig = ctx.comm.recv
+
+                def recording(peer, tag, *a, **k):
+                    t = orig(peer, tag, *a, **k)
+                    if peer == SERVER0 and tag.startswith("ltz/"):
+                        received[(label, tag)] = t.clone()
+                    return t
+
+                ctx.comm.recv = recording  # test instrumentation of this instance only
+            ltz_select(ctx, AShare(shares[ctx.rank].clone(), 0).unsqueeze(0), 1)
+
+        return prog
+
+    for value, label in ((0, "zero"), (-1, "minus_one")):
+        prog = make_prog(value, label)
+        run_in_process({SERVER0: prog, SERVER1: prog})
+    bound = 255 + 6 * 22.6
+    tags = {tag for _, tag in received}
+    assert tags == {"ltz/c", "ltz/tree0", "ltz/tree1", "ltz/tree2", "ltz/tree3", "ltz/root"}
+    for key, msg in received.items():
+        assert _chi2_bytes(msg.flatten()) < bound, key
