@@ -58,6 +58,10 @@ def _mul_draw0(p: dict[str, Any], st: PRGStream) -> Material:
 
 def _out_shape(p: dict[str, Any], a: Tensor, b: Tensor) -> Shape:
     if p.get("op") == "matmul":
+        if a.dim() >= 2 and b.dim() >= 2:  # the common case, without the meta-device kernels' first-use cost
+            if a.shape[-1] != b.shape[-2]:
+                raise ValueError(f"matmul triple: inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}")
+            return (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
         return tuple(torch.empty(a.shape, device="meta").matmul(torch.empty(b.shape, device="meta")).shape)
     return tuple(torch.broadcast_shapes(a.shape, b.shape))
 
