@@ -165,6 +165,21 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def earlier_rows(log: Path) -> list[dict[str, Any]]:
+    """The successful engine rows (JSON lines) an earlier run wrote to its log, marked with their origin."""
+    rows = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("status") == "ok" and "workload" in r and "engine" in r:
+                r["merged_from"] = str(log)
+                rows.append(r)
+    return rows
+
+
 def write_results(raw: list[dict[str, Any]], args: argparse.Namespace, engines: list[str], started: str,
                   load_start: tuple[float, float, float], repeats_done: int, argv: list[str] | None,
                   md_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], str]:
@@ -206,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per engine call")
     ap.add_argument("--cache-dir", type=Path, default=setup_envs.default_cache_dir())
     ap.add_argument("--log", type=Path, help="engines' stderr (default: the --out path with .log)")
+    ap.add_argument("--merge-all", action="store_true", help="with --rows-from: keep rows of every workload")
+    ap.add_argument("--rows-from", type=Path, action="append", default=[],
+                    help="merge the successful engine rows of an earlier run's .log (repeatable)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         sys.exit(f"--repeats: expected an integer >= 1, got {args.repeats}")
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"setting up the {e} environment failed (see {args.cache_dir}/setup-{e}.log)")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_start = os.getloadavg()
-    raw: list[dict[str, Any]] = []
+    raw = [r for f in args.rows_from for r in earlier_rows(f) if r["workload"] in workloads or args.merge_all]
     for rep in range(args.repeats):
         for wl in workloads:
             for eng in engines:

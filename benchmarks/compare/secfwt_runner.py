@@ -273,7 +273,7 @@ def _tuning_owner(job: Job, shares: Path) -> Callable[[PartyContext], dict[str, 
         enc = None
         for _ in range(job.repeats):
             loop = _Loop(ev, data, tcfg)  # same seed: every repeat asks the same candidates
-            _key, enc = ev.encode(loop.train, tcfg.n_prompt)  # registered once (sent to the servers) untimed
+            _key, enc, order = ev.encode(loop.train, tcfg.n_prompt)  # registered once (sent to the servers) untimed
             before = totals(client.server_costs())
             t0 = time.perf_counter()
             loop.step()
@@ -286,7 +286,7 @@ def _tuning_owner(job: Job, shares: Path) -> Callable[[PartyContext], dict[str, 
         label_ids = [row[m.bool()].tolist() for row, m in zip(lab.input_ids, lab.attention_mask, strict=True)]
         client.stop()
         assert ev.last is not None and enc is not None
-        return {"reps": reps, "prompts": ev.last[0], "logits": ev.last[1], "input_ids": enc.input_ids,
+        return {"reps": reps, "prompts": ev.last[0], "logits": ev.last[1], "input_ids": enc.input_ids, "order": order,
                 "mask": enc.attention_mask, "label_ids": label_ids, "temperature": ev.client.head.scale
                 if ev.client.head else 20.0}
 
@@ -316,7 +316,9 @@ def run_tuning_job(job: Job) -> dict[str, Any]:
 
     ref = PlainSimilarity.build(model_dir or minilm_dir(), job.attention or "softmax", res["label_ids"],
                                 float(res["temperature"]), torch.float64)
-    want = ref.logits(res["prompts"].double(), res["input_ids"], res["mask"])
+    want_sorted = ref.logits(res["prompts"].double(), res["input_ids"], res["mask"])  # rows in registered order
+    want = torch.empty_like(want_sorted)
+    want[:, res["order"]] = want_sorted  # registered row i is example order[i]
     errors = {"label_logits": max_abs(res["logits"], want)}
     times = [r["time_s"] for r in res["reps"]]
     per_server = [[r["servers"][s] for r in res["reps"]] for s in (SERVER0, SERVER1)]
