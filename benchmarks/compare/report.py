@@ -68,7 +68,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], failures: list[st
         f"median {sorted(load)[len(load) // 2] if load else 0:.1f} / max {max(load, default=0):.1f}, "
         f"at end {meta['loadavg_end'][0]}. Engines ran alternating (per repeat and workload: "
         f"{', '.join(meta['engines'])}); medians over {meta['repeats_done']} repeat(s) "
-        f"(of {meta['repeats_requested']} requested).",
+        f"(of {meta['repeats_requested']} requested)."
+        + (f" Rows merged from earlier runs' logs: {', '.join(meta['merged_from'])} (each row's repeats count "
+           "gives its number of runs)." if meta.get("merged_from") else ""),
         "",
         "MB = 10^6 bytes SENT by one server to the other (each receives as much; CrypTen's and SPU's sent + "
         "received counters halved); dealer / TTP traffic excluded. Rounds: secfwt = waits on the peer, "

@@ -186,7 +186,9 @@ def write_results(raw: list[dict[str, Any]], args: argparse.Namespace, engines: 
     rows, details, failures = aggregate(raw)
     meta = {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python benchmarks/compare/run.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "repeats_requested": args.repeats, "repeats_done": repeats_done, "engines": engines,
+            "repeats_requested": args.repeats, "repeats_done": repeats_done,
+            "engines": [e for e in ENGINES if any(r["engine"] == e for r in raw)],
+            "merged_from": [str(f) for f in args.rows_from],
             "machine": machine(), "loadavg_start": [round(v, 2) for v in load_start],
             "loadavg_end": [round(v, 2) for v in os.getloadavg()],
             "loadavg_1m_during": [r["host"]["loadavg_1m"] for r in raw if "host" in r],
