@@ -7,6 +7,8 @@ Both servers run as threads of one process (``run_in_process``); every batch is 
 whole decoder + label-word head, compared with the same code on ``PlainBackend`` (float64). The JSON file
 is rewritten after every batch (a partial run keeps its numbers): per-batch rows and the running totals
 (label agreement, max abs logit error, accuracies, seconds per example, bytes / rounds per forward, peak RSS).
+``--plain-vs-softmax``: no MPC; the plaintext ``--attention`` model against the plaintext softmax model (the
+"mpc" fields then hold the softmax model's predictions).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", default="softmax", choices=["softmax", "rfa", "2quad"])
     ap.add_argument("--rfa-form", default="masked", choices=["masked", "prefix"])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--plain-vs-softmax", action="store_true",
+                    help="no MPC: compare plaintext --attention with plaintext softmax ('mpc' fields = softmax)")
     ap.add_argument("--sort", action="store_true", help="batch the examples by token length (less padding)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sort:  # same examples, batched by token length: less padding, ~same cost per real token
         rows.sort(key=lambda r: len(tok(TEMPLATE.format(text=r[0])).input_ids))
     be0 = PlainBackend()
+    soft = dec.with_attention(AttentionConfig("softmax")) if args.plain_vs_softmax else None
     per_batch: list[dict[str, Any]] = []
     tot: dict[str, Any] = {"n": 0, "agree": 0, "correct_mpc": 0, "correct_plain": 0, "max_logit_err": 0.0,
                            "seconds": 0.0, "bytes_sent_server0": 0, "max_rounds_per_forward": 0}
@@ -89,13 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             return be.reveal(head.map_params(be.share_plain).forward(be, out))
 
         t0 = time.perf_counter()
-        res = run_in_process({SERVER0: prog, SERVER1: prog}, timeout=7200)  # type: ignore[dict-item]
+        if soft is not None:  # plaintext only: the chosen attention vs plaintext softmax
+            got, n_bytes, n_rounds = head.forward(be0, soft.forward(be0, embeds, mask)), 0, 0
+        else:
+            res = run_in_process({SERVER0: prog, SERVER1: prog}, timeout=7200)
+            c = res.costs[SERVER0].total()
+            got, n_bytes, n_rounds = res[SERVER0], int(c.bytes_sent), int(c.rounds)
         sec = time.perf_counter() - t0
-        c = res.costs[SERVER0].total()
-        got = res[SERVER0]
         err = (got - ref).abs().max().item()
         row = {"start": i, "size": len(chunk), "T": int(mask.shape[1]), "seconds": sec,
-               "bytes_sent_server0": int(c.bytes_sent), "rounds": int(c.rounds), "max_logit_err": err,
+               "bytes_sent_server0": n_bytes, "rounds": n_rounds, "max_logit_err": err,
                "agree": int((got.argmax(-1) == ref.argmax(-1)).sum()),
                "correct_mpc": int((got.argmax(-1) == labels).sum()),
                "correct_plain": int((ref.argmax(-1) == labels).sum())}
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         n = tot["n"]
         summary = {
             "attention": args.attention, "rfa_form": args.rfa_form, "batch": args.batch, "skip": args.skip,
-            "sorted": args.sort, "n_requested": args.n, "n_done": n, "agreement": tot["agree"] / n,
+            "sorted": args.sort, "other": "plain-softmax" if soft is not None else "mpc",
+            "n_requested": args.n, "n_done": n, "agreement": tot["agree"] / n,
             "agree": tot["agree"],
             "acc_mpc": tot["correct_mpc"] / n, "acc_plain": tot["correct_plain"] / n,
             "max_logit_err": tot["max_logit_err"], "seconds_per_example": tot["seconds"] / n,
