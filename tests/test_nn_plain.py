@@ -268,3 +268,17 @@ def test_minilm_matches_hf() -> None:
         st = model(input_ids=ids, attention_mask=mask).last_hidden_state
     st_pool = (st * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     assert (mean_pool(be, no_prompt.hidden, no_prompt.mask) - st_pool).abs().max().item() < 1e-9
+
+
+def test_rfa_normaliser_floor_is_max_on_the_plain_backend():
+    """RFA's mean normaliser is max(den / n, floor) on both backends (the MPC reciprocal's range starts there)."""
+    from secfwt.nn.attention import _normalise
+
+    num = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    den = torch.tensor([-0.5, 0.0, 0.01, 0.3], dtype=torch.float64).reshape(1, 1, 4, 1).expand(2, 3, 4, 1) * 8
+    n = torch.tensor([8.0, 8.0]).reshape(2, 1, 1, 1)
+    out = _normalise(PlainBackend(), num, den, n, (0.02, 2.0), 0.0, floor=0.02)
+    assert torch.allclose(out, (num / n) / torch.clamp(den / n, min=0.02))
+    assert AttentionConfig("rfa").recip_range()[0] == 0.02
+    with pytest.raises(ConfigError, match="rfa_floor"):
+        AttentionConfig("rfa", rfa_floor=-0.1)

@@ -132,7 +132,7 @@ class SelfAttention(Generic[V]):
         num = be.index(out, (Ellipsis, slice(0, hs)))  # (B, nh, T, hs)
         den = be.index(out, (Ellipsis, slice(hs, hs + 1)))  # (B, nh, T, 1)
         n_valid = mask.sum(dim=1).reshape(b, 1, 1, 1) * m  # (B, 1, 1, 1)
-        return _normalise(be, num, den, n_valid, a.recip_range(), 0.0)
+        return _normalise(be, num, den, n_valid, a.recip_range(), 0.0, floor=a.rfa_floor)
 
 
 def _even_power(be: Backend[V], x: V, p: int) -> V:
@@ -149,15 +149,21 @@ def _even_power(be: Backend[V], x: V, p: int) -> V:
     return result
 
 
-def _normalise(be: Backend[V], num: V, den: V, n: Tensor, rng: tuple[float, float], eps: float) -> V:
+def _normalise(
+    be: Backend[V], num: V, den: V, n: Tensor, rng: tuple[float, float], eps: float, floor: float = 0.0
+) -> V:
     """num / den with one reciprocal per query: (num / n) * 1/(den / n + eps); n public per batch row.
 
     Both are divided by n before the product so neither the reciprocal's input nor its output depends on
-    the sequence length (1/den itself would be ~1/n: too few fixed-point bits).
+    the sequence length (1/den itself would be ~1/n: too few fixed-point bits). With ``floor`` > 0 the mean
+    normaliser is max(den / n, floor) = floor + relu(den / n - floor) (one comparison per query, on both
+    backends), so the reciprocal's input is never below its range.
     """
     mean = be.mul_public(den, 1.0 / n)  # (B, nh, T, 1)
     if eps:
         mean = be.add_public(mean, eps)
+    if floor:
+        mean = be.add_public(be.relu(be.add_public(mean, -floor)), floor)
     r = be.reciprocal(mean, rng[0], rng[1])  # (B, nh, T, 1)
     return be.mul(be.mul_public(num, 1.0 / n), r)
 

@@ -50,6 +50,10 @@ class AttentionConfig:
         recip_lo, recip_hi: input range of the MPC reciprocal of the normaliser, which is divided by the
             number of valid keys first (and by m for RFA) so it does not depend on the sequence length.
         eps: added to the mean normaliser of relu/power (keeps the reciprocal's input away from zero).
+        rfa_floor: RFA: public floor of the mean normaliser, max(den, floor) on both backends (0 = off). The
+            random-feature estimate of a kernel mean in [exp(-2/tau^2), 1] can fall to or below 0 for some
+            queries of a pretrained model; plaintext would divide by it, the MPC reciprocal cannot (its range
+            starts at the floor). With the floor both compute the same function.
     """
 
     kind: AttentionKind | str = AttentionKind.SOFTMAX
@@ -59,6 +63,7 @@ class AttentionConfig:
     rfa_norm: str = "l2"
     rfa_tau: float = 0.8
     rfa_sq_range: tuple[float, float] = (0.25, 4096.0)
+    rfa_floor: float = 0.02
     quad_c: float = 5.0
     relu_norm: str = "sum"
     power: int = 2
@@ -78,6 +83,8 @@ class AttentionConfig:
             raise ConfigError(f"attention power: must be an even integer >= 2, got {self.power}")
         if self.rfa_norm not in ("l2", "scale"):
             raise ConfigError(f"attention rfa_norm: expected 'l2' or 'scale', got {self.rfa_norm!r}")
+        if not 0.0 <= self.rfa_floor < 1.0:
+            raise ConfigError(f"attention rfa_floor: expected a value in [0, 1), got {self.rfa_floor}")
         if self.rfa_tau <= 0:
             raise ConfigError(f"attention rfa_tau: must be > 0, got {self.rfa_tau}")
         if self.relu_norm not in ("sum", "length"):
@@ -90,7 +97,7 @@ class AttentionConfig:
     def recip_range(self) -> tuple[float, float]:
         """Range of the (mean) normaliser fed to the MPC reciprocal, per mechanism unless overridden."""
         defaults = {
-            AttentionKind.RFA: (1e-3, 2.0),
+            AttentionKind.RFA: (self.rfa_floor or 1e-3, 2.0),
             AttentionKind.TWO_QUAD: (1.0, 2048.0),
             AttentionKind.RELU: (self.eps, 64.0),
             AttentionKind.POWER: (self.eps, 4096.0),
