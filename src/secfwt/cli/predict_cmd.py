@@ -73,7 +73,7 @@ def execute(a: argparse.Namespace, console: Console | None = None) -> int:
     start = time.perf_counter()
     preds, costs = run_job(spec, task, lambda ev: classify(ev, pf.prompt, task, examples, labelled), a.parties)
     elapsed = time.perf_counter() - start
-    console.print(predictions_table(preds))
+    console.print(predictions_table(preds, task.words))
     if labelled:
         console.print(f"accuracy: {accuracy_of(preds):.4f} on {len(preds)} examples")
     if costs:
@@ -85,14 +85,15 @@ def execute(a: argparse.Namespace, console: Console | None = None) -> int:
     return 0
 
 
-def predictions_table(preds: list[Prediction], limit: int = 20) -> Table:
+def predictions_table(preds: list[Prediction], words: tuple[str, ...] = (), limit: int = 20) -> Table:
     t = Table(title=f"predictions ({min(limit, len(preds))} of {len(preds)} shown)")
     for col in ("text", "label", "p(label)", "gold"):
         t.add_column(col)
     for p in preds[:limit]:
         text = " | ".join(p.texts)
         gold = "" if p.correct is None else ("ok" if p.correct else "wrong")
-        t.add_row(text if len(text) <= 70 else text[:67] + "...", p.label, f"{p.probs[p.index]:.3f}", gold)
+        label = f"{p.label} ({words[p.index].strip()})" if words and words[p.index].strip() != p.label else p.label
+        t.add_row(text if len(text) <= 70 else text[:67] + "...", label, f"{p.probs[p.index]:.3f}", gold)
     return t
 
 
