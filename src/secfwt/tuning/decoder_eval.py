@@ -54,7 +54,7 @@ from secfwt.prg import PRG, new_key
 from secfwt.serve.session import PrivateModelClient, _attention_from_json, _attention_to_json
 from secfwt.share import AShare, owner_share, reveal_to
 from secfwt.tuning.data import Example
-from secfwt.tuning.encode import label_word_id, special_tokens
+from secfwt.tuning.encode import initial_prompt, label_word_id, special_tokens
 from secfwt.tuning.objective import Batch, EvalCost
 from secfwt.tuning.tasks import TaskSpec
 
@@ -145,18 +145,6 @@ def label_token_ids(tokenizer: Any, task: TaskSpec) -> list[list[int]]:
     return [[label_word_id(tokenizer, task.name, w.strip())] for w in decoder_template(task)[1]]
 
 
-def vocab_prompt(table: Tensor, tokenizer: Any, n_prompt: int, seed: int) -> Tensor:
-    """BBT's p0: embeddings of ``n_prompt`` random non-special vocabulary tokens (seeded)."""
-    special = set(tokenizer.all_special_ids)
-    g = torch.Generator().manual_seed(seed)
-    ids: list[int] = []
-    while len(ids) < n_prompt:
-        i = int(torch.randint(0, table.shape[0], (1,), generator=g))
-        if i not in special:
-            ids.append(i)
-    return table[torch.tensor(ids)].clone().float()
-
-
 def _rows(n_pop: int, n_ex: int, max_rows: int) -> list[tuple[Tensor, Tensor]]:
     """Fixed chunking of the P x B (prompt, example) rows: (prompt index, example index) per chunk."""
     out = []
@@ -229,8 +217,8 @@ class PlainDecoderEvaluator:
         self._compute_s += time.perf_counter() - start
         return torch.cat(outs).float().reshape(n_pop, len(batch), -1)
 
-    def init_prompt(self, n_prompt: int, seed: int) -> Tensor:
-        return vocab_prompt(self.table, self.tokenizer, n_prompt, seed)
+    def init_prompt(self, n_prompt: int, seed: int, text: str | None = None) -> Tensor:
+        return initial_prompt(self.table, self.tokenizer, n_prompt, seed, text).float()
 
     def cost(self) -> EvalCost | None:
         return None
@@ -457,10 +445,10 @@ class MpcDecoderEvaluator:
         self._calls += 1
         return self.client.forward(key, prompts.to(torch.float64)).float()
 
-    def init_prompt(self, n_prompt: int, seed: int) -> Tensor | None:
+    def init_prompt(self, n_prompt: int, seed: int, text: str | None = None) -> Tensor | None:
         if self.word_table is None:
             return None
-        return vocab_prompt(self.word_table, self.tokenizer, n_prompt, seed)
+        return initial_prompt(self.word_table, self.tokenizer, n_prompt, seed, text).float()
 
     def cost(self) -> EvalCost:
         costs = self.client.server_costs()
