@@ -42,9 +42,9 @@ FORMAT = "secfwt-decoder-shares-1"
 
 
 # -- the model owner's share files ----------------------------------------------------------------------
-def share_decoder(model: str, out_dir: str | Path, frac_bits: int = 16) -> Path:
+def share_decoder(model: str, out_dir: str | Path, frac_bits: int = 16, disclose_embeddings: bool = True) -> Path:
     """Split a Llama checkpoint (``"smollm2"`` or a directory) into ``out_dir/server{0,1}.safetensors``
-    (+ public/, owner/ word table). Returns ``out_dir``."""
+    (+ public/, and with ``disclose_embeddings`` the owner's word table). Returns ``out_dir``."""
     d = resolve_model_dir(model)
     dec = Decoder.from_pretrained(d)
     out = Path(out_dir)
@@ -54,7 +54,8 @@ def share_decoder(model: str, out_dir: str | Path, frac_bits: int = 16) -> Path:
     meta = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(dec.config)), "tied": str(tied)}
     write_share_files(out, params, frac_bits, meta, d)
     write_public_files(out, d, {"embedding_std": float(word.std()), "tied": tied, "decoder": True})
-    write_owner_word_table(out, word)
+    if disclose_embeddings:
+        write_owner_word_table(out, word)
     return out
 
 

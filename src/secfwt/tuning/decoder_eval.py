@@ -45,7 +45,7 @@ from secfwt.nn.llama_weights import SMOLLM2, is_decoder_model, resolve_model_dir
 from secfwt.serve.decoder import DecoderClient, share_decoder
 from secfwt.serve.rows import RowChunk, forward_rows
 from secfwt.tuning.data import Example
-from secfwt.tuning.encode import label_word_id, special_tokens
+from secfwt.tuning.encode import label_word_id, pad_right, special_tokens
 from secfwt.tuning.objective import Batch, EvalCost
 from secfwt.tuning.tasks import TaskSpec
 
@@ -89,14 +89,7 @@ def encode_decoder(tokenizer: Any, template: str, examples: Sequence[Example], m
                 f2 = dict(fields, **({"text_b": short} if key == "text_b" else {"text": short, "text_a": short}))
                 ids = list(tokenizer(template.format(**f2))["input_ids"])
         rows.append(ids)
-    t = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), t), pad, dtype=torch.int64)
-    mask = torch.zeros((len(rows), t), dtype=torch.int64)
-    for i, r in enumerate(rows):
-        input_ids[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
-        mask[i, :len(r)] = 1
-    return DecoderBatch(input_ids, mask)
+    return DecoderBatch(*pad_right(tokenizer, rows))
 
 
 def prompt_position(tokenizer: Any) -> int:
