@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-seed", type=int, default=d.seed, help="CMA-ES seed")
     p.add_argument("--proj-seed", type=int, default=None, help="owner-secret seed of the projection A")
     p.add_argument("--init", choices=("none", "vocab"), default=d.init, help="p0: zeros or random word embeddings")
+    p.add_argument("--init-text", default=None, metavar="TEXT",
+                   help="p0: the embeddings of this phrase's tokens (--n-prompt = its token count)")
     p.add_argument("--loss", choices=("ce", "hinge"), default=d.loss)
     p.add_argument("--train-batch", type=int, default=None, help="train examples per iteration (default: all)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="iterations between dev evaluations")
@@ -51,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> TuneConfig:
     return TuneConfig(
         d=a.d, n_prompt=a.n_prompt, popsize=a.popsize, budget_calls=a.budget, iterations=a.iterations,
-        sigma=a.sigma, seed=a.tune_seed, proj_seed=a.proj_seed, init=a.init, loss=a.loss,
+        sigma=a.sigma, seed=a.tune_seed, proj_seed=a.proj_seed, init="text" if a.init_text else a.init,
+        init_text=a.init_text or None, loss=a.loss,
         train_batch=a.train_batch, eval_every=a.eval_every, patience=a.patience or None,
         zero_shot_floor=not a.no_floor, checkpoint_every=a.checkpoint_every,
     )

@@ -45,7 +45,7 @@ from secfwt.nn.llama_weights import SMOLLM2, is_decoder_model, resolve_model_dir
 from secfwt.serve.decoder import DecoderClient, share_decoder
 from secfwt.serve.rows import RowChunk, forward_rows
 from secfwt.tuning.data import Example
-from secfwt.tuning.encode import label_word_id, pad_right, special_tokens
+from secfwt.tuning.encode import initial_prompt, label_word_id, pad_right, special_tokens
 from secfwt.tuning.objective import Batch, EvalCost
 from secfwt.tuning.tasks import TaskSpec
 
@@ -101,18 +101,6 @@ def prompt_position(tokenizer: Any) -> int:
 
 def label_token_ids(tokenizer: Any, task: TaskSpec) -> list[list[int]]:
     return [[label_word_id(tokenizer, task.name, w.strip())] for w in decoder_template(task)[1]]
-
-
-def vocab_prompt(table: Tensor, tokenizer: Any, n_prompt: int, seed: int) -> Tensor:
-    """BBT's p0: embeddings of ``n_prompt`` random non-special vocabulary tokens (seeded)."""
-    special = set(tokenizer.all_special_ids)
-    g = torch.Generator().manual_seed(seed)
-    ids: list[int] = []
-    while len(ids) < n_prompt:
-        i = int(torch.randint(0, table.shape[0], (1,), generator=g))
-        if i not in special:
-            ids.append(i)
-    return table[torch.tensor(ids)].clone().float()
 
 
 # -- plaintext ------------------------------------------------------------------------------------------
@@ -180,8 +168,8 @@ class PlainDecoderEvaluator:
         self._compute_s += time.perf_counter() - start
         return logits.float().reshape(n_pop, len(batch), -1)
 
-    def init_prompt(self, n_prompt: int, seed: int) -> Tensor:
-        return vocab_prompt(self.table, self.tokenizer, n_prompt, seed)
+    def init_prompt(self, n_prompt: int, seed: int, text: str | None = None) -> Tensor:
+        return initial_prompt(self.table, self.tokenizer, n_prompt, seed, text).float()
 
     def cost(self) -> EvalCost | None:
         return None
@@ -226,10 +214,10 @@ class MpcDecoderEvaluator:
         self._calls += 1
         return self.client.forward(key, prompts.to(torch.float64)).float()
 
-    def init_prompt(self, n_prompt: int, seed: int) -> Tensor | None:
+    def init_prompt(self, n_prompt: int, seed: int, text: str | None = None) -> Tensor | None:
         if self.word_table is None:
             return None
-        return vocab_prompt(self.word_table, self.tokenizer, n_prompt, seed)
+        return initial_prompt(self.word_table, self.tokenizer, n_prompt, seed, text).float()
 
     def cost(self) -> EvalCost:
         costs = self.client.server_costs()

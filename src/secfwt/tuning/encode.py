@@ -130,3 +130,28 @@ def label_word_id(tokenizer: Any, task_name: str, word: str) -> int:
             return int(ids[0])
     toks = tokenizer.tokenize(" " + word)
     raise ConfigError(f"task {task_name}: label word {word!r} is not one token for this tokenizer ({toks})")
+
+
+def initial_prompt(table: torch.Tensor, tokenizer: Any, n_prompt: int, seed: int,
+                   text: str | None = None) -> torch.Tensor:
+    """``p0`` (n_prompt, H) from the word table the owner holds.
+
+    ``text`` None: BBT's init, embeddings of ``n_prompt`` random non-special vocabulary tokens (seeded).
+    Otherwise the embeddings of ``text``'s tokens (no special tokens; "text" init of prompt tuning, Lester et
+    al. 2021): a task phrase the search starts from instead of random words. Its token count must be
+    ``n_prompt``.
+    """
+    if text is not None:
+        ids = _token_ids(tokenizer, text)
+        if len(ids) != n_prompt:
+            raise ConfigError(f"init text {text!r} is {len(ids)} tokens for this model's tokenizer, the prompt "
+                              f"has {n_prompt}: pass --n-prompt {len(ids)}")
+        return table[torch.tensor(ids, dtype=torch.int64)].clone()
+    special = set(tokenizer.all_special_ids)
+    g = torch.Generator().manual_seed(seed)
+    picked: list[int] = []
+    while len(picked) < n_prompt:
+        i = int(torch.randint(0, table.shape[0], (1,), generator=g))
+        if i not in special:
+            picked.append(i)
+    return table[torch.tensor(picked)].clone()

@@ -51,7 +51,8 @@ class TuneConfig:
     alpha: float = 1.0  # BBT's scale of the projection std
     seed: int = 42  # CMA-ES and loop RNG seed
     proj_seed: int | None = None  # owner-secret seed of A (and p0); default: derived from seed
-    init: str = "none"  # p0: "none" (zeros) or "vocab" (embeddings of random vocabulary words)
+    init: str = "none"  # p0: "none" (zeros), "vocab" (random vocabulary words) or "text" (init_text's tokens)
+    init_text: str | None = None  # the phrase p0 embeds with init "text" (its token count = n_prompt)
     loss: str = "ce"  # "ce" or "hinge"
     margin: float = 1.0  # hinge margin
     train_batch: int | None = None  # examples per iteration (seeded minibatch); None = the whole train set
@@ -66,8 +67,11 @@ class TuneConfig:
                 raise ConfigError(f"tuning config: {name} must be >= 1, got {getattr(self, name)}")
         if self.popsize < 2:
             raise ConfigError(f"tuning config: popsize must be >= 2 (CMA-ES), got {self.popsize}")
-        if self.init not in ("none", "vocab"):
-            raise ConfigError(f"tuning config: init must be 'none' or 'vocab', got {self.init!r}")
+        if self.init not in ("none", "vocab", "text"):
+            raise ConfigError(f"tuning config: init must be 'none', 'vocab' or 'text', got {self.init!r}")
+        if (self.init == "text") != bool(self.init_text):
+            raise ConfigError("tuning config: init 'text' needs a non-empty init_text (and init_text needs init "
+                              f"'text'), got init={self.init!r}, init_text={self.init_text!r}")
         get_loss(self.loss)
         if self.sigma <= 0:
             raise ConfigError(f"tuning config: sigma must be > 0, got {self.sigma}")
@@ -168,9 +172,12 @@ class _Loop:
         self.loss_fn = get_loss(config.loss)
         if config.loss == "hinge":
             self.loss_fn = lambda lg, y: hinge(lg, y, config.margin)
-        p0 = evaluator.init_prompt(config.n_prompt, config.projection_seed) if config.init == "vocab" else None
-        if config.init == "vocab" and p0 is None:
-            raise ConfigError(f"init 'vocab': evaluator {evaluator.model_name} cannot provide p0")
+        p0 = None
+        if config.init != "none":
+            p0 = evaluator.init_prompt(config.n_prompt, config.projection_seed, config.init_text)
+            if p0 is None:
+                raise ConfigError(f"init {config.init!r}: the data owner has no word table for "
+                                  f"{evaluator.model_name} (private embedding mode): use --init none")
         self.proj = Projection(
             config.d, config.n_prompt, evaluator.hidden_size, evaluator.embedding_std, config.sigma, config.alpha,
             config.projection_seed, p0,

@@ -19,7 +19,7 @@ from secfwt.errors import ConfigError
 from secfwt.nn.config import AttentionConfig
 from secfwt.serve.session import HeadSpec, PrivateModelClient
 from secfwt.tuning.data import Example
-from secfwt.tuning.encode import Encoded, encode_examples, label_word_id
+from secfwt.tuning.encode import Encoded, encode_examples, initial_prompt, label_word_id
 from secfwt.tuning.objective import Batch, EvalCost
 from secfwt.tuning.tasks import TaskSpec
 
@@ -95,18 +95,11 @@ class MpcEvaluator:
         unsorted[:, order] = out
         return unsorted
 
-    def init_prompt(self, n_prompt: int, seed: int) -> torch.Tensor | None:
-        """BBT's ``p0`` from random vocabulary words (needs the disclosed word table), else None."""
+    def init_prompt(self, n_prompt: int, seed: int, text: str | None = None) -> torch.Tensor | None:
+        """``p0`` from the disclosed word table (random words or ``text``), else None."""
         if self.word_table is None:
             return None
-        special = set(self.tokenizer.all_special_ids)
-        g = torch.Generator().manual_seed(seed)
-        ids: list[int] = []
-        while len(ids) < n_prompt:
-            i = int(torch.randint(0, self.word_table.shape[0], (1,), generator=g))
-            if i not in special:
-                ids.append(i)
-        return self.word_table[torch.tensor(ids)].clone()
+        return initial_prompt(self.word_table, self.tokenizer, n_prompt, seed, text)
 
     def server_costs(self) -> dict[int, CostTracker]:
         return self.client.server_costs()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from secfwt.errors import ConfigError
 from secfwt.tuning.data import Example
-from secfwt.tuning.encode import Encoded, encode_examples, label_word_id
+from secfwt.tuning.encode import Encoded, encode_examples, initial_prompt, label_word_id
 from secfwt.tuning.tasks import TaskSpec
 
 
@@ -75,8 +75,9 @@ class Evaluator(Protocol):
 
     def logits(self, prompts: torch.Tensor, batch: Batch) -> torch.Tensor: ...
 
-    def init_prompt(self, n_prompt: int, seed: int) -> torch.Tensor | None:
-        """``p0``: ``(n_prompt, hidden)`` embeddings of random vocabulary words, or None if unavailable."""
+    def init_prompt(self, n_prompt: int, seed: int, text: str | None = None) -> torch.Tensor | None:
+        """``p0``: ``(n_prompt, hidden)`` embeddings of random vocabulary words (or of ``text``'s tokens),
+        or None if the owner does not hold the word table (:func:`secfwt.tuning.encode.initial_prompt`)."""
         ...
 
     def cost(self) -> EvalCost | None: ...
@@ -202,17 +203,8 @@ class HFPlainEvaluator:
         out = self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
         return F.normalize(_mean_pool(out, enc.attention_mask), dim=-1)  # (n_labels, H)
 
-    def init_prompt(self, n_prompt: int, seed: int) -> torch.Tensor:
-        """BBT's ``p0``: embeddings of ``n_prompt`` random non-special vocabulary tokens (seeded)."""
-        special = set(self.tokenizer.all_special_ids)
-        g = torch.Generator().manual_seed(seed)
-        vocab = self._embeddings.shape[0]
-        ids: list[int] = []
-        while len(ids) < n_prompt:
-            i = int(torch.randint(0, vocab, (1,), generator=g))
-            if i not in special:
-                ids.append(i)
-        return self._embeddings[torch.tensor(ids)].clone()
+    def init_prompt(self, n_prompt: int, seed: int, text: str | None = None) -> torch.Tensor:
+        return initial_prompt(self._embeddings, self.tokenizer, n_prompt, seed, text)
 
     def cost(self) -> EvalCost | None:
         return None
