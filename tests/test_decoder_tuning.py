@@ -107,3 +107,27 @@ def test_mpc_decoder_tuning_follows_plaintext(tiny: tuple[Path, Path], parties: 
     assert set(costs) == {0, 1}
     assert sum(v["bytes_sent"] for v in costs[0].values()) > 0
     assert private.cost is not None and private.cost.bytes_per_server > 0
+
+
+def test_mpc_decoder_with_a_parties_file(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--parties parties.toml``: servers and dealer started on their own (here: as local processes running
+    the one server entry point on the decoder's share directory); this process is only the data owner."""
+    from secfwt.comm.base import OWNER, SERVER0, SERVER1
+    from secfwt.launch import PartyProcesses, write_local_config
+    from secfwt.tuning.decoder_eval import ensure_decoder_shares
+    from secfwt.tuning.runner import run_job
+
+    model, d = tiny
+    spec = _spec(model, d, "mpc")
+    shares = ensure_decoder_shares(spec)
+    batch = Batch.of("b", [Example(("a great movie",), 1), Example(("it was bad",), 0)])
+    prompts = 0.1 * torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(3))
+    plain = PlainDecoderEvaluator.from_pretrained(str(model), get_task("demo"), max_length=24)
+    config = write_local_config(tmp_path, timeout=120, frac_bits=16)
+    prog = "secfwt.serve.entry:serve_from_env"
+    with PartyProcesses({SERVER0: prog, SERVER1: prog}, config, env={"SECFWT_SHARES_DIR": str(shares)},
+                        external=[OWNER], threads_per_party=1) as procs:
+        got, costs = run_job(spec, get_task("demo"), lambda ev: ev.logits(prompts, batch), parties=str(config))
+        procs.wait(timeout=120)
+    assert set(costs) == {0, 1}
+    assert (got - plain.logits(prompts, batch)).abs().max() < 1e-2

@@ -30,8 +30,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--program", default=None, help="module:function called with the party context "
                                                    "(not needed for the dealer)")
     p.add_argument("--shares", default=None,
-                   help="servers: this server's share file from `secfwt share-model` (runs the model service; "
-                        "replaces --program)")
+                   help="servers: this server's share file, encoder (`secfwt share-model`) or decoder (runs the "
+                        "model service its format names; replaces --program)")
     p.add_argument("--out", default=None, help="save the result here (torch.save) and the costs next to it")
     p.add_argument("--parties", default=None,
                    help="comma-separated parties of this run (default: all parties of the file)")

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from secfwt.nn.llama_weights import is_decoder_model
+from secfwt.serve.decoder import share_decoder
 from secfwt.serve.shares import share_model
 
 
 def execute(a: argparse.Namespace) -> int:
-    out = share_model(a.model, a.out, frac_bits=a.frac_bits, disclose_embeddings=not a.keep_embeddings)
+    if is_decoder_model(a.model):  # "smollm2" or a Llama directory: format secfwt-decoder-shares-1
+        out = share_decoder(a.model, a.out, frac_bits=a.frac_bits, disclose_embeddings=not a.keep_embeddings)
+    else:
+        out = share_model(a.model, a.out, frac_bits=a.frac_bits, disclose_embeddings=not a.keep_embeddings)
     print(f"wrote {out}/server0.safetensors (give to server0), {out}/server1.safetensors (give to server1), "
           f"{out}/public (tokenizer and config for the data owner)"
           + ("" if a.keep_embeddings else f", {out}/owner/word_embeddings.safetensors (local embedding mode)"))
@@ -18,7 +23,8 @@ def execute(a: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("share-model", help="split a local HF checkpoint into server share files")
-    p.add_argument("--model", required=True, help="local HuggingFace model directory")
+    p.add_argument("--model", required=True,
+                   help="local HuggingFace model directory (encoder, or Llama decoder), or 'smollm2'")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--frac-bits", type=int, default=16)
     p.add_argument("--keep-embeddings", action="store_true",

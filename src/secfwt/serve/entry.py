@@ -1,19 +1,35 @@
-"""Importable server programs for ``secfwt party`` (real processes): the model service on a share file."""
+"""Server programs: serve a share file, encoder or decoder, as its ``format`` metadata says.
+
+:func:`serve_from_env` is the program of ``secfwt party --role server0 --shares FILE`` (real processes, on
+this host or a remote one); :func:`shares_dir_program` is the same for in-process parties.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from secfwt.context import PartyContext
 from secfwt.errors import ConfigError
+from secfwt.serve import decoder, shares
 from secfwt.serve.session import serve_model
-from secfwt.serve.shares import load_server_shares
+
+
+def serve_file(ctx: PartyContext, path: str | Path) -> int:
+    """Serve this server's share file: ``secfwt-shares-1`` (encoder) or ``secfwt-decoder-shares-1``
+    (decoder); returns the number of forward commands served."""
+    fmt = shares.share_format(path)
+    if fmt == shares.FORMAT:
+        return serve_model(ctx, shares.load_server_shares(path, ctx.rank))
+    if fmt == decoder.FORMAT:
+        return decoder.serve_decoder(ctx, decoder.load_decoder_shares(path, ctx.rank))
+    raise ConfigError(f"{path}: unknown share format {fmt!r}, expected {shares.FORMAT!r} or {decoder.FORMAT!r}")
 
 
 def serve_from_env(ctx: PartyContext) -> int:
     """Serve the model whose shares are in ``$SECFWT_SHARE_FILE`` (one file) or ``$SECFWT_SHARES_DIR``
-    (the directory from ``secfwt share-model``: ``server0.safetensors`` / ``server1.safetensors``)."""
+    (the directory from ``secfwt share-model`` or the decoder's share cache: ``server{0,1}.safetensors``)."""
     f = os.environ.get("SECFWT_SHARE_FILE")
     d = os.environ.get("SECFWT_SHARES_DIR")
     if f:
@@ -22,4 +38,16 @@ def serve_from_env(ctx: PartyContext) -> int:
         path = Path(d) / f"server{ctx.rank}.safetensors"
     else:
         raise ConfigError("no share file: set --shares (SECFWT_SHARE_FILE) or SECFWT_SHARES_DIR")
-    return serve_model(ctx, load_server_shares(path, ctx.rank))
+    return serve_file(ctx, path)
+
+
+def shares_dir_program(shares_dir: str | Path) -> Callable[[PartyContext], int]:
+    """The servers' program for a share directory (``server{rank}.safetensors``), encoder or decoder."""
+
+    def prog(ctx: PartyContext) -> int:
+        return serve_file(ctx, Path(shares_dir) / f"server{ctx.rank}.safetensors")
+
+    return prog
+
+
+__all__ = ["serve_file", "serve_from_env", "shares_dir_program"]

@@ -7,15 +7,23 @@ public tensors (padding masks) go in the clear, and results come back as shares 
 ====================  ======================================================================================
 command               what the servers do
 ====================  ======================================================================================
-``setup``             build the encoder with the requested attention and the head: masked-LM (verbalizer
-                      rows selected with a private (L, V) weight matrix: the servers never learn the label
-                      words) or similarity (label descriptions encoded under MPC, pooled, normalised)
-``register``          store a batch of examples (shared embeddings or shared one-hot ids, public mask,
-                      shared one-hot of the <mask> position) under a key: sent once, reused every step
+``setup``             build the model with the requested attention and its head. Encoders
+                      (:class:`ModelServer`): masked-LM (verbalizer rows selected with a private (L, V)
+                      weight matrix: the servers never learn the label words) or similarity (label
+                      descriptions encoded under MPC, pooled, normalised). Decoders
+                      (:class:`secfwt.serve.decoder.DecoderServer`): the label-word head
+``register``          store a batch of examples (shared embeddings or shared one-hot ids, public mask, for
+                      masked-LM heads the shared one-hot of the <mask> position) under a key: sent once,
+                      reused every step
 ``forward``           for P shared soft prompts and a registered batch, run the P x B forwards in chunks of
-                      ``max_rows`` sequences and reveal the (P, B, L) logits to the owner only
+                      ``max_rows`` sequences (:mod:`secfwt.serve.rows`) and reveal the (P, B, L) logits to
+                      the owner only
 ``cost`` / ``stop``   send the cost ledger to the owner / leave the loop
 ====================  ======================================================================================
+
+ONE command loop (:func:`serve_loop`) serves both model families; :class:`BaseServer` holds what their
+servers share (inputs, batches, chunked forward) and :mod:`secfwt.serve.entry` picks the server from the
+share file's format.
 
 What the servers learn: shapes (P, B, sequence length, prompt length, number of labels) and each example's
 padding mask (its token count). Not the tokens, labels, label words, prompts, logits or loss.
@@ -24,9 +32,9 @@ padding mask (its token count). Not the tokens, labels, label words, prompts, lo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -39,10 +47,12 @@ from secfwt.nn.config import AttentionConfig
 from secfwt.nn.encoder import Encoder
 from secfwt.nn.heads import MaskedLMHead, SimilarityHead, mean_pool
 from secfwt.nn.mpc import MpcBackend
+from secfwt.serve.rows import RowChunk, forward_rows
 from secfwt.serve.shares import ServerShares
 from secfwt.share import AShare, owner_share, receive_revealed, reveal_to
 
 _SERVERS = (SERVER0, SERVER1)
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,63 +71,144 @@ class HeadSpec:
 
 
 @dataclass
-class _Batch:
+class RegisteredBatch:
     embeds: AShare  # (B, T, H)
     mask: Tensor  # (B, T) public
-    mask_one_hot: AShare | None  # (B, T) scale 0, mlm only
+    position: AShare | None  # (B, T) scale 0: one-hot of the position the head reads (encoder mlm only)
 
 
-def _attention_from_json(d: dict[str, Any]) -> AttentionConfig:
+def attention_from_json(d: dict[str, Any]) -> AttentionConfig:
     d = dict(d)
     if "rfa_sq_range" in d:
         d["rfa_sq_range"] = tuple(d["rfa_sq_range"])
     return AttentionConfig(**d)
 
 
-def _attention_to_json(a: AttentionConfig) -> dict[str, Any]:
+def attention_to_json(a: AttentionConfig) -> dict[str, Any]:
     d = dataclasses.asdict(a)
     d["kind"] = str(a.attention_kind.value)
     d["rfa_sq_range"] = list(a.rfa_sq_range)
     return d
 
 
-class ModelServer:
-    """One server's state for a session: its model shares, the head, and the registered batches."""
+class Server(Protocol):
+    """What :func:`serve_loop` drives: one handler per command that carries model work."""
 
-    def __init__(self, ctx: PartyContext, shares: ServerShares) -> None:
-        if ctx.f != shares.frac_bits:
-            raise ConfigError(f"share file has {shares.frac_bits} fractional bits, the parties use {ctx.f}")
-        self.ctx = ctx
-        self.be = MpcBackend(ctx)
-        self.shares = shares
-        self.encoder: Encoder[AShare] | None = None
-        self.head: MaskedLMHead[AShare] | SimilarityHead[AShare] | None = None
+    def setup(self, msg: dict[str, Any]) -> None: ...
+    def register(self, msg: dict[str, Any]) -> None: ...
+    def forward(self, msg: dict[str, Any]) -> None: ...
+
+
+def serve_loop(ctx: PartyContext, server: Server) -> int:
+    """A server's command loop (setup, register, forward, cost, stop); returns the number of forwards served."""
+    n_forward = 0
+    while True:
+        msg = ctx.comm.recv_json(OWNER, "cmd")
+        cmd = msg.get("cmd")
+        if cmd == "stop":
+            return n_forward
+        if cmd == "setup":
+            server.setup(msg)
+        elif cmd == "register":
+            server.register(msg)
+        elif cmd == "forward":
+            server.forward(msg)
+            n_forward += 1
+        elif cmd == "cost":
+            ctx.comm.send_json(OWNER, "cost", ctx.cost.to_dict())
+        else:
+            raise ProtocolMismatchError(f"unknown command {cmd!r} from the data owner")
+
+
+class BaseServer:
+    """What every model server does alike: the owner's inputs (shared embeddings or one-hot ids x the shared
+    word table), the registered batches, and ``forward``: P shared prompts on a registered batch, the P x B
+    rows in chunks (:mod:`secfwt.serve.rows`), the (P * B, L) logits revealed to the owner only. Subclasses
+    build their model and head in ``setup`` and run one chunk in :meth:`_forward_chunk`."""
+
+    def __init__(self, ctx: PartyContext, frac_bits: int, hidden: int, vocab_size: int,
+                 word: AShare | None) -> None:
+        if ctx.f != frac_bits:
+            raise ConfigError(f"share file has {frac_bits} fractional bits, the parties use {ctx.f}")
+        self.ctx, self.be = ctx, MpcBackend(ctx)
+        self.hidden, self.vocab_size, self.word = hidden, vocab_size, word
         self.embedding = "local"
         self.max_rows = 64
-        self.batches: dict[str, _Batch] = {}
+        self.batches: dict[str, RegisteredBatch] = {}
 
     def _recv_public(self, tag: str, shape: Sequence[int]) -> Tensor:
         return self.ctx.comm.recv(OWNER, tag, shape=tuple(shape), dtype=torch.float64)
 
-    def _embed(self, b: int, t: int) -> AShare:
-        """Inputs from the owner: shared embeddings (local mode) or shared one-hot ids x shared table."""
-        cfg = self.shares.config
-        if self.embedding == "local":
-            return self.be.from_owner((b, t, cfg.hidden))
-        one_hot = self.be.from_owner((b, t, cfg.vocab_size), scale=0)
-        with self.be.scope("embedding"):
-            return self.be.matmul(one_hot, self.shares.params["emb.word"])  # (B, T, H), exact: scale 0 x f
-
-    def setup(self, msg: dict[str, Any]) -> None:
-        p = self.shares.params
+    def _setup_inputs(self, msg: dict[str, Any]) -> None:
+        """The setup fields every server reads: the embedding mode and the chunk size."""
         self.embedding = str(msg["embedding"])
         if self.embedding not in ("local", "private"):
             raise ProtocolMismatchError(f"setup: embedding must be 'local' or 'private', got {self.embedding!r}")
-        if self.embedding == "private" and "emb.word" not in p:
+        if self.embedding == "private" and self.word is None:
             raise ConfigError("private embedding needs the word table in the share file")
         self.max_rows = int(msg["max_rows"])
+
+    def _embed(self, b: int, t: int) -> AShare:
+        """Inputs from the owner: shared embeddings (local mode) or shared one-hot ids x shared table."""
+        if self.embedding == "local":
+            return self.be.from_owner((b, t, self.hidden))
+        assert self.word is not None
+        one_hot = self.be.from_owner((b, t, self.vocab_size), scale=0)
+        with self.be.scope("embedding"):
+            return self.be.matmul(one_hot, self.word)  # (B, T, H), exact: scale 0 x f
+
+    def _needs_position(self) -> bool:
+        """True when the head reads a private position one-hot registered with each batch."""
+        return False
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _forward_chunk(self, x: AShare, mask: Tensor, prompt: AShare | None, position: AShare | None) -> AShare:
+        """Logits (R, L) of one chunk: embeddings (R, t, H), public mask (R, t), prompts (R, n_prompt, H)."""
+        raise NotImplementedError
+
+    def register(self, msg: dict[str, Any]) -> None:
+        b, t = int(msg["B"]), int(msg["T"])
+        embeds = self._embed(b, t)
+        mask = self._recv_public("mask", (b, t))
+        position = self.be.from_owner((b, t), scale=0) if self._needs_position() else None
+        self.batches[str(msg["key"])] = RegisteredBatch(embeds, mask, position)
+
+    def forward(self, msg: dict[str, Any]) -> None:
+        if not self._ready():
+            raise ProtocolMismatchError("forward before setup")
+        key = str(msg["key"])
+        if key not in self.batches:
+            raise ProtocolMismatchError(f"forward: unknown batch {key!r} (register it first)")
+        batch = self.batches[key]
+        n_pop, n_prompt = int(msg["P"]), int(msg["n_prompt"])
+        prompts = self.be.from_owner((n_pop, n_prompt, self.hidden)) if n_prompt else None
+
+        def run(c: RowChunk) -> AShare:
+            pr = self.be.index(prompts, c.prompt) if prompts is not None else None  # (R, n_prompt, H)
+            pos = self.be.index(batch.position, c.cols) if batch.position is not None else None  # (R, t)
+            return self._forward_chunk(self.be.index(batch.embeds, c.cols), batch.mask[c.cols], pr, pos)
+
+        logits = forward_rows(self.be, n_pop, batch.mask, self.max_rows, run)  # (P * B, L), row p * B + b
+        reveal_to(self.ctx, logits, OWNER, tag="logits")
+
+
+class ModelServer(BaseServer):
+    """One server's state for an encoder session: its model shares, the head, and the registered batches."""
+
+    def __init__(self, ctx: PartyContext, shares: ServerShares) -> None:
+        cfg = shares.config
+        super().__init__(ctx, shares.frac_bits, cfg.hidden, cfg.vocab_size, shares.params.get("emb.word"))
+        self.shares = shares
+        self.encoder: Encoder[AShare] | None = None
+        self.head: MaskedLMHead[AShare] | SimilarityHead[AShare] | None = None
+
+    def setup(self, msg: dict[str, Any]) -> None:
+        p = self.shares.params
+        self._setup_inputs(msg)
         body = {k: v for k, v in p.items() if not k.startswith("mlm.") and k != "emb.word"}
-        self.encoder = Encoder(self.shares.config, body, _attention_from_json(msg["attention"]))
+        self.encoder = Encoder(self.shares.config, body, attention_from_json(msg["attention"]))
         head = msg["head"]
         n_labels = int(head["n_labels"])
         if head["kind"] == "mlm":
@@ -139,7 +230,6 @@ class ModelServer:
             mask = self._recv_public("label-mask", (n_labels, t))
             with self.be.scope("head-setup"):
                 x = self._embed(n_labels, t)
-                assert self.encoder is not None
                 out = self.encoder.forward(self.be, x, mask)
                 pooled = mean_pool(self.be, out.hidden, out.mask)  # (L, H)
                 lo, hi = head["sq_norm_range"]
@@ -148,70 +238,24 @@ class ModelServer:
             self.head = SimilarityHead(emb, "cosine", float(head["scale"]), include_prompt=False,
                                        sq_norm_range=(lo, hi))
 
-    def register(self, msg: dict[str, Any]) -> None:
-        b, t = int(msg["B"]), int(msg["T"])
-        embeds = self._embed(b, t)
-        mask = self._recv_public("mask", (b, t))
-        one_hot = self.be.from_owner((b, t), scale=0) if isinstance(self.head, MaskedLMHead) else None
-        self.batches[str(msg["key"])] = _Batch(embeds, mask, one_hot)
+    def _needs_position(self) -> bool:
+        return isinstance(self.head, MaskedLMHead)
 
-    def forward(self, msg: dict[str, Any]) -> None:
-        if self.encoder is None or self.head is None:
-            raise ProtocolMismatchError("forward before setup")
-        key = str(msg["key"])
-        if key not in self.batches:
-            raise ProtocolMismatchError(f"forward: unknown batch {key!r} (register it first)")
-        batch = self.batches[key]
-        n_pop, n_prompt = int(msg["P"]), int(msg["n_prompt"])
-        h = self.shares.config.hidden
-        prompts = self.be.from_owner((n_pop, n_prompt, h)) if n_prompt else None
-        n_ex = batch.mask.shape[0]
-        n_rows = n_pop * n_ex
-        # Row r = p * n_ex + b. Chunks take the rows example-major (all candidates of a few examples), and each
-        # chunk drops the trailing columns that are padding in all its rows (the mask is public): with the
-        # owner's batches sorted by length, short sentences no longer pay for the longest one.
-        order = torch.arange(n_rows).reshape(n_pop, n_ex).t().reshape(-1)
-        outs = []
-        for lo in range(0, n_rows, self.max_rows):
-            rows = order[lo : lo + self.max_rows]
-            p_idx, b_idx = rows // n_ex, rows % n_ex
-            mask = batch.mask[b_idx]
-            t = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else mask.shape[1]
-            cols = (b_idx, slice(0, t))
-            x = self.be.index(batch.embeds, cols)  # (R, t, H)
-            pr = self.be.index(prompts, p_idx) if prompts is not None else None  # (R, n_prompt, H)
-            out = self.encoder.forward(self.be, x, mask[:, :t], prompt=pr)
-            if isinstance(self.head, MaskedLMHead):
-                assert batch.mask_one_hot is not None
-                outs.append(self.head.forward(self.be, out, self.be.index(batch.mask_one_hot, cols)))
-            else:
-                outs.append(self.head.forward(self.be, out))
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(n_rows)
-        logits = self.be.index(self.be.cat(outs, dim=0), inverse)  # (P * B, L), row p * n_ex + b
-        reveal_to(self.ctx, logits, OWNER, tag="logits")
+    def _ready(self) -> bool:
+        return self.encoder is not None and self.head is not None
+
+    def _forward_chunk(self, x: AShare, mask: Tensor, prompt: AShare | None, position: AShare | None) -> AShare:
+        assert self.encoder is not None and self.head is not None
+        out = self.encoder.forward(self.be, x, mask, prompt=prompt)
+        if isinstance(self.head, MaskedLMHead):
+            assert position is not None
+            return self.head.forward(self.be, out, position)
+        return self.head.forward(self.be, out)
 
 
 def serve_model(ctx: PartyContext, shares: ServerShares) -> int:
-    """A server's command loop; returns the number of forward commands served."""
-    server = ModelServer(ctx, shares)
-    n_forward = 0
-    while True:
-        msg = ctx.comm.recv_json(OWNER, "cmd")
-        cmd = msg.get("cmd")
-        if cmd == "stop":
-            return n_forward
-        if cmd == "setup":
-            server.setup(msg)
-        elif cmd == "register":
-            server.register(msg)
-        elif cmd == "forward":
-            server.forward(msg)
-            n_forward += 1
-        elif cmd == "cost":
-            ctx.comm.send_json(OWNER, "cost", ctx.cost.to_dict())
-        else:
-            raise ProtocolMismatchError(f"unknown command {cmd!r} from the data owner")
+    """An encoder server's command loop; returns the number of forward commands served."""
+    return serve_loop(ctx, ModelServer(ctx, shares))
 
 
 class PrivateModelClient:
@@ -236,6 +280,7 @@ class PrivateModelClient:
         self.result_timeout = result_timeout
         self.head: HeadSpec | None = None
         self.n_labels = 0
+        self.configured = False
         self.registered: dict[str, int] = {}
 
     def _cmd(self, msg: dict[str, Any]) -> None:
@@ -265,27 +310,33 @@ class PrivateModelClient:
                               "sq_norm_range": list(head.sq_norm_range)}
         if label_inputs is not None:
             hj["T"] = int(label_inputs[0].shape[1])
-        self._cmd({"cmd": "setup", "attention": _attention_to_json(attention), "head": hj,
+        self._cmd({"cmd": "setup", "attention": attention_to_json(attention), "head": hj,
                    "embedding": self.embedding, "max_rows": int(max_rows)})
         if head.kind == "mlm":
-            sel = torch.zeros(len(head.label_token_ids), self.vocab_size, dtype=torch.float64)
-            for i, group in enumerate(head.label_token_ids):
-                sel[i, list(group)] = 1.0 / len(group)
-            owner_share(self.ctx, sel)
+            self._share_selection(head.label_token_ids)
         else:
             assert label_inputs is not None
             self._public("label-mask", label_inputs[1])
             self._share_tokens(label_inputs[0])
+        self.configured = True
+
+    def _share_selection(self, label_ids: Sequence[Sequence[int]]) -> None:
+        """Share the (L, V) averaging matrix that selects each label's vocabulary rows (the label words stay
+        private: the servers multiply it with their shared rows)."""
+        sel = torch.zeros(len(label_ids), self.vocab_size, dtype=torch.float64)
+        for i, group in enumerate(label_ids):
+            sel[i, list(group)] = 1.0 / len(group)
+        owner_share(self.ctx, sel)
 
     def register(self, key: str, input_ids: Tensor, attention_mask: Tensor, mask_pos: Tensor | None = None) -> None:
         """Send a batch once: ids (B, T), mask (B, T), and for masked-LM heads the <mask> positions (B,)."""
-        if self.head is None:
+        if not self.configured:
             raise ConfigError("register before setup")
         b, t = input_ids.shape
         self._cmd({"cmd": "register", "key": key, "B": int(b), "T": int(t)})
         self._share_tokens(input_ids)
         self._public("mask", attention_mask)
-        if self.head.kind == "mlm":
+        if self.head is not None and self.head.kind == "mlm":
             if mask_pos is None or bool((mask_pos < 0).any()):
                 raise ConfigError("masked-LM head: every example needs a <mask> position")
             owner_share(self.ctx, torch.nn.functional.one_hot(mask_pos, t).to(torch.float64), scale=0)
@@ -316,3 +367,13 @@ class PrivateModelClient:
 
     def stop(self) -> None:
         self._cmd({"cmd": "stop"})
+
+    def run_and_stop(self, job: Callable[[], T]) -> tuple[T, dict[int, dict[str, Any]]]:
+        """Run ``job`` (the owner's work with this client), then fetch each server's cost ledger (as dicts);
+        the servers are stopped in any case."""
+        try:
+            out = job()
+            costs = {r: c.to_dict() for r, c in self.server_costs().items()}
+        finally:
+            self.stop()
+        return out, costs

@@ -10,6 +10,10 @@
 
 Each server receives only its own file. Shares are ``w0 = r`` and ``w1 = encode(w) - r`` with ``r`` uniform
 from a fresh AES-CTR key that is discarded afterwards.
+
+The writing and reading helpers (:func:`write_share_files`, :func:`write_public_files`,
+:func:`write_owner_word_table`, :func:`read_share_file`) are shared with the decoder's share files
+(:mod:`secfwt.serve.decoder`, format ``secfwt-decoder-shares-1``); :func:`share_format` tells them apart.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -34,8 +40,11 @@ from secfwt.prg import PRG, new_key
 from secfwt.share import AShare
 
 FORMAT = "secfwt-shares-1"
-_PUBLIC_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
+# Tokenizer and config files the data owner needs (copied when the checkpoint has them): BERT/RoBERTa/XLM-R
+# encoders and Llama decoders.
+PUBLIC_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model",
+                "generation_config.json")
 
 
 @dataclass
@@ -48,62 +57,102 @@ class ServerShares:
     party: int
 
 
+# -- writing (the model owner) ----------------------------------------------------------------------------
+def write_share_files(out: Path, params: Mapping[str, Tensor], frac_bits: int, meta: Mapping[str, str],
+                      source: str | Path) -> None:
+    """Ring-encode every parameter, split it as ``w0 = r``, ``w1 = encode(w) - r`` (``r`` from a fresh key,
+    discarded) and write ``out/server{0,1}.safetensors`` with ``meta`` + party + frac_bits as metadata."""
+    prg = PRG(new_key())
+    s0: dict[str, Tensor] = {}
+    s1: dict[str, Tensor] = {}
+    for i, (name, w) in enumerate(sorted(params.items())):
+        try:
+            v = ring.encode(w, frac_bits)
+        except OverflowError as e:
+            raise ConfigError(f"{source}: parameter {name} does not fit the fixed-point range: {e}") from e
+        r = prg.stream(i).ring(tuple(v.shape))
+        s0[name], s1[name] = r.contiguous(), (v - r).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    for rank, tensors in ((SERVER0, s0), (SERVER1, s1)):
+        m = {**meta, "party": PARTY_NAMES[rank], "frac_bits": str(frac_bits)}
+        save_file(tensors, str(out / f"{PARTY_NAMES[rank]}.safetensors"), metadata=m)
+
+
+def write_public_files(out: Path, model_dir: Path, info: Mapping[str, Any]) -> None:
+    """``out/public/``: the checkpoint's config and tokenizer files and ``secfwt.json`` (``info``: public
+    metadata the data owner needs without the weights, e.g. the embedding std BBT scales its projection by)."""
+    pub = public_dir(out)
+    pub.mkdir(parents=True, exist_ok=True)
+    for f in PUBLIC_FILES:
+        if (model_dir / f).is_file():
+            shutil.copy2(model_dir / f, pub / f)
+    (pub / "secfwt.json").write_text(json.dumps(dict(info)))
+
+
+def write_owner_word_table(out: Path, word: Tensor) -> None:
+    """``out/owner/word_embeddings.safetensors``: the disclosed word table (the owner's local embedding mode)."""
+    (out / "owner").mkdir(parents=True, exist_ok=True)
+    save_file({"word": word.to(torch.float32).contiguous()}, str(out / "owner" / "word_embeddings.safetensors"))
+
+
 def share_model(model_dir: str | Path, out_dir: str | Path, frac_bits: int = 16,
                 disclose_embeddings: bool = True) -> Path:
     """Split ``model_dir`` into ``out_dir/server{0,1}.safetensors`` (+ public files). Returns ``out_dir``."""
     enc = Encoder.from_pretrained(model_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prg = PRG(new_key())
-    s0: dict[str, Tensor] = {}
-    s1: dict[str, Tensor] = {}
-    for i, (name, w) in enumerate(sorted(enc.params.items())):
-        try:
-            v = ring.encode(w, frac_bits)
-        except OverflowError as e:
-            raise ConfigError(f"{model_dir}: parameter {name} does not fit the fixed-point range: {e}") from e
-        r = prg.stream(i).ring(tuple(v.shape))
-        s0[name], s1[name] = r.contiguous(), (v - r).contiguous()
-    cfg_json = json.dumps(dataclasses.asdict(enc.config))
-    for rank, tensors in ((SERVER0, s0), (SERVER1, s1)):
-        meta = {"format": FORMAT, "party": PARTY_NAMES[rank], "frac_bits": str(frac_bits), "config": cfg_json}
-        save_file(tensors, str(out / f"{PARTY_NAMES[rank]}.safetensors"), metadata=meta)
-    pub = out / "public"
-    pub.mkdir(exist_ok=True)
-    for f in _PUBLIC_FILES:
-        src = Path(model_dir) / f
-        if src.is_file():
-            shutil.copy2(src, pub / f)
-    # Public metadata the data owner needs without the weights (BBT scales its projection by it).
-    (pub / "secfwt.json").write_text(json.dumps({"embedding_std": float(enc.params["emb.word"].std())}))
+    meta = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(enc.config))}
+    write_share_files(out, enc.params, frac_bits, meta, model_dir)
+    write_public_files(out, Path(model_dir), {"embedding_std": float(enc.params["emb.word"].std())})
     if disclose_embeddings:
-        (out / "owner").mkdir(exist_ok=True)
-        save_file({"word": enc.params["emb.word"].to(torch.float32).contiguous()},
-                  str(out / "owner" / "word_embeddings.safetensors"))
+        write_owner_word_table(out, enc.params["emb.word"])
     return out
 
 
-def load_server_shares(path: str | Path, rank: int) -> ServerShares:
-    """Read one server's share file; checks the format and that it belongs to ``rank``."""
-    p = Path(path)
+# -- reading (a server) -----------------------------------------------------------------------------------
+def _open(p: Path, tensors: bool, missing: str = "") -> tuple[dict[str, str], dict[str, Tensor]]:
     if not p.is_file():
-        raise ConfigError(f"{p}: share file does not exist (run `secfwt share-model` first)")
+        raise ConfigError(f"{p}: share file does not exist{missing}")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-            params = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            params = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 - no __iter__
     except Exception as e:  # noqa: BLE001 - safetensors raises several types
         raise ConfigError(f"{p}: not a readable safetensors file ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{p}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta, params
+
+
+def share_format(path: str | Path) -> str | None:
+    """The ``format`` metadata of a share file (None when it has none), without reading its tensors."""
+    return _open(Path(path), tensors=False)[0].get("format")
+
+
+def read_share_file(path: str | Path, rank: int, fmt: str,
+                    missing: str = "") -> tuple[dict[str, str], dict[str, AShare], int]:
+    """(metadata, shares, frac_bits) of one server's share file; checks that it exists and is readable, its
+    format, that it belongs to ``rank`` and that every tensor is int64. ``missing``: hint for a missing file."""
+    p = Path(path)
+    meta, params = _open(p, tensors=True, missing=missing)
+    if meta.get("format") != fmt:
+        raise ConfigError(f"{p}: format {meta.get('format')!r}, expected {fmt!r}")
     if meta.get("party") != PARTY_NAMES[rank]:
         raise ConfigError(f"{p}: shares of {meta.get('party')!r}, but this party is {PARTY_NAMES[rank]!r}")
-    fb = int(meta["frac_bits"])
-    cfg = EncoderConfig(**json.loads(meta["config"]))
+    for key in ("frac_bits", "config"):
+        if key not in meta:
+            raise ConfigError(f"{p}: metadata field {key!r} is missing")
+    try:
+        fb = int(meta["frac_bits"])
+    except ValueError as e:
+        raise ConfigError(f"{p}: metadata field 'frac_bits': expected an integer, got {meta['frac_bits']!r}") from e
     for k, t in params.items():
         if t.dtype != torch.int64:
             raise ConfigError(f"{p}: tensor {k} has dtype {t.dtype}, expected int64 shares")
-    return ServerShares(cfg, {k: AShare(t, fb) for k, t in params.items()}, fb, rank)
+    return meta, {k: AShare(t, fb) for k, t in params.items()}, fb
+
+
+def load_server_shares(path: str | Path, rank: int) -> ServerShares:
+    """Read one server's encoder share file; checks the format and that it belongs to ``rank``."""
+    meta, params, fb = read_share_file(path, rank, FORMAT, " (run `secfwt share-model` first)")
+    return ServerShares(EncoderConfig(**json.loads(meta["config"])), params, fb, rank)
 
 
 def public_dir(shares_dir: str | Path) -> Path:

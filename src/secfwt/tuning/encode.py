@@ -96,14 +96,20 @@ def encode_examples(
             flat += ids
         rows.append(prefix + flat + suffix)
         mask_pos.append(pos + len(prefix) if pos >= 0 else -1)
+    input_ids, att = pad_right(tokenizer, rows)
+    return Encoded(input_ids, att, torch.tensor(mask_pos, dtype=torch.int64))
+
+
+def pad_right(tokenizer: Any, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows -> ids (B, T) right-padded with the tokenizer's pad id (0 without one), mask (B, T) 0/1."""
     length = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), length), pad, dtype=torch.int64)
     att = torch.zeros((len(rows), length), dtype=torch.int64)
     for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        input_ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.int64)
         att[i, : len(r)] = 1
-    return Encoded(input_ids, att, torch.tensor(mask_pos, dtype=torch.int64))
+    return input_ids, att
 
 
 def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:

@@ -1,4 +1,5 @@
-"""Private tuning with every party in its own OS process, talking mutually authenticated TLS.
+"""Running the parties of a private job: in-process threads, or every party in its own OS process talking
+mutually authenticated TLS (:func:`run_parties`; encoders and decoders alike).
 
 ``parties="local"``: certificates and a loopback parties file are made in a temporary directory, the two
 servers and the dealer are started as subprocesses (``secfwt party``) and the data owner runs in this process.
@@ -15,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from secfwt.comm.base import DEALER, OWNER, SERVER0, SERVER1
+from secfwt.context import FixedPoint
 from secfwt.launch import PartyProcesses, load_parties_config, write_local_config
-from secfwt.runtime import run_party
+from secfwt.runtime import run_in_process, run_party
+from secfwt.serve.entry import shares_dir_program
+
+SERVER_PROGRAM = "secfwt.serve.entry:serve_from_env"
 
 
 def _run_owner(config: Path, owner: Any) -> Any:
@@ -29,16 +34,15 @@ def _run_owner(config: Path, owner: Any) -> Any:
         comm.close()
 
 
-def run_with_processes(spec: Any, shares: Path, owner: Any, parties: str,
-                       server_program: str = "secfwt.serve.entry:serve_from_env") -> Any:
+def run_with_processes(spec: Any, shares: Path, owner: Any, parties: str) -> Any:
     """Run the data owner here and the other parties as processes (``local``) or on their hosts (a file).
-    ``server_program``: the servers' ``module:function`` (the decoder service for decoder models)."""
+    The servers run :func:`secfwt.serve.entry.serve_from_env`: encoder or decoder, as the share file says."""
     if parties != "local":
         return _run_owner(Path(parties), owner)
     with tempfile.TemporaryDirectory(prefix="secfwt-parties-") as tmp:
         config = write_local_config(Path(tmp), timeout=spec.timeout, frac_bits=spec.frac_bits)
         env = {"SECFWT_SHARES_DIR": str(shares)}
-        progs = {SERVER0: server_program, SERVER1: server_program}
+        progs = {SERVER0: SERVER_PROGRAM, SERVER1: SERVER_PROGRAM}
         with PartyProcesses(progs, config, env=env, external=[OWNER], threads_per_party=1) as procs:
             result = _run_owner(config, owner)
             # PartyProcesses.wait counts from the start of the processes: give the servers and the dealer
@@ -46,3 +50,15 @@ def run_with_processes(spec: Any, shares: Path, owner: Any, parties: str,
             # which killed every run longer than 10 minutes after its last result).
             procs.wait(timeout=time.monotonic() - procs.started + 600)
         return result
+
+
+def run_parties(spec: Any, shares: Path, owner: Any, parties: str = "inprocess") -> Any:
+    """The owner's program with the servers on ``shares`` (encoder or decoder) and the dealer: threads of this
+    process (``inprocess``), TLS processes (``local``) or the hosts of a parties file. Returns the owner's
+    result."""
+    if parties == "inprocess":
+        servers = shares_dir_program(shares)
+        res = run_in_process({SERVER0: servers, SERVER1: servers, OWNER: owner}, fxp=FixedPoint(spec.frac_bits),
+                             timeout=spec.timeout)
+        return res[OWNER]
+    return run_with_processes(spec, shares, owner, parties)

@@ -3,7 +3,7 @@
 A *job* is a function of an :class:`~secfwt.tuning.objective.Evaluator`. In plaintext mode it gets an
 :class:`~secfwt.tuning.objective.HFPlainEvaluator`; in MPC mode the data owner's program
 (:func:`owner_program`) builds the :class:`~secfwt.tuning.mpc_eval.MpcEvaluator` and runs the job on it, the
-servers run :func:`secfwt.serve.session.serve_model` on their share files and the dealer answers server 1.
+servers serve their share files (:mod:`secfwt.serve.entry`) and the dealer answers server 1.
 With ``parties="inprocess"`` all of them are threads of this process; with ``"local"`` or a parties file (see
 :mod:`secfwt.launch`) each is its own process talking TLS. :func:`run` is the tuning job
 (:func:`~secfwt.tuning.fot.tune`); ``secfwt predict`` runs :func:`~secfwt.tuning.predict.classify` the same way.
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from secfwt.comm.base import OWNER, SERVER0, SERVER1
-from secfwt.context import FixedPoint, PartyContext
+from secfwt.context import PartyContext
 from secfwt.errors import ConfigError
 from secfwt.nn.config import AttentionConfig
-from secfwt.serve.session import PrivateModelClient, serve_model
-from secfwt.serve.shares import load_server_shares, owner_word_table, public_dir, share_model
+from secfwt.nn.llama_weights import is_decoder_model
+from secfwt.serve.session import PrivateModelClient
+from secfwt.serve.shares import owner_word_table, public_dir, share_model
 from secfwt.tuning.data import TaskData, load_task_data
 from secfwt.tuning.fot import TuneConfig, TuneResult, tune
 from secfwt.tuning.mpc_eval import MpcEvaluator
@@ -132,19 +132,7 @@ def owner_program(spec: RunSpec, shares: Path, task: TaskSpec, job: Callable[[Ev
         ev = MpcEvaluator(client, tok, task, head=_head(spec, shares), attention=spec.attention_config(),
                           model_name=model_name(spec.model_dir()), embedding_std=std, max_length=spec.max_length,
                           max_rows=spec.max_rows, temperature=spec.temperature, word_table=table)
-        try:
-            out = job(ev)
-            costs = {r: c.to_dict() for r, c in client.server_costs().items()}
-        finally:
-            client.stop()
-        return out, costs
-
-    return prog
-
-
-def server_program(shares: Path) -> Any:
-    def prog(ctx: PartyContext) -> int:
-        return serve_model(ctx, load_server_shares(shares / f"server{ctx.rank}.safetensors", ctx.rank))
+        return client.run_and_stop(lambda: job(ev))
 
     return prog
 
@@ -153,9 +141,9 @@ def run_job(
     spec: RunSpec, task: TaskSpec, job: Callable[[Evaluator], T], parties: str = "inprocess"
 ) -> tuple[T, Costs]:
     """Run ``job`` on the evaluator ``spec.mode`` asks for; returns its result and (MPC) each server's ledger."""
-    from secfwt.tuning.decoder_eval import is_decoder_model, run_decoder_job
-
     if is_decoder_model(spec.model):  # LLaMA-architecture LMs: the decoder evaluators (docs/DECODER.md)
+        from secfwt.tuning.decoder_eval import run_decoder_job
+
         return run_decoder_job(spec, task, job, parties)
     if spec.mode == "plaintext":
         ev = HFPlainEvaluator.from_pretrained(spec.model_dir(), task, head=spec.head, max_length=spec.max_length,
@@ -163,19 +151,10 @@ def run_job(
         return job(ev), {}
     if spec.mode != "mpc":
         raise ConfigError(f"mode: expected 'mpc' or 'plaintext', got {spec.mode!r}")
+    from secfwt.tuning.processes import run_parties
+
     shares = ensure_shares(spec)
-    owner = owner_program(spec, shares, task, job)
-    servers = server_program(shares)
-    if parties == "inprocess":
-        from secfwt.runtime import run_in_process
-
-        res = run_in_process({SERVER0: servers, SERVER1: servers, OWNER: owner},
-                             fxp=FixedPoint(spec.frac_bits), timeout=spec.timeout)
-        result: tuple[T, Costs] = res[OWNER]
-        return result
-    from secfwt.tuning.processes import run_with_processes
-
-    out: tuple[T, Costs] = run_with_processes(spec, shares, owner, parties)
+    out: tuple[T, Costs] = run_parties(spec, shares, owner_program(spec, shares, task, job), parties)
     return out
 
 
@@ -190,4 +169,4 @@ def run(spec: RunSpec, parties: str = "inprocess") -> tuple[TuneResult, Costs]:
     return run_job(spec, data.task, job, parties)
 
 
-__all__ = ["RunSpec", "ensure_shares", "owner_program", "run", "run_job", "server_program"]
+__all__ = ["RunSpec", "ensure_shares", "owner_program", "run", "run_job"]
