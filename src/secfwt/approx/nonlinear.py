@@ -29,6 +29,7 @@ comparison-selected segment, as in PUMA (Dong et al., 2023) and BOLT (Pang et al
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import cache
 from typing import Literal
 
@@ -85,6 +86,15 @@ def _check_method(method: str) -> None:
         raise ValueError(f"activation method: expected 'symmetric' or 'piecewise', got {method!r}")
 
 
+def _evaluate(ctx: PartyContext, x: AShare, name: str, method: str, spec: Callable[[], PiecewiseSpec]) -> AShare:
+    """``name`` on shares: the even/odd fit (``SPECS[name]``) or the piecewise fit ``spec()``."""
+    _check_method(method)
+    with ctx.cost.scope(name):
+        if method == "piecewise":
+            return piecewise(ctx, x, spec())
+        return symmetric_eval(ctx, x, SPECS[name])
+
+
 def gelu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     """GELU(x) = x Phi(x) on shares (exact-erf GELU, torch's default).
 
@@ -95,11 +105,7 @@ def gelu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     Valid range: every x in the fixed-point range. Errors measured in docs/APPROXIMATIONS.md.
     Reference: PUMA's segmented GeLU (Dong et al., arXiv 2307.12533); even/odd split as in BOLT.
     """
-    _check_method(method)
-    with ctx.cost.scope("gelu"):
-        if method == "piecewise":
-            return piecewise(ctx, x, gelu_spec())
-        return symmetric_eval(ctx, x, SPECS["gelu"])
+    return _evaluate(ctx, x, "gelu", method, gelu_spec)
 
 
 def tanh(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
@@ -108,11 +114,7 @@ def tanh(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     Symmetric (default): 13 rounds, 282.1 bytes per element per server, max abs error ~9e-5.
     ``method="piecewise"``: 4 pieces on [-5,-2,0,2,5]: 13 rounds, 458.1 bytes. Valid range: all x.
     """
-    _check_method(method)
-    with ctx.cost.scope("tanh"):
-        if method == "piecewise":
-            return piecewise(ctx, x, tanh_spec())
-        return symmetric_eval(ctx, x, SPECS["tanh"])
+    return _evaluate(ctx, x, "tanh", method, tanh_spec)
 
 
 def sigmoid(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
@@ -121,11 +123,7 @@ def sigmoid(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShar
     Symmetric (default): 13 rounds, 282.1 bytes per element per server, max abs error ~5e-5.
     ``method="piecewise"``: 4 pieces on [-10,-4,0,4,10]: 13 rounds, 458.1 bytes. Valid range: all x.
     """
-    _check_method(method)
-    with ctx.cost.scope("sigmoid"):
-        if method == "piecewise":
-            return piecewise(ctx, x, sigmoid_spec())
-        return symmetric_eval(ctx, x, SPECS["sigmoid"])
+    return _evaluate(ctx, x, "sigmoid", method, sigmoid_spec)
 
 
 def silu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
@@ -135,11 +133,7 @@ def silu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     |x| = 12); inputs of any size (SmolLM2 reaches |x| ~ 49) hit the exact tails.
     ``method="piecewise"``: 4 pieces on [-16,-4,0,4,16]: 13 rounds, 474.1 bytes. Valid range: all x.
     """
-    _check_method(method)
-    with ctx.cost.scope("silu"):
-        if method == "piecewise":
-            return piecewise(ctx, x, silu_spec())
-        return symmetric_eval(ctx, x, SPECS["silu"])
+    return _evaluate(ctx, x, "silu", method, silu_spec)
 
 
 __all__ = ["gelu", "gelu_spec", "sigmoid", "sigmoid_spec", "silu", "silu_spec", "tanh", "tanh_spec"]
