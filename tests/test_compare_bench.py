@@ -79,3 +79,21 @@ def test_bad_flags_give_one_clear_line(tmp_path, bad):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith(("--skip", "--tiny"))
+
+
+def test_report_states_the_tuning_step_settings_its_rows_were_measured_with():
+    """Rows merged from an earlier run's log keep their own population in the report, not this run's flag."""
+    import argparse
+
+    sys.path.insert(0, str(COMPARE))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(COMPARE))
+    flags = argparse.Namespace(popsize=20, n_prompt=50, d=500, batch=1, seq=128, max_rows=64)
+    assert run.tuning_step_settings([], flags)["popsize"] == 20
+    merged = [{"workload": "tuning_step", "engine": "crypten", "popsize": 9},
+              {"workload": "tuning_step", "engine": "secfwt", "popsize": 4, "n_prompt": 50, "d": 500, "batch": 1,
+               "seq": 128, "max_rows": 64}]
+    assert run.tuning_step_settings(merged, flags) == {"popsize": 4, "n_prompt": 50, "d": 500, "batch": 1,
+                                                       "seq": 128, "max_rows": 64}

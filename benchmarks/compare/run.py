@@ -180,6 +180,18 @@ def earlier_rows(log: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def tuning_step_settings(raw: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """The secfwt tuning step's settings as its rows recorded them (rows merged from an earlier run's log
+    may differ from this command's flags), else this command's flags."""
+    keys = ("popsize", "n_prompt", "d", "batch", "seq", "max_rows")
+    flags = {"popsize": args.popsize, "n_prompt": args.n_prompt, "d": args.d, "batch": args.batch,
+             "seq": args.seq, "max_rows": args.max_rows}
+    seen = [r for r in raw if r.get("workload") == "tuning_step" and r.get("engine") == "secfwt"]
+    if not seen:
+        return flags
+    return {k: seen[0].get(k, flags[k]) for k in keys}
+
+
 def write_results(raw: list[dict[str, Any]], args: argparse.Namespace, engines: list[str], started: str,
                   load_start: tuple[float, float, float], repeats_done: int, argv: list[str] | None,
                   md_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], str]:
@@ -193,8 +205,7 @@ def write_results(raw: list[dict[str, Any]], args: argparse.Namespace, engines: 
             "loadavg_end": [round(v, 2) for v in os.getloadavg()],
             "loadavg_1m_during": [r["host"]["loadavg_1m"] for r in raw if "host" in r],
             "tolerance": TOLERANCE,
-            "secfwt_tuning_step": {"popsize": args.popsize, "n_prompt": args.n_prompt, "d": args.d,
-                                   "batch": args.batch, "seq": args.seq, "max_rows": args.max_rows}}
+            "secfwt_tuning_step": tuning_step_settings(raw, args)}
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     args.out.with_name(args.out.stem + ".details.json").write_text(
         json.dumps({"meta": meta, "rows": details}, indent=1, default=str) + "\n")
