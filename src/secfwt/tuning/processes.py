@@ -40,7 +40,10 @@ def run_with_processes(spec: Any, shares: Path, owner: Any, parties: str) -> Any
     if parties != "local":
         return _run_owner(Path(parties), owner)
     with tempfile.TemporaryDirectory(prefix="secfwt-parties-") as tmp:
-        config = write_local_config(Path(tmp), timeout=spec.timeout, frac_bits=spec.frac_bits)
+        # The connection window includes the party processes' start-up (Python, torch, the share file):
+        # up to 120 s (within the run's timeout) so that a loaded machine does not fail the set-up.
+        config = write_local_config(Path(tmp), timeout=spec.timeout, frac_bits=spec.frac_bits,
+                                    connect_timeout=max(30.0, min(float(spec.timeout), 120.0)))
         env = {"SECFWT_SHARES_DIR": str(shares)}
         progs = {SERVER0: SERVER_PROGRAM, SERVER1: SERVER_PROGRAM}
         with PartyProcesses(progs, config, env=env, external=[OWNER], threads_per_party=1) as procs:
