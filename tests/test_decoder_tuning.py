@@ -120,7 +120,8 @@ def test_mpc_decoder_with_a_parties_file(tiny: tuple[Path, Path], tmp_path: Path
     model, d = tiny
     spec = _spec(model, d, "mpc")
     shares = ensure_decoder_shares(spec)
-    batch = Batch.of("b", [Example(("a great movie",), 1), Example(("it was bad",), 0)])
+    # longest first: the owner registers the rows sorted by length and puts the logits back in batch order
+    batch = Batch.of("b", [Example(("a great movie , it was great",), 1), Example(("bad",), 0)])
     prompts = 0.1 * torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(3))
     plain = PlainDecoderEvaluator.from_pretrained(str(model), get_task("demo"), max_length=24)
     config = write_local_config(tmp_path, timeout=120, frac_bits=16)

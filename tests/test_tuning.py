@@ -151,6 +151,8 @@ def test_projection_has_the_embedding_scale() -> None:
     p0 = torch.ones(10, 64)
     with_p0 = Projection(200, 10, 64, 0.05, 2.0, 1.0, 3, p0)
     torch.testing.assert_close(with_p0(z) - p0, p)
+    near = Projection(200, 10, 64, 0.05, 2.0, 0.25, 3)  # alpha scales the step around p0 (--alpha)
+    torch.testing.assert_close(near(z), 0.25 * p)
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -193,6 +195,8 @@ def test_bad_config_is_a_clear_error() -> None:
         TuneConfig(popsize=1)
     with pytest.raises(ConfigError, match="unknown loss 'mse'"):
         TuneConfig(loss="mse")
+    with pytest.raises(ConfigError, match="alpha must be > 0, got 0.0"):
+        TuneConfig(alpha=0.0)
     assert TuneConfig().max_iterations == 400 and TuneConfig(iterations=3).max_iterations == 3
 
 

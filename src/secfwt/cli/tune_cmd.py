@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=d.budget_calls, help="budget in API calls")
     p.add_argument("--iterations", type=int, default=None, help="budget in iterations (overrides --budget)")
     p.add_argument("--sigma", type=float, default=d.sigma, help="CMA-ES initial step size")
+    p.add_argument("--alpha", type=float, default=d.alpha,
+                   help="scale of the projection: a first-generation prompt moves alpha x the word-embedding std "
+                        "from p0 (BBT's alpha; < 1 searches near a text init)")
     p.add_argument("--tune-seed", type=int, default=d.seed, help="CMA-ES seed")
     p.add_argument("--proj-seed", type=int, default=None, help="owner-secret seed of the projection A")
     p.add_argument("--init", choices=("none", "vocab"), default=d.init, help="p0: zeros or random word embeddings")
@@ -53,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> TuneConfig:
     return TuneConfig(
         d=a.d, n_prompt=a.n_prompt, popsize=a.popsize, budget_calls=a.budget, iterations=a.iterations,
-        sigma=a.sigma, seed=a.tune_seed, proj_seed=a.proj_seed, init="text" if a.init_text else a.init,
+        sigma=a.sigma, alpha=a.alpha, seed=a.tune_seed, proj_seed=a.proj_seed, init="text" if a.init_text else a.init,
         init_text=a.init_text or None, loss=a.loss,
         train_batch=a.train_batch, eval_every=a.eval_every, patience=a.patience or None,
         zero_shot_floor=not a.no_floor, checkpoint_every=a.checkpoint_every,

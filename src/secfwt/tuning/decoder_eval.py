@@ -199,20 +199,27 @@ class MpcDecoderEvaluator:
         if word_table is not None and tied:  # the owner already holds the tied label rows: share them
             rows = torch.stack([word_table[g].mean(0) for g in ids])
         client.setup_decoder(attention, ids, max_rows=max_rows, prompt_at=self.prompt_at, owner_rows=rows)
-        self._keys: set[tuple[str, int]] = set()
+        self._order: dict[tuple[str, int], Tensor] = {}
         self._calls = 0
 
     def logits(self, prompts: Tensor, batch: Batch) -> Tensor:
+        """Label logits ``(P, B, L)``. A batch is registered once with its rows sorted by token length, so
+        each server chunk of ``max_rows`` rows pays only for its own longest row (:mod:`secfwt.serve.rows`)."""
         if prompts.dim() != 3 or (prompts.shape[1] and prompts.shape[2] != self.hidden_size):
             raise ConfigError(f"prompts: expected (P, n_prompt, {self.hidden_size}), got {tuple(prompts.shape)}")
         n_prompt = int(prompts.shape[1])
         key = f"{batch.key}/{n_prompt}"
-        if (batch.key, n_prompt) not in self._keys:
+        if (batch.key, n_prompt) not in self._order:
             enc = encode_decoder(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
-            self.client.register(key, enc.input_ids, enc.attention_mask)
-            self._keys.add((batch.key, n_prompt))
+            order = torch.argsort(enc.attention_mask.sum(1), stable=True)
+            self.client.register(key, enc.input_ids[order], enc.attention_mask[order])
+            self._order[(batch.key, n_prompt)] = order
+        order = self._order[(batch.key, n_prompt)]
         self._calls += 1
-        return self.client.forward(key, prompts.to(torch.float64)).float()
+        out = self.client.forward(key, prompts.to(torch.float64)).float()  # (P, B, L), sorted row order
+        unsorted = torch.empty_like(out)
+        unsorted[:, order] = out
+        return unsorted
 
     def init_prompt(self, n_prompt: int, seed: int, text: str | None = None) -> Tensor | None:
         if self.word_table is None:

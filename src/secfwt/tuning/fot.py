@@ -73,8 +73,9 @@ class TuneConfig:
             raise ConfigError("tuning config: init 'text' needs a non-empty init_text (and init_text needs init "
                               f"'text'), got init={self.init!r}, init_text={self.init_text!r}")
         get_loss(self.loss)
-        if self.sigma <= 0:
-            raise ConfigError(f"tuning config: sigma must be > 0, got {self.sigma}")
+        for name in ("sigma", "alpha"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"tuning config: {name} must be > 0, got {getattr(self, name)}")
 
     @property
     def max_iterations(self) -> int:
