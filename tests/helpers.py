@@ -21,3 +21,18 @@ def split(
 def mine(ctx, shares: tuple[torch.Tensor, torch.Tensor], scale: int = 16) -> AShare:
     """This server's AShare of a value split with :func:`split`."""
     return AShare(shares[ctx.rank].clone(), scale)
+
+
+LOSS_TOL = 2e-2  # tuning-loop cross-entropy from MPC logits (max abs logit error ~1e-3 on tiny models) vs plaintext
+
+
+def assert_follows_plaintext(private, plain, costs) -> None:  # type: ignore[no-untyped-def]
+    """An MPC tuning run took the plaintext run's path (same seeds): every iteration's min and mean loss within
+    LOSS_TOL, the same number of iterations, and the servers did the work (their ledgers show bytes)."""
+    assert private.mode == "mpc" and plain.mode == "plaintext"
+    assert len(private.history) == len(plain.history)
+    for a, b in zip(private.history, plain.history, strict=True):
+        assert abs(a.loss_min - b.loss_min) < LOSS_TOL, (a, b)
+        assert abs(a.loss_mean - b.loss_mean) < LOSS_TOL, (a, b)
+    assert set(costs) == {0, 1}
+    assert sum(v["bytes_sent"] for v in costs[0].values()) > 0
