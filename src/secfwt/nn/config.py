@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from secfwt.errors import ConfigError
 
@@ -108,6 +109,17 @@ class AttentionConfig:
                 self.recip_hi if self.recip_hi is not None else hi)
 
 
+def read_hf_config(model_dir: str | Path) -> tuple[Any, str]:
+    """(the HuggingFace config, the path of its config.json) of a local model directory, offline."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    src = str(path / "config.json")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{src}: no config.json in the model directory")
+    return AutoConfig.from_pretrained(str(path), local_files_only=True), src
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Shape and conventions of a BERT-family encoder.
@@ -158,13 +170,7 @@ class EncoderConfig:
     @classmethod
     def from_hf(cls, model_dir: str | Path) -> EncoderConfig:
         """Read ``config.json`` of a local HuggingFace model directory (offline) into an EncoderConfig."""
-        from transformers import AutoConfig
-
-        path = Path(model_dir)
-        src = str(path / "config.json")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{src}: no config.json in the model directory")
-        hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        hf, src = read_hf_config(model_dir)
         mt = getattr(hf, "model_type", None)
         if mt in ("bert", "roberta"):
             pet = getattr(hf, "position_embedding_type", "absolute")
@@ -190,4 +196,4 @@ class EncoderConfig:
         raise ConfigError(f"{src}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
 
 
-__all__ = ["AttentionConfig", "AttentionKind", "EncoderConfig", "SUPPORTED_ARCHS"]
+__all__ = ["AttentionConfig", "AttentionKind", "EncoderConfig", "SUPPORTED_ARCHS", "read_hf_config"]

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from secfwt.errors import ConfigError
+from secfwt.nn.config import read_hf_config
 from secfwt.nn.weights import CheckpointTensors, checked_tensor, read_checkpoint
 
 SMOLLM2 = "smollm2"  # the model name that selects SmolLM2-135M-Instruct (:func:`resolve_model_dir`)
@@ -91,13 +92,7 @@ class DecoderConfig:
     @classmethod
     def from_hf(cls, model_dir: str | Path) -> DecoderConfig:
         """Read ``config.json`` of a local Llama directory (offline); reject what the model does not implement."""
-        from transformers import AutoConfig
-
-        path = Path(model_dir)
-        src = str(path / "config.json")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{src}: no config.json in the model directory")
-        hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        hf, src = read_hf_config(model_dir)
         if getattr(hf, "model_type", None) != "llama":
             raise ConfigError(f"{src}: model_type {getattr(hf, 'model_type', None)!r} is not supported "
                               "(supported: llama)")
