@@ -39,33 +39,20 @@ import torch
 from torch import Tensor
 
 from secfwt.errors import ConfigError
-from secfwt.nn.attention import _even_power, _normalise, rfa_frequencies
 from secfwt.nn.backend import Backend, V
 from secfwt.nn.config import AttentionConfig, AttentionKind
+from secfwt.nn.decoder_attention import RFA_FLOOR, RFA_FORMS, CausalSelfAttention, LayerKV, causal_key_mask
 from secfwt.nn.inputs import check_inputs
 from secfwt.nn.llama_weights import DecoderConfig, load_llama
-from secfwt.nn.rope import apply_rope, rope_tables
 
 W = TypeVar("W")
-RFA_FORMS = ("prefix", "masked")
 # Range of mean(x^2) at the RMSNorms under MPC. LLaMA residual streams carry "massive activations" (SmolLM2:
 # |x| up to ~2.2e4 on the first token, mean(x^2) up to ~8.6e5 = 2^19.7; embeddings down to ~8e-3).
 RMS_RANGE = (2.0**-12, 2.0**22)
-# Public floor of causal RFA's mean normaliser phi(q_t) . mean_{s<=t} phi(k_s) (an estimate of a kernel mean
-# in [exp(-2/tau^2), 1] that random features can push to <= 0). Both backends compute max(den, floor), so
-# plaintext and MPC evaluate the same function and the MPC reciprocal's input stays in [floor, 1].
-RFA_FLOOR = 0.02
-RFA_SQ_EPS = 2.0**-16  # added to |x|^2 before RFA's l2 normalisation
 
 
 def _sub(params: dict[str, V], prefix: str) -> dict[str, V]:
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-
-
-def causal_key_mask(mask: Tensor) -> Tensor:
-    """Public (B, T) padding mask -> (B, T, T) mask[b, t, s] = [s <= t] * mask[b, s]."""
-    t = mask.shape[1]
-    return torch.tril(torch.ones(t, t, dtype=torch.float64)) * mask.to(torch.float64).reshape(-1, 1, t)
 
 
 def check_right_padded(mask: Tensor, min_valid: int = 1) -> None:
@@ -77,124 +64,6 @@ def check_right_padded(mask: Tensor, min_valid: int = 1) -> None:
         raise ValueError("attention_mask: rows must be right-padded (1...1 0...0); left padding is not supported")
     if int(lengths.min()) < min_valid:
         raise ValueError(f"attention_mask: every row needs >= {min_valid} valid tokens, got {int(lengths.min())}")
-
-
-@dataclass
-class CausalSelfAttention(Generic[V]):
-    """Llama attention with grouped-query heads. Params: q (nh d, H), k/v (nkv d, H), o (H, nh d)."""
-
-    cfg: DecoderConfig
-    attn: AttentionConfig
-    layer: int
-    p: dict[str, V]
-    rfa_form: str = "masked"
-    rfa_floor: float = RFA_FLOOR
-
-    def forward(self, be: Backend[V], h: V, mask: Tensor) -> V:
-        """h: (B, T, H) -> (B, T, H); mask: public (B, T) 0/1, right-padded."""
-        cfg = self.cfg
-        b, t, _ = be.shape(h)
-        nh, nkv, g, d = cfg.n_heads, cfg.n_kv_heads, cfg.group, cfg.head_dim
-
-        def heads(x: V, n: int) -> V:
-            return be.transpose(be.reshape(x, (b, t, n, d)), 1, 2)  # (B, n, T, d)
-
-        q = heads(be.linear(h, self.p["q.weight"], None), nh)  # (B, nh, T, d)
-        k = heads(be.linear(h, self.p["k.weight"], None), nkv)  # (B, nkv, T, d)
-        v = heads(be.linear(h, self.p["v.weight"], None), nkv)  # (B, nkv, T, d)
-        kind = self.attn.attention_kind
-        # Public rotation; the softmax temperature 1/sqrt(d) rides on q's tables (RFA scales its own way).
-        q_scale = 1.0 if kind is AttentionKind.RFA else 1.0 / math.sqrt(d)
-        cos, sin = rope_tables(d, t, cfg.rope_theta)
-        q = apply_rope(be, q, cos * q_scale, sin * q_scale)
-        k = apply_rope(be, k, cos, sin)
-        # GQA without repeating K/V: query head i uses kv head i // g, so group the g query heads of each kv
-        # head along the sequence axis.
-        q = be.reshape(q, (b, nkv, g * t, d))  # (B, nkv, g T, d)
-        cmask = causal_key_mask(mask).reshape(b, 1, 1, t, t)  # (B, 1, 1, T, T)
-        if kind is AttentionKind.RFA:
-            ctx = self._rfa(be, q, k, v, mask, cmask)
-        else:
-            ctx = self._quadratic(be, kind, q, k, v, cmask)  # (B, nkv, g T, d)
-        ctx = be.reshape(ctx, (b, nh, t, d))  # (B, nh, T, d)
-        ctx = be.reshape(be.transpose(ctx, 1, 2), (b, t, nh * d))  # (B, T, nh d)
-        return be.linear(ctx, self.p["o.weight"], None)
-
-    def _quadratic(self, be: Backend[V], kind: AttentionKind, q: V, k: V, v: V, cmask: Tensor) -> V:
-        b, nkv, gt, d = be.shape(q)
-        t = be.shape(k)[2]
-        g = gt // t
-        s = be.reshape(be.matmul(q, be.transpose(k, -1, -2)), (b, nkv, g, t, t))  # (B, nkv, g, T, T) scores
-        if kind is AttentionKind.SOFTMAX:
-            probs = be.softmax(s, mask=cmask)
-            return be.matmul(be.reshape(probs, (b, nkv, gt, t)), v)  # (B, nkv, g T, d)
-        a = self.attn
-        if kind is AttentionKind.TWO_QUAD:
-            w = be.square(be.add_public(s, a.quad_c))
-        elif kind is AttentionKind.RELU:
-            w = be.relu(s)
-        elif kind is AttentionKind.POWER:
-            w = _even_power(be, s, a.power)
-        else:
-            raise AssertionError(kind)
-        w = be.mul_mask(w, cmask)  # causal + padding: masked keys weigh 0
-        n_valid = cmask.sum(dim=-1, keepdim=True)  # (B, 1, 1, T, 1) valid keys per query
-        num = be.matmul(w, be.reshape(v, (b, nkv, 1, t, d)))  # (B, nkv, g, T, d)
-        if kind is AttentionKind.RELU and a.relu_norm == "length":
-            out = be.mul_public(num, 1.0 / n_valid)
-        else:
-            den = be.sum(w, dim=-1, keepdim=True)  # (B, nkv, g, T, 1)
-            eps = a.eps if kind in (AttentionKind.RELU, AttentionKind.POWER) else 0.0
-            out = _normalise(be, num, den, n_valid, a.recip_range(), eps)
-        return be.reshape(out, (b, nkv, gt, d))
-
-    def _features(self, be: Backend[V], x: V) -> V:
-        """phi(x) = [cos(W x'), sin(W x')] (..., 2m): the encoder's RFA feature map (nn/attention.py) with
-        x' = x / (tau |x|) ("l2") or x d^-1/4 / tau ("scale"); the 1/(2 pi) of Π_cosine folded into W."""
-        a = self.attn
-        d = be.shape(x)[-1]
-        w = rfa_frequencies(a.n_features, d, a.seed + self.layer, a.orthogonal)  # (m, d), public
-        if a.rfa_norm == "l2":
-            lo, hi = a.rfa_sq_range
-            # + one fixed-point ulp: an all-zero row (e.g. a zero-initialised pad embedding) stays finite
-            sq = be.add_public(be.sum(be.square(x), dim=-1, keepdim=True), RFA_SQ_EPS)
-            x = be.mul(x, be.rsqrt(sq, lo, hi))
-            w_eff = w / (a.rfa_tau * 2.0 * math.pi)
-        else:
-            w_eff = w * (d ** -0.25) / (a.rfa_tau * 2.0 * math.pi)
-        c, s = be.cos_sin(be.linear_public(x, w_eff))  # (..., m) each
-        return be.cat([c, s], dim=-1)  # (..., 2m)
-
-    def _rfa(self, be: Backend[V], q: V, k: V, v: V, mask: Tensor, cmask: Tensor) -> V:
-        """Causal RFA (Peng et al., 2021, §3.1 causal form): out_t = phi(q_t) S_t / phi(q_t) z_t with
-        S_t = sum_{s<=t} phi(k_s) v_s^T and z_t = sum_{s<=t} phi(k_s); z is S's extra column ([v, 1])."""
-        if self.rfa_form not in RFA_FORMS:
-            raise ConfigError(f"rfa_form: expected one of {RFA_FORMS}, got {self.rfa_form!r}")
-        b, nkv, gt, d = be.shape(q)
-        t = be.shape(k)[2]
-        g, m = gt // t, self.attn.n_features
-        phi_q = be.reshape(self._features(be, q), (b, nkv, g, t, 2 * m))  # (B, nkv, g, T, 2m)
-        phi_k = self._features(be, k)  # (B, nkv, T, 2m)
-        ones = be.const(torch.ones(b, nkv, t, 1, dtype=torch.float64))
-        v_ext = be.mul_mask(be.cat([v, ones], dim=-1), mask.reshape(b, 1, t, 1))  # (B, nkv, T, d + 1)
-        if self.rfa_form == "masked":
-            a = be.matmul(phi_q, be.reshape(be.transpose(phi_k, -1, -2), (b, nkv, 1, 2 * m, t)))  # (B,nkv,g,T,T)
-            out = be.matmul(be.mul_mask(a, cmask), be.reshape(v_ext, (b, nkv, 1, t, d + 1)))  # (B,nkv,g,T,d+1)
-        else:
-            outer = be.mul(be.reshape(phi_k, (b, nkv, t, 2 * m, 1)),
-                           be.reshape(v_ext, (b, nkv, t, 1, d + 1)))  # (B, nkv, T, 2m, d + 1)
-            state = be.reshape(be.cumsum(outer, dim=2), (b, nkv, 1, t, 2 * m, d + 1))  # S_t, local prefix sums
-            out = be.matmul(be.reshape(phi_q, (b, nkv, g, t, 1, 2 * m)), state)  # (B, nkv, g, T, 1, d + 1)
-            out = be.reshape(out, (b, nkv, g, t, d + 1))
-        num = be.index(out, (Ellipsis, slice(0, d)))  # (B, nkv, g, T, d)
-        den = be.index(out, (Ellipsis, slice(d, d + 1)))  # (B, nkv, g, T, 1)
-        n_valid = cmask.sum(dim=-1, keepdim=True) * m  # (B, 1, 1, T, 1)
-        # mean normaliser clamped from below by the public floor: max(x, c) = c + relu(x - c), one batched
-        # comparison for all (B, nkv, g, T) query rows (docs/DECODER.md "Causal RFA normaliser")
-        mean = be.mul_public(den, 1.0 / n_valid)  # (B, nkv, g, T, 1)
-        mean = be.add_public(be.relu(be.add_public(mean, -self.rfa_floor)), self.rfa_floor)
-        r = be.reciprocal(mean, self.rfa_floor, self.attn.recip_range()[1])  # input in [floor, 1]
-        return be.reshape(be.mul(be.mul_public(num, 1.0 / n_valid), r), (b, nkv, gt, d))
 
 
 @dataclass
@@ -221,18 +90,89 @@ class DecoderLayer(Generic[V]):
     rms_range: tuple[float, float] = RMS_RANGE
     rfa_floor: float = RFA_FLOOR
 
+    def attention(self) -> CausalSelfAttention[V]:
+        return CausalSelfAttention(self.cfg, self.attn_cfg, self.index, _sub(self.p, "attn."), self.rfa_form,
+                                   self.rfa_floor)
+
     def forward(self, be: Backend[V], h: V, mask: Tensor) -> V:
+        out, _ = self.run(be, h, mask)
+        assert out is not None
+        return out
+
+    def run(self, be: Backend[V], h: V, mask: Tensor, *, positions: Tensor | None = None,
+            prefix: LayerKV[V] | None = None, prefix_mask: Tensor | None = None, per: int = 1,
+            query_last: bool = False, keep_kv: bool = False, kv_only: bool = False) -> tuple[V | None, LayerKV[V] | None]:
+        """(new h, this layer's key side if ``keep_kv``). h (R, T, H) -> (R, T, H), or (R, 1, H) with
+        ``query_last`` (only the last position goes on); ``kv_only``: the key side alone, no output (the
+        last layer of a prefix: nothing reads its outputs). Prefix arguments: :meth:`CausalSelfAttention.forward`."""
         eps, rng = self.cfg.rms_norm_eps, self.rms_range
+        if positions is None:
+            positions = torch.arange(be.shape(h)[1]).expand(be.shape(h)[0], -1)
         with be.scope("rmsnorm"):
             x = be.rmsnorm(h, self.p["attn_norm.weight"], eps, rng)
         with be.scope("attention"):
-            a = CausalSelfAttention(self.cfg, self.attn_cfg, self.index, _sub(self.p, "attn."), self.rfa_form,
-                                    self.rfa_floor)
-            h = be.add(h, a.forward(be, x, mask))
+            a = self.attention()
+            k, v = a.keys_values(be, x, positions)
+            kf = a.key_features(be, k) if (keep_kv or kv_only or a.kind is AttentionKind.RFA) else None
+            kv = LayerKV(kf if kf is not None else k, v) if (keep_kv or kv_only) else None
+            if kv_only:
+                return None, kv
+            out = a.forward(be, x, mask, positions, kv=(k, v, kf), prefix=prefix, prefix_mask=prefix_mask,
+                            per=per, query_last=query_last)
+            if query_last:
+                t = be.shape(h)[1]
+                h = be.index(h, (slice(None), slice(t - 1, t)))
+            h = be.add(h, out)
         with be.scope("rmsnorm"):
             x = be.rmsnorm(h, self.p["mlp_norm.weight"], eps, rng)
         with be.scope("ffn"):
-            return be.add(h, GatedMLP(_sub(self.p, "mlp.")).forward(be, x))
+            return be.add(h, GatedMLP(_sub(self.p, "mlp.")).forward(be, x)), kv
+
+
+@dataclass
+class PrefixCache(Generic[V]):
+    """The key side of U prefixes at every layer (:class:`LayerKV`, (U, nkv, Tp, .)) and their public
+    right-padded mask (U, Tp): what :meth:`Decoder.prefill` computes once and :meth:`Decoder.forward_cached`
+    reuses for every candidate prompt."""
+
+    layers: list[LayerKV[V]]
+    mask: Tensor
+
+    @property
+    def lengths(self) -> Tensor:
+        """Valid tokens of each prefix (U,)."""
+        return self.mask.to(torch.float64).sum(dim=1).long()
+
+    def split(self, be: Backend[V]) -> list[PrefixCache[V]]:
+        """One cache per prefix, each cut to its own length."""
+        out = []
+        for u, n in enumerate(self.lengths.tolist()):
+            sel = (slice(u, u + 1), slice(None), slice(0, n))
+            out.append(PrefixCache([LayerKV(be.index(kv.keys, sel), be.index(kv.values, sel)) for kv in self.layers],
+                                   self.mask[u : u + 1, :n]))
+        return out
+
+    @staticmethod
+    def stack(be: Backend[V], caches: list[PrefixCache[V]]) -> PrefixCache[V]:
+        """Caches of one prefix each (:meth:`split`), right-padded to the longest and stacked (U, ...)."""
+        t = max(c.mask.shape[1] for c in caches)
+
+        def pad(x: V, n: int) -> V:
+            if n == t:
+                return x
+            shape = list(be.shape(x))
+            shape[2] = t - n
+            return be.cat([x, be.const(torch.zeros(shape, dtype=torch.float64))], dim=2)
+
+        layers = []
+        for i in range(len(caches[0].layers)):
+            ks = [pad(c.layers[i].keys, c.mask.shape[1]) for c in caches]
+            vs = [pad(c.layers[i].values, c.mask.shape[1]) for c in caches]
+            layers.append(LayerKV(be.cat(ks, dim=0), be.cat(vs, dim=0)))
+        mask = torch.zeros(len(caches), t, dtype=torch.float64)
+        for u, c in enumerate(caches):
+            mask[u, : c.mask.shape[1]] = c.mask[0].to(torch.float64)
+        return PrefixCache(layers, mask)
 
 
 @dataclass
@@ -297,11 +237,62 @@ class Decoder(Generic[V]):
                              f"{cfg.max_positions} positions")
         m = attention_mask.to(torch.float64)
         mask = torch.cat([m[:, :prompt_at], torch.ones(b, n_prompt, dtype=torch.float64), m[:, prompt_at:]], 1)
-        for i in range(cfg.n_layers):
-            layer = DecoderLayer(cfg, self.attention, i, _sub(self.params, f"layer.{i}."), self.rfa_form,
-                                 self.rms_range, self.rfa_floor)
+        for layer in self.layers():
             x = layer.forward(be, x, mask)
         return DecoderOutput(x, mask, n_prompt, prompt_at)
+
+    def layers(self) -> list[DecoderLayer[V]]:
+        return [DecoderLayer(self.config, self.attention, i, _sub(self.params, f"layer.{i}."), self.rfa_form,
+                             self.rms_range, self.rfa_floor) for i in range(self.config.n_layers)]
+
+    def prefill(self, be: Backend[V], inputs_embeds: V, attention_mask: Tensor) -> PrefixCache[V]:
+        """Run U prefixes (U, Tp, H) (public right-padded mask (U, Tp)) and keep every layer's key side:
+        the keys (RFA: their features phi(k)) and values. The last layer computes only its keys and values
+        (no later layer reads its outputs)."""
+        cfg = self.config
+        check_inputs(be, inputs_embeds, attention_mask, cfg.hidden)
+        check_right_padded(attention_mask)
+        mask = attention_mask.to(torch.float64)
+        if mask.shape[1] > cfg.max_positions:
+            raise ValueError(f"prefix of {mask.shape[1]} tokens exceeds the model's {cfg.max_positions} positions")
+        x: V | None = inputs_embeds
+        kvs = []
+        for layer in self.layers():
+            assert x is not None
+            x, kv = layer.run(be, x, mask, keep_kv=True, kv_only=layer.index == cfg.n_layers - 1)
+            assert kv is not None
+            kvs.append(kv)
+        return PrefixCache(kvs, mask)
+
+    def forward_cached(self, be: Backend[V], cache: PrefixCache[V], tail: V, prompt: V | None = None,
+                       per: int = 1) -> DecoderOutput[V]:
+        """Continue U cached prefixes with ``per`` rows each: row r = u * per + c is prefix u followed by
+        prompt r (R = U per rows, (R, P, H), or None) and the tail (S, H) (the template's end, the same for
+        every row). Positions continue each prefix (public lengths). Only the last position is computed in
+        the last layer: the returned hidden states are (R, 1, H), what the label-word head reads."""
+        cfg = self.config
+        u = cache.mask.shape[0]
+        r = u * per
+        ts = be.shape(tail)
+        if len(ts) != 2 or ts[1] != cfg.hidden:
+            raise ValueError(f"tail: expected shape (S, {cfg.hidden}), got {ts}")
+        x = be.expand(be.reshape(tail, (1, ts[0], ts[1])), (r, ts[0], ts[1]))  # (R, S, H)
+        x, n_prompt = insert_prompt(be, x, prompt, 0)  # (R, P + S, H)
+        t = n_prompt + ts[0]
+        if t < 1:
+            raise ValueError("forward_cached: no tokens after the prefix (empty tail and no prompt)")
+        if int(cache.lengths.max()) + t > cfg.max_positions:
+            raise ValueError(f"prefix of {int(cache.lengths.max())} tokens + {t} exceeds the model's "
+                             f"{cfg.max_positions} positions")
+        positions = cache.lengths.repeat_interleave(per).reshape(r, 1) + torch.arange(t).reshape(1, t)  # (R, T)
+        mask = torch.ones(r, t, dtype=torch.float64)
+        h: V | None = x
+        for layer, kv in zip(self.layers(), cache.layers, strict=True):
+            assert h is not None
+            h, _ = layer.run(be, h, mask, positions=positions, prefix=kv, prefix_mask=cache.mask, per=per,
+                             query_last=layer.index == cfg.n_layers - 1)
+        assert h is not None
+        return DecoderOutput(h, torch.ones(r, 1, dtype=torch.float64), n_prompt, -1)
 
 
 def insert_prompt(be: Backend[V], x: V, prompt: V | None, at: int) -> tuple[V, int]:
@@ -322,5 +313,5 @@ def insert_prompt(be: Backend[V], x: V, prompt: V | None, at: int) -> tuple[V, i
     return be.cat([head, prompt, tail], dim=1), ps[1]
 
 
-__all__ = ["CausalSelfAttention", "Decoder", "DecoderLayer", "DecoderOutput", "GatedMLP", "RFA_FLOOR", "RFA_FORMS",
-           "RMS_RANGE", "causal_key_mask", "check_right_padded", "insert_prompt"]
+__all__ = ["CausalSelfAttention", "Decoder", "DecoderLayer", "DecoderOutput", "GatedMLP", "PrefixCache", "RFA_FLOOR",
+           "RFA_FORMS", "RMS_RANGE", "causal_key_mask", "check_right_padded", "insert_prompt"]
