@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from secfwt.comm.base import SERVER0, SERVER1  # noqa: E402
 from secfwt.context import PartyContext  # noqa: E402
-from secfwt.nn import AttentionConfig, PlainBackend  # noqa: E402
+from secfwt.nn import PlainBackend  # noqa: E402
 from secfwt.nn.decoder import Decoder, PrefixCache  # noqa: E402
 from secfwt.nn.decoder_heads import LabelWordHead  # noqa: E402
 from secfwt.nn.mpc import MpcBackend  # noqa: E402

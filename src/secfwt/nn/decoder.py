@@ -29,7 +29,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +100,8 @@ class DecoderLayer(Generic[V]):
 
     def run(self, be: Backend[V], h: V, mask: Tensor, *, positions: Tensor | None = None,
             prefix: LayerKV[V] | None = None, prefix_mask: Tensor | None = None, per: int = 1,
-            query_last: bool = False, keep_kv: bool = False, kv_only: bool = False) -> tuple[V | None, LayerKV[V] | None]:
+            query_last: bool = False, keep_kv: bool = False,
+            kv_only: bool = False) -> tuple[V | None, LayerKV[V] | None]:
         """(new h, this layer's key side if ``keep_kv``). h (R, T, H) -> (R, T, H), or (R, 1, H) with
         ``query_last`` (only the last position goes on); ``kv_only``: the key side alone, no output (the
         last layer of a prefix: nothing reads its outputs). Prefix arguments: :meth:`CausalSelfAttention.forward`."""

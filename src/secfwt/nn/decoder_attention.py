@@ -180,10 +180,8 @@ class CausalSelfAttention(Generic[V]):
             pm = prefix_mask.to(torch.float64).repeat_interleave(per, dim=0).reshape(r, 1, -1)  # (R, 1, Tp)
             own = torch.cat([pm.expand(r, tq, pm.shape[-1]), own], dim=-1)  # (R, Tq, Tp + T)
         keys = Keys(k, v, own.reshape(r, 1, 1, tq, -1), prefix, prefix_mask, per, kf)
-        if self.kind is AttentionKind.RFA:
-            out = self._rfa(be, q, keys, mask)
-        else:
-            out = self._quadratic(be, q, keys)  # (R, nkv, g Tq, d)
+        rfa = self.kind is AttentionKind.RFA
+        out = self._rfa(be, q, keys, mask) if rfa else self._quadratic(be, q, keys)  # (R, nkv, g Tq, d)
         out = be.reshape(be.transpose(be.reshape(out, (r, nh, tq, d)), 1, 2), (r, tq, nh * d))  # (R, Tq, nh d)
         return be.linear(out, self.p["o.weight"], None)
 
