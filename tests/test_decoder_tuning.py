@@ -18,7 +18,9 @@ from helpers import assert_follows_plaintext
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from secfwt.errors import ConfigError  # noqa: E402
 from secfwt.tuning.data import Example  # noqa: E402
+from secfwt.tuning.decoder_encode import split_template  # noqa: E402
 from secfwt.tuning.decoder_eval import (  # noqa: E402
     PlainDecoderEvaluator,
     decoder_template,
@@ -58,11 +60,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_tiny_llama_lm(d / "model"), d
 
 
-def _spec(model: Path, d: Path, mode: str, kind: str = "softmax") -> RunSpec:
+def _spec(model: Path, d: Path, mode: str, kind: str = "softmax", position: str = "start") -> RunSpec:
     att = {"kind": kind, "n_features": 16, "rfa_sq_range": (2.0**-10, 2.0**6)} if kind == "rfa" else {"kind": kind}
     return RunSpec(task="demo", model=str(model), mode=mode, attention=att, k=2, max_length=24,
                    max_rows=32, tune={"d": 10, "n_prompt": 2, "popsize": 4, "iterations": 3, "patience": None},
-                   shares_dir=str(d / "shares"), progress=False, timeout=120)
+                   shares_dir=str(d / "shares"), progress=False, timeout=120, prompt_position=position)
 
 
 def test_templates_and_encoding(tiny: tuple[Path, Path]) -> None:
@@ -92,12 +94,50 @@ def test_plain_evaluator_prompt_rows(tiny: tuple[Path, Path]) -> None:
     assert ev.logits(torch.zeros(1, 0, ev.hidden_size), batch).shape == (1, 2, 2)
 
 
-@pytest.mark.parametrize("parties,kind", [("inprocess", "softmax"), ("local", "softmax"),
-                                          pytest.param("inprocess", "rfa", marks=pytest.mark.slow)])
-def test_mpc_decoder_tuning_follows_plaintext(tiny: tuple[Path, Path], parties: str, kind: str) -> None:
+def test_prompt_after_text(tiny: tuple[Path, Path]) -> None:
+    """Prompt position "after-text": prefix/tail split, the template alone gives the same logits as "start"
+    (same tokens), candidates are independent rows, and a second call reuses the cached prefixes."""
+    model, _ = tiny
+    assert split_template("Review: {text}\nSentiment:") == ("Review: {text}", "\nSentiment:")
+    assert split_template("{text_a} ? {mask}, {text_b} It was".replace("{mask}", "")) == (
+        "{text_a} ? , {text_b}", " It was")
+    with pytest.raises(ConfigError, match="nothing after the text"):
+        split_template("Review: {text}  ")
+    task = get_task("demo")
+    start = PlainDecoderEvaluator.from_pretrained(str(model), task, max_rows=3)
+    after = PlainDecoderEvaluator.from_pretrained(str(model), task, max_rows=3, prompt_position="after-text")
+    tok = transformers.AutoTokenizer.from_pretrained(str(model))
+    assert tok.convert_ids_to_tokens(after.tail) == ["it", "was", "[SEP]"]
+    batch = Batch.of("b", [Example(("a great movie",), 1), Example(("it was bad",), 0), Example(("bad",), 0)])
+    none = torch.zeros(1, 0, start.hidden_size)
+    assert torch.allclose(after.logits(none, batch), start.logits(none, batch), atol=1e-9)
+    prompts = 0.1 * torch.randn(3, 2, after.hidden_size, generator=torch.Generator().manual_seed(0))
+    all3 = after.logits(prompts, batch)
+    calls = after.forward_calls
+    for i in range(3):
+        assert torch.allclose(all3[i], after.logits(prompts[i:i + 1], batch)[0], atol=1e-6)
+    assert after.forward_calls == calls + 3  # P = 1: the 3 examples in one chunk of max_rows 3; no new prefill
+    assert len(after._caches) == 3
+
+
+def test_prompt_position_errors(tiny: tuple[Path, Path]) -> None:
     model, d = tiny
-    plain, _ = run(_spec(model, d, "plaintext", kind))
-    private, costs = run(_spec(model, d, "mpc", kind), parties=parties)
+    with pytest.raises(ConfigError, match="prompt position: expected one of"):
+        PlainDecoderEvaluator.from_pretrained(str(model), get_task("demo"), prompt_position="middle")
+    enc = RunSpec(task="demo", model="", mode="plaintext", k=2, prompt_position="after-text")
+    with pytest.raises(ConfigError, match="is for decoder models"):
+        run(enc)
+
+
+@pytest.mark.parametrize("parties,kind,position", [
+    ("inprocess", "softmax", "start"), ("local", "softmax", "start"), ("inprocess", "softmax", "after-text"),
+    ("local", "softmax", "after-text"), pytest.param("inprocess", "rfa", "start", marks=pytest.mark.slow),
+    pytest.param("inprocess", "rfa", "after-text", marks=pytest.mark.slow)])
+def test_mpc_decoder_tuning_follows_plaintext(tiny: tuple[Path, Path], parties: str, kind: str,
+                                              position: str) -> None:
+    model, d = tiny
+    plain, _ = run(_spec(model, d, "plaintext", kind, position))
+    private, costs = run(_spec(model, d, "mpc", kind, position), parties=parties)
     assert_follows_plaintext(private, plain, costs)
     assert private.attention == kind and len(plain.history) == 3
     assert abs(private.zero_shot_accuracy - plain.zero_shot_accuracy) <= 1 / private.n_eval + 1e-9

@@ -72,6 +72,58 @@ def test_serve_from_env_serves_a_decoder(tmp_path: Path, monkeypatch: pytest.Mon
     assert (res[OWNER] - want).abs().max().item() < TOLERANCE
 
 
+def test_serve_prefix_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt position "after-text": the servers prefill prefixes once (two prefill commands, slots 0-2 and 3),
+    then forward_cached runs candidates + tail on any subset of slots, in chunks of whole examples; the
+    owner's logits equal the plaintext decoder on each row's whole sequence [prefix, prompt, tail]."""
+    model = make_tiny_llama(tmp_path / "model", tied=True, seed=8)
+    shares = share_decoder(str(model), tmp_path / "shares")
+    monkeypatch.delenv("SECFWT_SHARE_FILE", raising=False)
+    monkeypatch.setenv("SECFWT_SHARES_DIR", str(shares))
+    dec = Decoder.from_pretrained(model)
+    head = LabelWordHead.from_decoder(dec, LABELS)
+    word = dec.params["emb.word"]
+    ids, mask = _inputs(seed=5)  # prefixes of 9, 6 and 4 tokens
+    extra_ids, extra_mask = ids[:1, :3], torch.ones(1, 3)
+    tail = [5, 9]
+    prompts = 0.05 * torch.randn(3, 2, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    be = PlainBackend()
+
+    def want(rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:  # (P, B, L) from whole sequences
+        out = torch.zeros(len(prompts), len(rows), len(LABELS), dtype=torch.float64)
+        for b, (row_ids, n) in enumerate(rows):
+            for c, p in enumerate(prompts):
+                x = torch.cat([word[row_ids[:n]], p, word[torch.tensor(tail)]]).unsqueeze(0)
+                out[c, b] = head.forward(be, dec.forward(be, x, torch.ones(1, x.shape[1])))[0]
+        return out
+
+    label_ids = [[g] if isinstance(g, int) else list(g) for g in LABELS]
+
+    def owner(ctx: PartyContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        client = DecoderClient(ctx, HIDDEN, VOCAB, embedding="local", word_table=owner_word_table(shares))
+        client.setup_decoder(AttentionConfig("softmax"), label_ids, max_rows=4, prompt_at=1, owner_rows=None,
+                             tail_ids=tail)
+        assert client.prefill(ids, mask) == [0, 1, 2]
+        assert client.prefill(extra_ids, extra_mask) == [3]
+
+        def job() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            a = client.forward_cached([2, 0, 3], prompts)  # 4 rows per chunk: one example (3 candidates) each
+            z = client.forward_cached([1], torch.zeros(1, 0, HIDDEN))  # the template alone
+            return a, z, z
+
+        return client.run_and_stop(job)[0]
+
+    res = run_in_process({SERVER0: serve_from_env, SERVER1: serve_from_env, OWNER: owner}, timeout=300)
+    got, zero, _ = res[OWNER]
+    n = mask.sum(1).long()
+    ref = want([(ids[2], int(n[2])), (ids[0], int(n[0])), (extra_ids[0], 3)])
+    assert got.shape == (3, 3, len(LABELS)) and (got - ref).abs().max().item() < TOLERANCE
+    x = torch.cat([word[ids[1, : int(n[1])]], word[torch.tensor(tail)]]).unsqueeze(0)
+    ref0 = head.forward(be, dec.forward(be, x, torch.ones(1, x.shape[1])))
+    assert (zero[0] - ref0).abs().max().item() < TOLERANCE
+    assert res[SERVER0] == 2  # forwards served
+
+
 def test_serve_from_env_rejects_an_unknown_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = tmp_path / "server0.safetensors"
     save_file({"w": torch.zeros(2, dtype=torch.int64)}, str(bad), metadata={"format": "secfwt-shares-0"})

@@ -49,6 +49,7 @@ def spec_from_prompt(pf: PromptFile, a: argparse.Namespace) -> RunSpec:
         task=pf.task, model=a.model or pf.model, mode=a.mode, attention=dict(s.get("attention", {"kind": "softmax"})),
         embedding=s.get("embedding", "local"), head=s.get("head", "auto"), max_length=int(s.get("max_length", 64)),
         temperature=float(s.get("temperature", 20.0)), frac_bits=int(s.get("frac_bits", 16)), max_rows=a.max_rows,
+        prompt_position=str(s.get("prompt_position", "start")),
         shares_dir=a.shares_dir, timeout=a.timeout, progress=False,
     )
 

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from secfwt.cost import LAN, WAN, CostTracker
 from secfwt.errors import ConfigError
+from secfwt.tuning.decoder_encode import PROMPT_POSITIONS
 from secfwt.tuning.fot import TuneConfig, TuneResult
 from secfwt.tuning.prompt_file import PromptFile
 from secfwt.tuning.report import plot_history, print_summary, report_dict
@@ -75,6 +76,10 @@ def add_mpc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", choices=("auto", "mlm", "similarity"), default="auto")
     p.add_argument("--max-length", type=int, default=64, help="tokens per input including the soft prompt")
     p.add_argument("--max-rows", type=int, default=64, help="sequences per MPC forward chunk (memory bound)")
+    p.add_argument("--prompt-position", choices=PROMPT_POSITIONS, default="start",
+                   help="decoders: where the soft prompt goes: after the first token (start), or between the "
+                        "text and the template's tail (after-text: each example's prefix runs once and is cached, "
+                        "a candidate runs only its prompt and the tail)")
     p.add_argument("--parties", default="inprocess",
                    help="inprocess (threads), local (one process per party over TLS on loopback), or a parties "
                         "TOML file whose servers and dealer run `secfwt party` on their hosts")
@@ -95,7 +100,8 @@ def spec_from_args(a: argparse.Namespace) -> RunSpec:
         task=a.task, model=a.model, mode=a.mode,
         attention={"kind": a.attention, "n_features": a.rfa_features, "seed": a.rfa_seed},
         embedding=a.embedding, head=a.head, k=a.k, seed=a.seed, data_root=a.data_root, source=a.source,
-        max_eval=a.max_eval, max_length=a.max_length, max_rows=a.max_rows, tune=dataclasses.asdict(cfg),
+        max_eval=a.max_eval, max_length=a.max_length, max_rows=a.max_rows, prompt_position=a.prompt_position,
+        tune=dataclasses.asdict(cfg),
         shares_dir=a.shares_dir, checkpoint_dir=a.checkpoint_dir, resume=not a.no_resume, frac_bits=a.frac_bits,
         timeout=a.timeout, progress=not a.quiet,
     )
@@ -165,7 +171,8 @@ def prompt_file(spec: RunSpec, result: TuneResult) -> PromptFile:
     if result.prompt is None:
         raise ConfigError("tune: the run returned no prompt to save")
     settings = {"head": spec.head, "attention": spec.attention, "embedding": spec.embedding,
-                "max_length": spec.max_length, "temperature": spec.temperature, "frac_bits": spec.frac_bits}
+                "max_length": spec.max_length, "temperature": spec.temperature, "frac_bits": spec.frac_bits,
+                "prompt_position": spec.prompt_position}
     info = {"mode": result.mode, "accuracy": result.accuracy, "zero_shot_accuracy": result.zero_shot_accuracy,
             "dev_accuracy": result.dev_accuracy, "eval_split": result.eval_split, "n_eval": result.n_eval,
             "k": result.k, "seed": result.seed, "iterations": result.iterations, "used_prompt": result.used_prompt}

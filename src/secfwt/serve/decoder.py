@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from secfwt.comm.base import OWNER
 from secfwt.context import PartyContext
-from secfwt.errors import ProtocolMismatchError
+from secfwt.errors import ConfigError, ProtocolMismatchError
 from secfwt.nn.config import AttentionConfig
-from secfwt.nn.decoder import Decoder
+from secfwt.nn.decoder import Decoder, PrefixCache
 from secfwt.nn.decoder_heads import LabelWordHead
 from secfwt.nn.llama_weights import DecoderConfig, resolve_model_dir
 from secfwt.serve.session import BaseServer, PrivateModelClient, attention_from_json, attention_to_json, serve_loop
 from secfwt.serve.shares import read_share_file, write_owner_word_table, write_public_files, write_share_files
-from secfwt.share import AShare, owner_share
+from secfwt.share import AShare, owner_share, receive_revealed, reveal_to
 
 FORMAT = "secfwt-decoder-shares-1"
 
@@ -86,6 +88,11 @@ class DecoderServer(BaseServer):
         self.dec: Decoder[AShare] | None = None
         self.head: LabelWordHead[AShare] | None = None
         self.prompt_at = 0
+        self.tail: AShare | None = None  # (S, H) the template's tail (prompt position "after-text")
+        self.caches: dict[int, PrefixCache[AShare]] = {}  # slot -> one example's prefix cache
+
+    def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+        return {**super().commands(), "prefill": self.prefill, "forward_cached": self.forward_cached}
 
     def setup(self, msg: dict[str, Any]) -> None:
         p, cfg = self.shares.params, self.shares.config
@@ -103,6 +110,50 @@ class DecoderServer(BaseServer):
             with self.be.scope("head-setup"):
                 rows = self.be.matmul(sel, p["emb.word"] if self.shares.tied else p["lm_head"])  # (L, H)
         self.head = LabelWordHead(p["norm.weight"], rows, cfg.rms_norm_eps, ())
+        n_tail = int(msg.get("tail", 0))
+        self.tail = self.be.reshape(self._embed(1, n_tail), (n_tail, cfg.hidden)) if n_tail else None
+        self.caches = {}
+
+    def prefill(self, msg: dict[str, Any]) -> None:
+        """Run B prefixes (shared by the owner like a registered batch) in chunks of ``max_rows`` and keep each
+        one's cache under its slot: computed once, reused by every later ``forward_cached``."""
+        if not self._ready():
+            raise ProtocolMismatchError("prefill before setup")
+        assert self.dec is not None
+        slots, b, t = [int(v) for v in msg["slots"]], int(msg["B"]), int(msg["T"])
+        if len(slots) != b:
+            raise ProtocolMismatchError(f"prefill: {len(slots)} slots for {b} prefixes")
+        x = self._embed(b, t)
+        mask = self._recv_public("mask", (b, t))
+        for lo in range(0, b, self.max_rows):
+            m = mask[lo : lo + self.max_rows]
+            n = int(m.sum(1).max())  # trailing all-pad columns dropped (right padding)
+            cache = self.dec.prefill(self.be, self.be.index(x, (slice(lo, lo + self.max_rows), slice(0, n))),
+                                     m[:, :n])
+            for slot, c in zip(slots[lo : lo + self.max_rows], cache.split(self.be), strict=True):
+                self.caches[slot] = c
+
+    def forward_cached(self, msg: dict[str, Any]) -> None:
+        """P shared prompts after each cached prefix in ``slots``, then the tail: the (B * P, L) label logits
+        (row u * P + c: prefix u, candidate c) revealed to the owner. Chunks of whole examples, at most
+        ``max_rows`` rows (at least one example)."""
+        if not self._ready() or self.tail is None:
+            raise ProtocolMismatchError("forward_cached before a setup with a template tail")
+        assert self.dec is not None and self.head is not None
+        slots, n_pop, n_prompt = [int(v) for v in msg["slots"]], int(msg["P"]), int(msg["n_prompt"])
+        missing = [s for s in slots if s not in self.caches]
+        if missing:
+            raise ProtocolMismatchError(f"forward_cached: slots {missing[:5]} were never prefilled")
+        prompts = self.be.from_owner((n_pop, n_prompt, self.hidden)) if n_prompt else None
+        per_chunk = max(1, self.max_rows // n_pop)
+        outs = []
+        for lo in range(0, len(slots), per_chunk):
+            group = slots[lo : lo + per_chunk]
+            cache = PrefixCache.stack(self.be, [self.caches[s] for s in group])
+            pr = self.be.index(prompts, torch.arange(n_pop).repeat(len(group))) if prompts is not None else None
+            out = self.dec.forward_cached(self.be, cache, self.tail, prompt=pr, per=n_pop)
+            outs.append(self.head.forward(self.be, out))  # (U * P, L)
+        reveal_to(self.ctx, self.be.cat(outs, dim=0), OWNER, tag="logits")
 
     def _ready(self) -> bool:
         return self.dec is not None and self.head is not None
@@ -124,18 +175,53 @@ class DecoderClient(PrivateModelClient):
     (``register``, ``forward``, ``server_costs`` and ``stop`` are the encoder's)."""
 
     def setup_decoder(self, attention: AttentionConfig, label_ids: list[list[int]], *, max_rows: int,
-                      prompt_at: int, owner_rows: Tensor | None) -> None:
+                      prompt_at: int, owner_rows: Tensor | None, tail_ids: Sequence[int] = ()) -> None:
         """Configure the servers; ``owner_rows`` (L, H): the label rows, shared by the owner (else selected
-        privately from the shared LM head)."""
+        privately from the shared LM head); ``tail_ids``: the template's tail after the prompt (prompt
+        position "after-text": :meth:`prefill` / :meth:`forward_cached`)."""
         self.n_labels = len(label_ids)
         self._cmd({"cmd": "setup", "attention": attention_to_json(attention), "n_labels": self.n_labels,
                    "embedding": self.embedding, "max_rows": int(max_rows), "prompt_at": int(prompt_at),
-                   "rows": "owner" if owner_rows is not None else "select"})
+                   "rows": "owner" if owner_rows is not None else "select", "tail": len(tail_ids)})
         if owner_rows is not None:
             owner_share(self.ctx, owner_rows.to(torch.float64))
         else:
             self._share_selection(label_ids)
+        if tail_ids:
+            self._share_tokens(torch.tensor([list(tail_ids)], dtype=torch.int64))
         self.configured = True
+        self.n_slots = 0
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> list[int]:
+        """Share B prefixes (ids (B, T), right-padded mask (B, T)); the servers cache each one. Returns their
+        slots (for :meth:`forward_cached`)."""
+        if not self.configured:
+            raise ConfigError("prefill before setup")
+        b, t = input_ids.shape
+        slots = list(range(self.n_slots, self.n_slots + int(b)))
+        self.n_slots += int(b)
+        self._cmd({"cmd": "prefill", "slots": slots, "B": int(b), "T": int(t)})
+        self._share_tokens(input_ids)
+        self._public("mask", attention_mask)
+        return slots
+
+    def forward_cached(self, slots: Sequence[int], prompts: Tensor) -> Tensor:
+        """Label logits (P, B, L) of prompts (P, n_prompt, H) (n_prompt may be 0) after the cached prefixes
+        ``slots`` and before the tail."""
+        n_pop, n_prompt, h = prompts.shape
+        if n_prompt and h != self.hidden:
+            raise ConfigError(f"prompts: hidden size {h}, the model has {self.hidden}")
+        self._cmd({"cmd": "forward_cached", "slots": [int(s) for s in slots], "P": int(n_pop),
+                   "n_prompt": int(n_prompt)})
+        if n_prompt:
+            owner_share(self.ctx, prompts.to(torch.float64))
+        comm = self.ctx.comm
+        old, comm.timeout = comm.timeout, max(comm.timeout, self.result_timeout)
+        try:
+            out = receive_revealed(self.ctx, (len(slots) * n_pop, self.n_labels), self.ctx.f, tag="logits")
+        finally:
+            comm.timeout = old
+        return out.reshape(len(slots), n_pop, self.n_labels).transpose(0, 1)  # (P, B, L)
 
 
 __all__ = ["FORMAT", "DecoderClient", "DecoderServer", "DecoderShares", "load_decoder_shares", "serve_decoder",

@@ -94,28 +94,28 @@ def attention_to_json(a: AttentionConfig) -> dict[str, Any]:
 class Server(Protocol):
     """What :func:`serve_loop` drives: one handler per command that carries model work."""
 
-    def setup(self, msg: dict[str, Any]) -> None: ...
-    def register(self, msg: dict[str, Any]) -> None: ...
-    def forward(self, msg: dict[str, Any]) -> None: ...
+    def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+        """Command name -> handler (``setup``, ``register``, ``forward``, and model-specific ones)."""
+        ...
+
+
+FORWARD_COMMANDS = ("forward", "forward_cached")
 
 
 def serve_loop(ctx: PartyContext, server: Server) -> int:
-    """A server's command loop (setup, register, forward, cost, stop); returns the number of forwards served."""
+    """A server's command loop (the server's commands, cost, stop); returns the number of forwards served."""
     n_forward = 0
+    handlers = server.commands()
     while True:
         msg = ctx.comm.recv_json(OWNER, "cmd")
         cmd = msg.get("cmd")
         if cmd == "stop":
             return n_forward
-        if cmd == "setup":
-            server.setup(msg)
-        elif cmd == "register":
-            server.register(msg)
-        elif cmd == "forward":
-            server.forward(msg)
-            n_forward += 1
-        elif cmd == "cost":
+        if cmd == "cost":
             ctx.comm.send_json(OWNER, "cost", ctx.cost.to_dict())
+        elif cmd in handlers:
+            handlers[str(cmd)](msg)
+            n_forward += cmd in FORWARD_COMMANDS
         else:
             raise ProtocolMismatchError(f"unknown command {cmd!r} from the data owner")
 
@@ -135,6 +135,12 @@ class BaseServer:
         self.embedding = "local"
         self.max_rows = 64
         self.batches: dict[str, RegisteredBatch] = {}
+
+    def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+        return {"setup": self.setup, "register": self.register, "forward": self.forward}
+
+    def setup(self, msg: dict[str, Any]) -> None:
+        raise NotImplementedError
 
     def _recv_public(self, tag: str, shape: Sequence[int]) -> Tensor:
         return self.ctx.comm.recv(OWNER, tag, shape=tuple(shape), dtype=torch.float64)

@@ -6,29 +6,26 @@ Both implement :class:`~secfwt.tuning.objective.Evaluator` with the ONE model de
 * :class:`PlainDecoderEvaluator` runs it on ``PlainBackend`` (float64 by default: the oracle of the MPC path);
 * :class:`MpcDecoderEvaluator` is the data owner's side: the two servers run it on ``MpcBackend`` over their
   weight shares (the decoder service, :mod:`secfwt.serve.decoder`, with the encoder's command loop), a
-  population of P candidate prompts on a batch of B examples is ONE command, the servers evaluate the P x B
-  rows in chunks of ``max_rows`` (:mod:`secfwt.serve.rows`, which the plaintext evaluator uses too) and only
-  the (P x B, L) label logits are revealed, to the owner alone.
+  population of P candidate prompts on a batch of B examples is ONE command, and only the (P x B, L) label
+  logits are revealed, to the owner alone.
 
-Templates. A causal LM reads its label from the next-token logits at the last position, so the task's
-decoder template ends where the label word would follow (``TaskSpec.decoder_template``, e.g. SST-2
-``"Review: {text}\\nSentiment:"`` with " negative" / " positive"; without one, the encoder template is cut at
-``{mask}``). It is rendered as a plain string and tokenised whole (the tokenizer's own special tokens); when
-too long, the text's tokens are cut from the end. Rows are right-padded; the soft prompt is inserted after
-the first token (:func:`prompt_position`).
+Templates and prompt positions: :mod:`secfwt.tuning.decoder_encode`. With ``prompt_position="start"`` the
+P x B rows run whole, in chunks of ``max_rows`` (:mod:`secfwt.serve.rows`, which the plaintext evaluator uses
+too). With ``"after-text"`` each example's prefix is run once and cached (the servers keep it under a slot the
+owner assigned; the plaintext evaluator keeps it in memory, keyed by the prefix's token ids) and a forward
+runs only the P candidates' prompt vectors and the template tail after it, in chunks of whole examples.
 
 What the servers learn: shapes (P, B, T, prompt length, L) and each example's token count (the public
-padding mask). Not the tokens, prompts, labels, label words (owner-shared rows, or a private selection)
-or logits. Share files: :func:`secfwt.serve.decoder.share_decoder`, cached per model and frac_bits
-(:func:`ensure_decoder_shares`).
+padding mask), and with "after-text" which forwards reuse which cached prefix. Not the tokens, prompts,
+labels, label words (owner-shared rows, or a private selection) or logits. Share files:
+:func:`secfwt.serve.decoder.share_decoder`, cached per model and frac_bits (:func:`ensure_decoder_shares`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,94 +36,80 @@ from secfwt.context import PartyContext
 from secfwt.errors import ConfigError
 from secfwt.nn.backend import PlainBackend
 from secfwt.nn.config import AttentionConfig
-from secfwt.nn.decoder import Decoder
+from secfwt.nn.decoder import Decoder, PrefixCache
 from secfwt.nn.decoder_heads import LabelWordHead
 from secfwt.nn.llama_weights import SMOLLM2, is_decoder_model, resolve_model_dir
 from secfwt.serve.decoder import DecoderClient, share_decoder
 from secfwt.serve.rows import RowChunk, forward_rows
-from secfwt.tuning.data import Example
-from secfwt.tuning.encode import initial_prompt, label_word_id, pad_right, special_tokens
+from secfwt.tuning.decoder_encode import (
+    DecoderBatch,
+    by_length,
+    check_prompt_position,
+    decoder_template,
+    encode_decoder,
+    encode_prefixes,
+    label_token_ids,
+    prefix_key,
+    prompt_position,
+    tail_ids,
+)
+from secfwt.tuning.encode import initial_prompt
 from secfwt.tuning.objective import Batch, EvalCost
 from secfwt.tuning.tasks import TaskSpec
 
 T = TypeVar("T")
 
 
-# -- templates ------------------------------------------------------------------------------------------
-def decoder_template(task: TaskSpec) -> tuple[str, tuple[str, ...]]:
-    """(template without a mask, label words): the task's decoder template, else its template cut at {mask}."""
-    tpl = getattr(task, "decoder_template", None)
-    words = tuple(getattr(task, "decoder_words", ()) or task.words)
-    if tpl:
-        return tpl, words
-    return task.template.split("{mask}")[0].rstrip(), words
+def _check_prompts(prompts: Tensor, hidden: int) -> None:
+    if prompts.dim() != 3 or (prompts.shape[1] and prompts.shape[2] != hidden):
+        raise ConfigError(f"prompts: expected (P, n_prompt, {hidden}), got {tuple(prompts.shape)}")
 
 
-@dataclass(frozen=True)
-class DecoderBatch:
-    input_ids: Tensor  # (B, T) right-padded
-    attention_mask: Tensor  # (B, T) 0/1
+class _DecoderEvaluatorBase:
+    """What both decoder evaluators share: template, prompt position, encodings, the (unsorted) row order."""
 
+    def __init__(self, tokenizer: Any, task: TaskSpec, max_length: int, position: str) -> None:
+        self.tokenizer, self.task = tokenizer, task
+        self.template, _ = decoder_template(task)
+        self.max_length = max_length
+        self.position = check_prompt_position(position)
+        self.prompt_at = prompt_position(tokenizer)
+        self.tail = tail_ids(tokenizer, self.template) if position == "after-text" else []
+        self._calls = 0
 
-def encode_decoder(tokenizer: Any, template: str, examples: Sequence[Example], max_length: int,
-                   n_prompt: int) -> DecoderBatch:
-    """Render and tokenise each example whole; cut the text's last tokens until ``n_prompt`` more fit."""
-    budget = max_length - n_prompt
-    rows: list[list[int]] = []
-    for ex in examples:
-        fields = {"text": ex.texts[0], "text_a": ex.texts[0], "text_b": ex.texts[-1]}
-        ids = list(tokenizer(template.format(**fields))["input_ids"])
-        if len(ids) > budget:
-            key = "text_b" if "{text_b}" in template and len(ex.texts[-1]) > len(ex.texts[0]) else "text"
-            toks = list(tokenizer(fields[key], add_special_tokens=False)["input_ids"])
-            cut = len(toks)
-            while len(ids) > budget:
-                cut -= max(1, len(ids) - budget)
-                if cut < 1:
-                    raise ConfigError(f"max_length {max_length} too small for template {template!r} "
-                                      f"+ {n_prompt} prompt tokens")
-                short = tokenizer.decode(toks[:cut])
-                f2 = dict(fields, **({"text_b": short} if key == "text_b" else {"text": short, "text_a": short}))
-                ids = list(tokenizer(template.format(**f2))["input_ids"])
-        rows.append(ids)
-    return DecoderBatch(*pad_right(tokenizer, rows))
+    def encode(self, batch: Batch, n_prompt: int) -> DecoderBatch:
+        """The batch's whole rows ("start") or prefixes ("after-text")."""
+        if self.position == "after-text":
+            return encode_prefixes(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
+        return encode_decoder(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
 
-
-def prompt_position(tokenizer: Any) -> int:
-    """Where the soft prompt goes: after the tokenizer's prefix special tokens (BOS), and after at least one
-    token: a LLaMA-family model's first position is its attention sink (massive activations, docs/DECODER.md),
-    which should stay a real token (for SmolLM2, without BOS: the template's first token)."""
-    return max(len(special_tokens(tokenizer)[0]), 1)
-
-
-def label_token_ids(tokenizer: Any, task: TaskSpec) -> list[list[int]]:
-    return [[label_word_id(tokenizer, task.name, w.strip())] for w in decoder_template(task)[1]]
+    @property
+    def forward_calls(self) -> int:
+        return self._calls
 
 
 # -- plaintext ------------------------------------------------------------------------------------------
-class PlainDecoderEvaluator:
+class PlainDecoderEvaluator(_DecoderEvaluatorBase):
     """The decoder + label-word head on ``PlainBackend`` (the oracle of :class:`MpcDecoderEvaluator`)."""
 
     mode = "plaintext"
 
     def __init__(self, dec: Decoder[Tensor], tokenizer: Any, task: TaskSpec, *, model_name: str,
-                 max_length: int = 64, max_rows: int = 64, dtype: torch.dtype = torch.float64) -> None:
-        self.tokenizer, self.task = tokenizer, task
-        self.template, _ = decoder_template(task)
-        self.head = LabelWordHead.from_decoder(dec, label_token_ids(tokenizer, task))
+                 max_length: int = 64, max_rows: int = 64, dtype: torch.dtype = torch.float64,
+                 prompt_position: str = "start") -> None:
+        super().__init__(tokenizer, task, max_length, prompt_position)
+        head = LabelWordHead.from_decoder(dec, label_token_ids(tokenizer, task))
         self.table = dec.params["emb.word"]
         self.dec = dec.map_params(lambda _k, t: t.to(dtype))
-        self.head = self.head.map_params(lambda _k, t: t.to(dtype))
+        self.head = head.map_params(lambda _k, t: t.to(dtype))
         self.be = PlainBackend(dtype)
         self.dtype = dtype
         self.model_name = model_name
         self.attention = str(dec.attention.attention_kind.value)
         self.hidden_size = dec.config.hidden
         self.embedding_std = float(self.table.std())
-        self.max_length, self.max_rows = max_length, max_rows
-        self.prompt_at = prompt_position(tokenizer)
-        self._cache: dict[tuple[str, int], DecoderBatch] = {}
-        self._calls = 0
+        self.max_rows = max_rows
+        self._caches: dict[tuple[int, ...], PrefixCache[Tensor]] = {}
         self._compute_s = 0.0
 
     @classmethod
@@ -140,33 +123,59 @@ class PlainDecoderEvaluator:
         kwargs.setdefault("model_name", SMOLLM2 if model.lower() == SMOLLM2 else d.name)
         return cls(dec, tok, task, **kwargs)
 
-    def encode(self, batch: Batch, n_prompt: int) -> DecoderBatch:
-        key = (batch.key, n_prompt)
-        if key not in self._cache:
-            self._cache[key] = encode_decoder(self.tokenizer, self.template, batch.examples, self.max_length,
-                                              n_prompt)
-        return self._cache[key]
-
     @torch.no_grad()
     def logits(self, prompts: Tensor, batch: Batch) -> Tensor:
         """Label logits (P, B, L) for prompts (P, n_prompt, H); n_prompt = 0: the template alone."""
-        if prompts.dim() != 3 or (prompts.shape[1] and prompts.shape[2] != self.hidden_size):
-            raise ConfigError(f"prompts: expected (P, n_prompt, {self.hidden_size}), got {tuple(prompts.shape)}")
+        _check_prompts(prompts, self.hidden_size)
         start = time.perf_counter()
         n_pop, n_prompt = int(prompts.shape[0]), int(prompts.shape[1])
         enc = self.encode(batch, n_prompt)
+        pr = prompts.to(self.dtype) if n_prompt else None
+        if self.position == "after-text":
+            out = self._logits_cached(enc, pr, n_pop)
+        else:
+            out = self._logits_whole(enc, pr, n_pop)
+        self._compute_s += time.perf_counter() - start
+        return out.float().reshape(n_pop, len(batch), -1)
+
+    def _logits_whole(self, enc: DecoderBatch, prompts: Tensor | None, n_pop: int) -> Tensor:
         embeds = self.table[enc.input_ids].to(self.dtype)  # (B, T, H)
         mask = enc.attention_mask.to(torch.float64)
 
         def run(c: RowChunk) -> Tensor:  # the servers' chunks (secfwt.serve.rows), on PlainBackend
-            pr = prompts[c.prompt].to(self.dtype) if n_prompt else None
+            pr = prompts[c.prompt] if prompts is not None else None
             out = self.dec.forward(self.be, embeds[c.cols], mask[c.cols], prompt=pr, prompt_at=self.prompt_at)
             self._calls += 1
             return self.head.forward(self.be, out)
 
-        logits = forward_rows(self.be, n_pop, mask, self.max_rows, run)  # (P * B, L), row p * B + b
-        self._compute_s += time.perf_counter() - start
-        return logits.float().reshape(n_pop, len(batch), -1)
+        return forward_rows(self.be, n_pop, mask, self.max_rows, run)  # (P * B, L), row p * B + b
+
+    def _logits_cached(self, enc: DecoderBatch, prompts: Tensor | None, n_pop: int) -> Tensor:
+        keys = [prefix_key(i, m) for i, m in zip(enc.input_ids, enc.attention_mask, strict=True)]
+        new = sorted({k for k in keys if k not in self._caches}, key=len)
+        for lo in range(0, len(new), self.max_rows):  # prefill the prefixes not seen before
+            group = new[lo : lo + self.max_rows]
+            ids = torch.zeros(len(group), len(group[-1]), dtype=torch.int64)
+            mask = torch.zeros(len(group), len(group[-1]), dtype=torch.float64)
+            for u, k in enumerate(group):
+                ids[u, : len(k)], mask[u, : len(k)] = torch.tensor(k), 1.0
+            cache = self.dec.prefill(self.be, self.table[ids].to(self.dtype), mask)
+            self._caches.update(zip(group, cache.split(self.be), strict=True))
+        tail = self.table[torch.tensor(self.tail)].to(self.dtype)  # (S, H)
+        order = by_length(enc.attention_mask)
+        per_chunk = max(1, self.max_rows // n_pop)
+        outs = []
+        for lo in range(0, len(order), per_chunk):
+            group_idx = order[lo : lo + per_chunk].tolist()
+            cache = PrefixCache.stack(self.be, [self._caches[keys[i]] for i in group_idx])
+            pr = prompts.repeat(len(group_idx), 1, 1) if prompts is not None else None  # row u * P + c
+            out = self.dec.forward_cached(self.be, cache, tail, prompt=pr, per=n_pop)
+            self._calls += 1
+            outs.append(self.head.forward(self.be, out).reshape(len(group_idx), n_pop, -1))
+        sorted_out = torch.cat(outs)  # (B, P, L) in length order
+        res = torch.empty_like(sorted_out)
+        res[order] = sorted_out
+        return res.transpose(0, 1).reshape(n_pop * len(order), -1)  # row p * B + b
 
     def init_prompt(self, n_prompt: int, seed: int, text: str | None = None) -> Tensor:
         return initial_prompt(self.table, self.tokenizer, n_prompt, seed, text).float()
@@ -174,49 +183,64 @@ class PlainDecoderEvaluator:
     def cost(self) -> EvalCost | None:
         return None
 
-    @property
-    def forward_calls(self) -> int:
-        return self._calls
-
 
 # -- the data owner (MPC) ------------------------------------------------------------------------------
-class MpcDecoderEvaluator:
+class MpcDecoderEvaluator(_DecoderEvaluatorBase):
     """Label logits of a decoder computed by the two servers under MPC (module docstring)."""
 
     mode = "mpc"
 
     def __init__(self, client: DecoderClient, tokenizer: Any, task: TaskSpec, *, attention: AttentionConfig,
                  model_name: str, embedding_std: float, tied: bool, max_length: int = 64,
-                 max_rows: int = 64, word_table: Tensor | None = None) -> None:
-        self.client, self.tokenizer, self.task = client, tokenizer, task
-        self.template, _ = decoder_template(task)
+                 max_rows: int = 64, word_table: Tensor | None = None, prompt_position: str = "start") -> None:
+        super().__init__(tokenizer, task, max_length, prompt_position)
+        self.client = client
         self.attention = str(attention.attention_kind.value)
         self.model_name, self.hidden_size, self.embedding_std = model_name, client.hidden, embedding_std
-        self.max_length, self.word_table = max_length, word_table
-        self.prompt_at = prompt_position(tokenizer)
+        self.word_table = word_table
         ids = label_token_ids(tokenizer, task)
         rows = None
         if word_table is not None and tied:  # the owner already holds the tied label rows: share them
             rows = torch.stack([word_table[g].mean(0) for g in ids])
-        client.setup_decoder(attention, ids, max_rows=max_rows, prompt_at=self.prompt_at, owner_rows=rows)
+        client.setup_decoder(attention, ids, max_rows=max_rows, prompt_at=self.prompt_at, owner_rows=rows,
+                             tail_ids=self.tail)
         self._order: dict[tuple[str, int], Tensor] = {}
-        self._calls = 0
+        self._slots: dict[tuple[int, ...], int] = {}
 
     def logits(self, prompts: Tensor, batch: Batch) -> Tensor:
-        """Label logits ``(P, B, L)``. A batch is registered once with its rows sorted by token length, so
-        each server chunk of ``max_rows`` rows pays only for its own longest row (:mod:`secfwt.serve.rows`)."""
-        if prompts.dim() != 3 or (prompts.shape[1] and prompts.shape[2] != self.hidden_size):
-            raise ConfigError(f"prompts: expected (P, n_prompt, {self.hidden_size}), got {tuple(prompts.shape)}")
+        """Label logits ``(P, B, L)``. The servers see the rows sorted by token length, so each chunk pays only
+        for its own longest row (:mod:`secfwt.serve.rows`); "start": a batch is registered once; "after-text":
+        each distinct prefix is prefilled once, then only prompt + tail run per candidate."""
+        _check_prompts(prompts, self.hidden_size)
         n_prompt = int(prompts.shape[1])
+        self._calls += 1
+        if self.position == "after-text":
+            return self._logits_cached(prompts, batch, n_prompt)
         key = f"{batch.key}/{n_prompt}"
         if (batch.key, n_prompt) not in self._order:
-            enc = encode_decoder(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
-            order = torch.argsort(enc.attention_mask.sum(1), stable=True)
+            enc = self.encode(batch, n_prompt)
+            order = by_length(enc.attention_mask)
             self.client.register(key, enc.input_ids[order], enc.attention_mask[order])
             self._order[(batch.key, n_prompt)] = order
         order = self._order[(batch.key, n_prompt)]
-        self._calls += 1
         out = self.client.forward(key, prompts.to(torch.float64)).float()  # (P, B, L), sorted row order
+        unsorted = torch.empty_like(out)
+        unsorted[:, order] = out
+        return unsorted
+
+    def _logits_cached(self, prompts: Tensor, batch: Batch, n_prompt: int) -> Tensor:
+        enc = self.encode(batch, n_prompt)
+        keys = [prefix_key(i, m) for i, m in zip(enc.input_ids, enc.attention_mask, strict=True)]
+        new = sorted({k for k in keys if k not in self._slots}, key=len)
+        if new:
+            ids = torch.zeros(len(new), len(new[-1]), dtype=torch.int64)
+            mask = torch.zeros(len(new), len(new[-1]), dtype=torch.int64)
+            for u, k in enumerate(new):
+                ids[u, : len(k)], mask[u, : len(k)] = torch.tensor(k), 1
+            self._slots.update(zip(new, self.client.prefill(ids, mask), strict=True))
+        order = by_length(enc.attention_mask)
+        out = self.client.forward_cached([self._slots[keys[i]] for i in order.tolist()],
+                                         prompts.to(torch.float64)).float()  # (P, B, L) sorted
         unsorted = torch.empty_like(out)
         unsorted[:, order] = out
         return unsorted
@@ -233,10 +257,6 @@ class MpcDecoderEvaluator:
                         compute_s=max(sum(v.time_s for k, v in c.ops.items() if "/" not in k)
                                       for c in costs.values()),
                         forward_calls=self._calls)
-
-    @property
-    def forward_calls(self) -> int:
-        return self._calls
 
 
 # -- one tuning run (``secfwt tune --model smollm2``; dispatched from secfwt.tuning.runner.run) -----------
@@ -275,7 +295,7 @@ def decoder_owner_program(spec: Any, shares: Path, task: TaskSpec, job: Callable
         ev = MpcDecoderEvaluator(client, tok, task, attention=spec.attention_config(),
                                  model_name=_model_name(spec.model), embedding_std=float(meta["embedding_std"]),
                                  tied=bool(meta["tied"]), max_length=spec.max_length, max_rows=spec.max_rows,
-                                 word_table=table)
+                                 word_table=table, prompt_position=spec.prompt_position)
         return client.run_and_stop(lambda: job(ev))
 
     return prog
@@ -293,7 +313,8 @@ def run_decoder_job(spec: Any, task: TaskSpec, job: Callable[[Any], T],
         ev = PlainDecoderEvaluator.from_pretrained(spec.model, task, spec.attention_config(),
                                                    model_name=_model_name(spec.model),
                                                    max_length=spec.max_length, max_rows=max(spec.max_rows, 64),
-                                                   dtype=torch.float32)  # speed; MPC's oracle is float64
+                                                   dtype=torch.float32,  # speed; MPC's oracle is float64
+                                                   prompt_position=spec.prompt_position)
         return job(ev), {}
     if spec.mode != "mpc":
         raise ConfigError(f"mode: expected 'mpc' or 'plaintext', got {spec.mode!r}")

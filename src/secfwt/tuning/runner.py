@@ -53,6 +53,7 @@ class RunSpec:
     max_eval: int | None = None
     max_length: int = 64
     max_rows: int = 64
+    prompt_position: str = "start"  # decoders: "start" or "after-text" (secfwt.tuning.decoder_encode)
     temperature: float = 20.0
     tune: dict[str, Any] = field(default_factory=dict)  # TuneConfig fields
     shares_dir: str | None = None  # default: a cache directory keyed by the model path
@@ -145,6 +146,9 @@ def run_job(
         from secfwt.tuning.decoder_eval import run_decoder_job
 
         return run_decoder_job(spec, task, job, parties)
+    if spec.prompt_position != "start":
+        raise ConfigError(f"prompt position {spec.prompt_position!r} is for decoder models; encoders take the "
+                          "soft prompt after [CLS] (use the default 'start')")
     if spec.mode == "plaintext":
         ev = HFPlainEvaluator.from_pretrained(spec.model_dir(), task, head=spec.head, max_length=spec.max_length,
                                               max_rows=max(spec.max_rows, 64), temperature=spec.temperature)
