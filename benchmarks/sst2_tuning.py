@@ -59,6 +59,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-eval", type=int, default=32)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--max-rows", type=int, default=64)
+    p.add_argument("--prompt-position", default="start", help="decoders: start | after-text (prefix cache)")
+    p.add_argument("--init-text", default=None, help="p0: this phrase's token embeddings (--n-prompt = its tokens)")
+    p.add_argument("--alpha", type=float, default=1.0, help="projection scale (BBT's alpha)")
+    p.add_argument("--sigma", type=float, default=1.0, help="CMA-ES initial step size")
     p.add_argument("--out", default="benchmarks/results/sst2_tuning.json")
     return p.parse_args(argv)
 
@@ -67,10 +71,12 @@ def spec_for(a: argparse.Namespace, name: str) -> RunSpec:
     mode, attention = RUNS[name]
     tune = {"d": a.d, "n_prompt": a.n_prompt, "popsize": a.popsize, "iterations": a.iterations,
             "train_batch": a.train_batch, "eval_every": a.eval_every or a.iterations, "patience": None,
-            "seed": a.tune_seed}
+            "seed": a.tune_seed, "alpha": a.alpha, "sigma": a.sigma}
+    if a.init_text:
+        tune.update(init="text", init_text=a.init_text)
     return RunSpec(task=a.task, model=a.model, mode=mode, attention=dict(attention), k=a.k, seed=a.seed,
                    data_root=a.data_root, max_eval=a.max_eval, max_length=a.max_length, max_rows=a.max_rows,
-                   tune=tune, progress=False, timeout=600)
+                   prompt_position=a.prompt_position, tune=tune, progress=False, timeout=600)
 
 
 def row_for(name: str, spec: RunSpec, parties: str) -> dict[str, Any]:
@@ -152,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         header = {
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
             f"load average {os.getloadavg()[0]:.1f}",
-            "settings": f"k={a.k} per class, data seed {a.seed}, d={a.d}, {a.n_prompt} prompt tokens, population "
-                        f"{a.popsize}, {a.iterations} iterations, train minibatch {a.train_batch}, "
-                        f"{rows[0]['n_eval']} test examples, parties {a.parties}",
+            "settings": f"{a.model or 'all-MiniLM-L6-v2'}, k={a.k} per class, data seed {a.seed}, d={a.d}, "
+                        f"{a.n_prompt} prompt tokens, population {a.popsize}, {a.iterations} iterations, train "
+                        f"minibatch {a.train_batch}, {rows[0]['n_eval']} test examples, parties {a.parties}"
+                        + (f", prompt position {a.prompt_position}" if a.prompt_position != "start" else "")
+                        + (f", init text {a.init_text!r}" if a.init_text else "")
+                        + (f", alpha {a.alpha}" if a.alpha != 1.0 else ""),
             "command": "python benchmarks/sst2_tuning.py " + " ".join(sys.argv[1:] if argv is None else argv),
         }
         out.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")  # after every run: partial results

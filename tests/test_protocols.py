@@ -9,7 +9,7 @@ from helpers import mine, split
 from secfwt import ring
 from secfwt.comm.base import DEALER, SERVER0, SERVER1
 from secfwt.dealer import compare_words
-from secfwt.protocols.arith import matmul_aa, mul_aa, square_a, trunc
+from secfwt.protocols.arith import fix_weight, matmul_aa, matmul_fixed, mul_aa, square_a, trunc
 from secfwt.protocols.compare import less_than, ltz, ltz_select, max_, relu
 from secfwt.runtime import run_in_process
 from secfwt.share import AShare, add, reveal, reveal_ring
@@ -59,6 +59,48 @@ def test_beaver_mul_and_matmul_exact_on_the_ring():
         ]
     )
     assert torch.equal(got, want)
+
+
+def test_fixed_weight_matmul_exact_on_the_ring_and_opened_once():
+    """A weight with a fixed mask: opened once (8|W| bytes), then each product costs only its activation's
+    opening; exact on the ring (uniform ring inputs, scale 0: no truncation) for x @ W^T and x @ W, batched x."""
+    w = ring_rand((5, 7), 11)  # (out, in)
+    xs_plain = [ring_rand((3, 7), 12), ring_rand((2, 4, 7), 13), ring_rand((6, 5), 14)]
+    ws = split(w, encoded=True, seed=20)
+    xss = [split(x, encoded=True, seed=21 + i) for i, x in enumerate(xs_plain)]
+
+    def prog(ctx):
+        W = AShare(ws[ctx.rank].clone(), 0)
+        fw = fix_weight(ctx, W)
+        before = ctx.cost.total().bytes_sent
+        outs = [matmul_fixed(ctx, AShare(xss[0][ctx.rank].clone(), 0), fw, transpose=True),
+                matmul_fixed(ctx, AShare(xss[1][ctx.rank].clone(), 0), fw, transpose=True),
+                matmul_fixed(ctx, AShare(xss[2][ctx.rank].clone(), 0), fw, transpose=False)]
+        sent = ctx.cost.total().bytes_sent - before
+        return torch.cat([reveal_ring(ctx, o).flatten() for o in outs]), sent
+
+    res = run_in_process({SERVER0: prog, SERVER1: prog})
+    got, sent = res[SERVER0]
+    want = torch.cat([torch.matmul(xs_plain[0], w.t()).flatten(), torch.matmul(xs_plain[1], w.t()).flatten(),
+                      torch.matmul(xs_plain[2], w).flatten()])
+    assert torch.equal(got, want)
+    act = 8 * sum(x.numel() for x in xs_plain)
+    assert act <= sent < act + 3 * 150  # the products opened only x - a; W - B went once, in fix_weight
+    c0 = res.costs[SERVER0].by_top_level()
+    assert c0["fix_weight"].rounds == 1 and 8 * w.numel() <= c0["fix_weight"].bytes_sent < 8 * w.numel() + 150
+    assert res.costs[SERVER1].by_top_level()["fix_weight"].dealer_bytes < 200  # the request only, no material
+
+
+def test_fixed_weight_unknown_mask_is_a_protocol_error():
+    from secfwt.errors import ProtocolMismatchError
+    from secfwt.protocols.arith import FixedShare
+
+    def prog(ctx):
+        fake = FixedShare(torch.zeros(2, 3, dtype=torch.int64), 0, torch.zeros(2, 3, dtype=torch.int64), 999)
+        matmul_fixed(ctx, AShare(torch.zeros(1, 3, dtype=torch.int64), 0), fake)
+
+    with pytest.raises(ProtocolMismatchError, match="weight mask #999, which was never drawn"):
+        run_in_process({SERVER0: prog, SERVER1: prog}, timeout=20)
 
 
 @pytest.mark.parametrize("bits", [1, 16, 32, 47])

@@ -21,7 +21,13 @@ compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8
 compare_sel   compare + the 7 monomials times r for the first k elements   75.5 n + 56 k
 cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
 bit2a         random bit s as XOR share and arithmetic share               8 * n
+wmask         a fixed mask B for one weight, kept by the dealer (stateful) 0
+wmatmul       c = a @ B^T (or a @ B) with the stored mask B of ``wid``     8 * numel(c)
 ============  ==========================================================  ========================================
+
+``wmask`` and ``wmatmul`` are the dealer's only stateful kinds: the mask B = B0 + B1 of a weight is drawn once
+(request ``wid``) and kept for the session, so the servers open W - B once and every later product with that
+weight costs only its activation's opening (:func:`secfwt.protocols.arith.fix_weight`).
 """
 
 from __future__ import annotations
@@ -223,8 +229,52 @@ def _bit2a_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     return {"sa": (m0["sb"] ^ m1["sb"]) - m0["sa"]}
 
 
+def _wmask_draw(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"b": st.ring(_shape(p, "shape"))}
+
+
+def _wmask_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[Any, Any], index: int) -> Material:
+    store[index] = m0["b"] + m1["b"]  # B, kept for the weight's products
+    return {}
+
+
+def _wmatmul_out(p: dict[str, Any]) -> Shape:
+    a, (rows, cols) = _shape(p, "a"), _shape(p, "w")
+    return (*a[:-1], rows if p.get("transpose") else cols)
+
+
+def _wmatmul_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a")), "c": st.ring(_wmatmul_out(p))}
+
+
+def _wmatmul_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a"))}
+
+
+def _wmatmul_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[Any, Any],
+                     index: int) -> Material:
+    wid = int(p["wid"])
+    if wid not in store:
+        raise ProtocolMismatchError(f"dealer: wmatmul #{index} names weight mask #{wid}, which was never drawn")
+    b = store[wid]
+    if tuple(b.shape) != _shape(p, "w"):
+        raise ProtocolMismatchError(f"dealer: weight mask #{wid} has shape {tuple(b.shape)}, request says {p['w']}")
+    key = (wid, bool(p.get("transpose")))  # B split into limbs once per direction (ring.RightOperand)
+    if key not in store:
+        store[key] = ring.RightOperand(b.t() if key[1] else b)
+    a = m0["a"] + m1["a"]
+    return {"c": ring.matmul(a, store[key]) - m0["c"]}
+
+
 _Draw = Callable[[dict[str, Any], PRGStream], Material]
 _Correct = Callable[[dict[str, Any], Material, Material], Material]
+_StatefulCorrect = Callable[[dict[str, Any], Material, Material, dict[Any, Any], int], Material]
+
+# Kinds whose corrections read or write the dealer's per-session store, with the names of what they send.
+STATEFUL: dict[str, tuple[_Draw, _Draw, _StatefulCorrect, list[str]]] = {
+    "wmask": (_wmask_draw, _wmask_draw, _wmask_correct, []),
+    "wmatmul": (_wmatmul_draw0, _wmatmul_draw1, _wmatmul_correct, ["c"]),
+}
 
 KINDS: dict[str, tuple[_Draw, _Draw, _Correct]] = {
     "mul": (_mul_draw0, _mul_draw1, _mul_correct),
@@ -240,8 +290,15 @@ KINDS: dict[str, tuple[_Draw, _Draw, _Correct]] = {
 def _check_kind(kind: str) -> tuple[_Draw, _Draw, _Correct]:
     spec = KINDS.get(kind)
     if spec is None:
-        raise ProtocolMismatchError(f"unknown correlation kind '{kind}' (known: {sorted(KINDS)})")
+        raise ProtocolMismatchError(f"unknown correlation kind '{kind}' (known: {sorted(KINDS) + sorted(STATEFUL)})")
     return spec
+
+
+def _draws(kind: str) -> tuple[_Draw, _Draw]:
+    if kind in STATEFUL:
+        return STATEFUL[kind][0], STATEFUL[kind][1]
+    d0, d1, _ = _check_kind(kind)
+    return d0, d1
 
 
 class Pending:
@@ -279,7 +336,7 @@ class DealerClient:
 
     def request(self, kind: str, **params: Any) -> Pending:
         """Ask for one correlation; returns at once (server 1's corrections are read on ``get()``)."""
-        draw0, draw1, correct = _check_kind(kind)
+        draw0, draw1 = _draws(kind)
         st = self.prg.stream(self.index)
         if self.rank == SERVER0:
             pend = Pending(self, draw0(params, st), kind, [])
@@ -312,6 +369,8 @@ _NAMES_CACHE: dict[str, list[str]] = {}
 
 def _correction_names(kind: str, params: dict[str, Any]) -> list[str]:
     """Names of the tensors the dealer sends for ``kind`` (fixed per kind, independent of sizes)."""
+    if kind in STATEFUL:
+        return STATEFUL[kind][3]
     if kind not in _NAMES_CACHE:
         draw0, draw1, correct = _check_kind(kind)
         tiny = {k: ([1] * len(v) if isinstance(v, list) else v) for k, v in params.items()}
@@ -323,6 +382,7 @@ def _correction_names(kind: str, params: dict[str, Any]) -> list[str]:
 def serve(comm: Communicator, prg0: PRG, prg1: PRG, idle_timeout: float | None = None) -> int:
     """The dealer's loop: answer server 1's requests until it says stop. Returns the number served."""
     served = 0
+    store: dict[Any, Any] = {}  # the stateful kinds' fixed weight masks (by request index) and their limbs
     old_timeout = comm.timeout
     if idle_timeout is not None:
         comm.timeout = idle_timeout
@@ -334,9 +394,13 @@ def serve(comm: Communicator, prg0: PRG, prg1: PRG, idle_timeout: float | None =
                 return served
             if index != served:
                 raise ProtocolMismatchError(f"dealer: expected request #{served}, got #{index} ({kind})")
-            draw0, draw1, correct = _check_kind(kind)
+            draw0, draw1 = _draws(kind)
             with comm.cost.scope(f"dealer/{kind}"):
-                corr = correct(params, draw0(params, prg0.stream(index)), draw1(params, prg1.stream(index)))
+                m0, m1 = draw0(params, prg0.stream(index)), draw1(params, prg1.stream(index))
+                if kind in STATEFUL:
+                    corr = STATEFUL[kind][2](params, m0, m1, store, index)
+                else:
+                    corr = _check_kind(kind)[2](params, m0, m1)
                 for name, t in corr.items():
                     comm.send(SERVER1, f"dealer/{kind}/{name}", t)
             served += 1

@@ -79,7 +79,22 @@ def _limbs(x: Tensor) -> list[Tensor]:
     return out
 
 
-def matmul(a: Tensor, b: Tensor) -> Tensor:
+class RightOperand:
+    """A ring matrix prepared once to be the right operand of many :func:`matmul` calls (a fixed weight):
+    its limbs split and laid out as the BLAS calls read them, ``[l0 | l1 | l2]`` along the columns, per chunk
+    of at most 2^11 inner rows. Stored as float32 (every limb has at most 22 bits: exact), 12 bytes per
+    element, widened to float64 per call."""
+
+    def __init__(self, b: Tensor) -> None:
+        if b.dtype != torch.int64 or b.dim() < 2:
+            raise TypeError(f"RightOperand: expected an int64 matrix, got {b.dtype} with {b.dim()} dims")
+        self.shape = tuple(b.shape)
+        k = b.shape[-2]
+        self.chunks = [torch.cat(_limbs(b[..., s : s + _MAX_INNER, :]), dim=-1).to(torch.float32)
+                       for s in range(0, k, _MAX_INNER)]
+
+
+def matmul(a: Tensor, b: Tensor | RightOperand) -> Tensor:
     """Exact ``a @ b`` over Z_2^64 (torch.matmul broadcasting rules) through float64 BLAS.
 
     Both operands are split into three signed limbs (22, 21 and 21 bits, at shifts 0, 22 and 43). Only
@@ -88,6 +103,8 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     when the inner dimension is at most 2^11, so float64 computes it exactly; longer inner dimensions are
     split into chunks. Cost: 6 float64 matrix products of the output's shape.
     """
+    if isinstance(b, RightOperand):
+        return _matmul_prepared(a, b)
     if a.dtype != torch.int64 or b.dtype != torch.int64:
         raise TypeError(f"ring.matmul: expected int64 tensors, got {a.dtype} and {b.dtype}")
     if a.dim() == 1 or b.dim() == 1:
@@ -105,16 +122,32 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     if k > _MAX_INNER:
         parts = [matmul(a[..., s : s + _MAX_INNER], b[..., s : s + _MAX_INNER, :]) for s in range(0, k, _MAX_INNER)]
         return torch.stack(parts).sum(0)
-    al, bl = _limbs(a), _limbs(b)
-    n = b.shape[-1]
+    return _combine(_limbs(a), torch.cat(_limbs(b), dim=-1), b.shape[-1])
+
+
+def _combine(al: list[Tensor], bcat: Tensor, n: int) -> Tensor:
+    """sum over limb pairs (i, j) with shift below 64 of (a_i @ b_j) << (s_i + s_j), from b's [l0 | l1 | l2]."""
     out: Tensor | None = None
     for i, si in enumerate(LIMB_SHIFTS):
-        js = [j for j, sj in enumerate(LIMB_SHIFTS) if si + sj < RING_BITS]
-        bcat = torch.cat([bl[j] for j in js], dim=-1) if len(js) > 1 else bl[js[0]]
-        prod = torch.matmul(al[i], bcat).to(torch.int64)
+        js = [j for j, sj in enumerate(LIMB_SHIFTS) if si + sj < RING_BITS]  # a prefix of (0, 1, 2)
+        prod = torch.matmul(al[i], bcat[..., : len(js) * n]).to(torch.int64)
         for col, j in enumerate(js):
             part = lshift(prod[..., col * n : (col + 1) * n], si + LIMB_SHIFTS[j])
             out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+def _matmul_prepared(a: Tensor, b: RightOperand) -> Tensor:
+    if a.dtype != torch.int64 or a.dim() < 2:
+        raise TypeError(f"ring.matmul: expected an int64 matrix on the left, got {a.dtype} with {a.dim()} dims")
+    k, n = b.shape[-2], b.shape[-1]
+    if a.shape[-1] != k:
+        raise ValueError(f"ring.matmul: inner dimensions differ: {tuple(a.shape)} @ {b.shape}")
+    out: Tensor | None = None
+    for c, bcat in enumerate(b.chunks):
+        part = _combine(_limbs(a[..., c * _MAX_INNER : (c + 1) * _MAX_INNER]), bcat.to(torch.float64), n)
+        out = part if out is None else out + part
     assert out is not None
     return out
 

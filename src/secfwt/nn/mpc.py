@@ -118,14 +118,24 @@ class MpcBackend:
     def mul_mask(self, x: AShare, mask: Tensor) -> AShare:
         return sh.mul_public_int(x, mask.round().to(torch.int64))
 
+    def fix(self, w: AShare) -> arith.FixedShare:
+        """This weight with its Beaver mask fixed for the session (:func:`secfwt.protocols.arith.fix_weight`):
+        opened once now (1 round, 8|w| bytes), never again by :meth:`linear` / :meth:`matmul`."""
+        return w if isinstance(w, arith.FixedShare) else arith.fix_weight(self.ctx, w)
+
     def linear(self, x: AShare, w: AShare, b: AShare | None) -> AShare:
-        y = arith.matmul_aa(self.ctx, x, w.transpose(0, 1))
+        if isinstance(w, arith.FixedShare):
+            y = arith.matmul_fixed(self.ctx, x, w, transpose=True)
+        else:
+            y = arith.matmul_aa(self.ctx, x, w.transpose(0, 1))
         return y if b is None else sh.add(y, b)
 
     def linear_public(self, x: AShare, w: Tensor) -> AShare:
         return arith.matmul_ap(self.ctx, x, w.to(torch.float64).transpose(0, 1).contiguous())
 
     def matmul(self, x: AShare, y: AShare) -> AShare:
+        if isinstance(y, arith.FixedShare):
+            return arith.matmul_fixed(self.ctx, x, y, transpose=False)
         return arith.matmul_aa(self.ctx, x, y)
 
     # -- non-linear ------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ the context's ``frac_bits``) says where to truncate to, and ``None`` results abo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
@@ -107,6 +109,64 @@ def matmul_aa(ctx: PartyContext, x: AShare, y: AShare, out_scale: int | None = N
         b_plus = full["b"] + f if ctx.rank == SERVER0 else full["b"]
         z = full["c"] + ring.matmul(e, b_plus) + ring.matmul(full["a"], f)
         return _finish(ctx, z, x.scale + y.scale, out_scale)
+
+
+@dataclass
+class FixedShare(AShare):
+    """This server's share of a weight whose Beaver mask B is fixed for the session (:func:`fix_weight`):
+    ``opened`` = W - B (public to both servers, uniform), ``wid`` = the dealer's id of B."""
+
+    opened: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    wid: int = -1
+    _prepared: dict[bool, tuple[ring.RightOperand, ring.RightOperand]] = field(default_factory=dict, repr=False)
+
+    def right_operands(self, transpose: bool) -> tuple[ring.RightOperand, ring.RightOperand]:
+        """(W_i, F), transposed or not, as prepared right operands of :func:`secfwt.ring.matmul` (made once)."""
+        if transpose not in self._prepared:
+            w, f = (self.data.t(), self.opened.t()) if transpose else (self.data, self.opened)
+            self._prepared[transpose] = (ring.RightOperand(w), ring.RightOperand(f))
+        return self._prepared[transpose]
+
+
+def fix_weight(ctx: PartyContext, w: AShare) -> FixedShare:
+    """Fix the Beaver mask of a shared weight for every later product (:func:`matmul_fixed`).
+
+    Steps: (1) the dealer draws a uniform mask B = B0 + B1 (server i derives B_i from its stream, nothing is
+    sent) and keeps it; (2) open F = W - B. Cost: 1 round and 8|W| bytes per server, ONCE per weight and
+    session; the dealer sends nothing. Security: F is uniform (B is); B is only ever used to mask this W, so
+    opening the same F again would reveal nothing new, and it is not re-opened.
+    Reference: weight-reusable multiplication triples, as used for fixed model weights in Delphi (Mishra et
+    al., USENIX Security 2020) and SecureML's matrix triples (Mohassel and Zhang, S&P 2017, §4.2).
+    """
+    with ctx.cost.scope("fix_weight"):
+        assert ctx.dealer is not None
+        pend = ctx.dealer.request("wmask", shape=list(w.shape))
+        wid = ctx.dealer.index - 1
+        opened = open_(ctx, w.data - pend.get()["b"], "fix_weight")
+        return FixedShare(w.data, w.scale, opened, wid)
+
+
+def matmul_fixed(ctx: PartyContext, x: AShare, w: FixedShare, transpose: bool = True,
+                 out_scale: int | None = None) -> AShare:
+    """``x @ W^T`` (``transpose``; W of shape (out, in), the PyTorch layout) or ``x @ W`` for a weight with a
+    fixed mask (:func:`fix_weight`); x has any leading batch dimensions.
+
+    Steps: the dealer gives fresh (A, C = A @ B^T) for W's stored mask B; open E = X - A;
+    Z_i = E @ W_i^T + A_i @ F^T + C_i, so Z_0 + Z_1 = E W^T + A (W - B)^T + A B^T = X W^T; truncate.
+    Cost: 1 round (+1 truncation); 8|x| bytes per server (the weight is not re-opened); dealer -> server 1:
+    8|z|. Local compute: 2 exact ring matmuls per server, as :func:`matmul_aa`, with W_i and F split into
+    limbs once (:class:`secfwt.ring.RightOperand`, 24 bytes per weight per server, kept for the session).
+    Exact on the ring; valid range as :func:`mul_aa`.
+    """
+    with ctx.cost.scope("matmul"):
+        assert ctx.dealer is not None
+        pend = ctx.dealer.request("wmatmul", a=list(x.shape), w=list(w.shape), wid=w.wid, transpose=transpose)
+        mat = pend.material
+        e = open_(ctx, x.data - mat["a"], "matmul")
+        full = pend.get()
+        wt, ft = w.right_operands(transpose)
+        z = full["c"] + ring.matmul(e, wt) + ring.matmul(full["a"], ft)
+        return _finish(ctx, z, x.scale + w.scale, out_scale)
 
 
 def square_a(ctx: PartyContext, x: AShare, out_scale: int | None = None) -> AShare:

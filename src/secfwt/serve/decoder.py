@@ -90,6 +90,7 @@ class DecoderServer(BaseServer):
         self.prompt_at = 0
         self.tail: AShare | None = None  # (S, H) the template's tail (prompt position "after-text")
         self.caches: dict[int, PrefixCache[AShare]] = {}  # slot -> one example's prefix cache
+        self._body: dict[str, AShare] | None = None
 
     def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
         return {**super().commands(), "prefill": self.prefill, "forward_cached": self.forward_cached}
@@ -100,8 +101,7 @@ class DecoderServer(BaseServer):
         self.prompt_at = int(msg["prompt_at"])
         if msg["rows"] not in ("owner", "select"):
             raise ProtocolMismatchError(f"setup: rows must be 'owner' or 'select', got {msg['rows']!r}")
-        body = {k: v for k, v in p.items() if k not in ("emb.word", "lm_head", "norm.weight")}
-        self.dec = Decoder(cfg, body, attention_from_json(msg["attention"]))
+        self.dec = Decoder(cfg, self._fixed_body(), attention_from_json(msg["attention"]))
         n_labels = int(msg["n_labels"])
         if msg["rows"] == "owner":
             rows = self.be.from_owner((n_labels, cfg.hidden))
@@ -154,6 +154,15 @@ class DecoderServer(BaseServer):
             out = self.dec.forward_cached(self.be, cache, self.tail, prompt=pr, per=n_pop)
             outs.append(self.head.forward(self.be, out))  # (U * P, L)
         reveal_to(self.ctx, self.be.cat(outs, dim=0), OWNER, tag="logits")
+
+    def _fixed_body(self) -> dict[str, AShare]:
+        """The body's params, its matrices with their Beaver masks fixed (opened once per session: 8 bytes per
+        weight per server, so no forward re-opens them; :func:`secfwt.protocols.arith.fix_weight`)."""
+        if self._body is None:
+            body = {k: v for k, v in self.shares.params.items() if k not in ("emb.word", "lm_head", "norm.weight")}
+            with self.be.scope("fix_weights"):
+                self._body = {k: self.be.fix(v) if v.dim() == 2 else v for k, v in body.items()}
+        return self._body
 
     def _ready(self) -> bool:
         return self.dec is not None and self.head is not None

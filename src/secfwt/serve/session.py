@@ -152,6 +152,9 @@ class BaseServer:
             raise ProtocolMismatchError(f"setup: embedding must be 'local' or 'private', got {self.embedding!r}")
         if self.embedding == "private" and self.word is None:
             raise ConfigError("private embedding needs the word table in the share file")
+        if self.embedding == "private" and self.word is not None:
+            with self.be.scope("fix_weights"):
+                self.word = self.be.fix(self.word)  # the one-hot products reuse one opening of the table
         self.max_rows = int(msg["max_rows"])
 
     def _embed(self, b: int, t: int) -> AShare:

@@ -161,7 +161,7 @@ class PlainDecoderEvaluator(_DecoderEvaluatorBase):
                 ids[u, : len(k)], mask[u, : len(k)] = torch.tensor(k), 1.0
             cache = self.dec.prefill(self.be, self.table[ids].to(self.dtype), mask)
             self._caches.update(zip(group, cache.split(self.be), strict=True))
-        tail = self.table[torch.tensor(self.tail)].to(self.dtype)  # (S, H)
+        tail = self.table[torch.tensor(self.tail, dtype=torch.int64)].to(self.dtype)  # (S, H)
         order = by_length(enc.attention_mask)
         per_chunk = max(1, self.max_rows // n_pop)
         outs = []
