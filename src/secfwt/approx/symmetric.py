@@ -226,6 +226,20 @@ SPECS: dict[str, SymmetricSpec] = {name: _spec(name, bps) for name, bps in BREAK
 # -- evaluation on shares ----------------------------------------------------------------------------------
 
 
+def _pieces(ctx: PartyContext, a: AShare, spec: SymmetricSpec) -> AShare:
+    """Every piece P_i(v_i), v_i = (a - center_i) / 2^m_i, stacked (K, *a.shape), by ONE untruncated
+    :func:`~secfwt.approx.poly.poly_eval` (scale 2p + f)."""
+    f, deg = ctx.f, spec.degree
+    vs, cfs = [], []
+    for pc in spec.pieces:
+        m = round(math.log2(pc.half_width))
+        shifted = a.data - ring.encode(torch.tensor(pc.center, dtype=torch.float64), f) * (ctx.rank == 0)
+        vs.append(AShare(shifted, f + m))
+        cfs.append(list(pc.coeffs) + [0.0] * (deg + 1 - len(pc.coeffs)))
+    cf = torch.tensor(cfs, dtype=torch.float64).T.reshape(deg + 1, len(spec.pieces), *([1] * a.dim()))
+    return poly_eval(ctx, stack(vs, dim=0), cf, bound_bits=spec.bound_bits, truncate=False)
+
+
 def symmetric_eval(ctx: PartyContext, x: AShare, spec: SymmetricSpec) -> AShare:
     """f(x) = const + lin x + g(x) on shares (steps and cost in the module docstring)."""
     with ctx.cost.scope("symmetric"):
@@ -267,15 +281,7 @@ def symmetric_eval(ctx: PartyContext, x: AShare, spec: SymmetricSpec) -> AShare:
             tail = AShare(m_pos * (x.data - below_pos) + m_neg * below_neg, f)
 
         # Step 3: all pieces on their local variables, untruncated (scale 2p + f).
-        deg = spec.degree
-        vs, cfs = [], []
-        for pc in spec.pieces:
-            m = round(math.log2(pc.half_width))
-            shifted = a.data - ring.encode(torch.tensor(pc.center, dtype=torch.float64), f) * (ctx.rank == 0)
-            vs.append(AShare(shifted, f + m))
-            cfs.append(list(pc.coeffs) + [0.0] * (deg + 1 - len(pc.coeffs)))
-        cf = torch.tensor(cfs, dtype=torch.float64).T.reshape(deg + 1, kk, *([1] * x.dim()))
-        polys = poly_eval(ctx, stack(vs, dim=0), cf, bound_bits=spec.bound_bits, truncate=False)
+        polys = _pieces(ctx, a, spec)
         top = polys.scale
 
         # Step 4: Q_i = P_i + lin * (x or a), selected by exact bits, summed, truncated once.
@@ -328,15 +334,7 @@ def even_two_stage(ctx: PartyContext, x: AShare, spec: SymmetricSpec) -> AShare:
         sels = [c[0]] + [c[i] - c[i - 1] for i in range(1, kk)]
         one = server0_public(ctx, torch.ones(x.shape, dtype=torch.float64), 0)
 
-        vs, cfs = [], []
-        deg = spec.degree
-        for pc in spec.pieces:
-            m = round(math.log2(pc.half_width))
-            shifted = a.data - ring.encode(torch.tensor(pc.center, dtype=torch.float64), f) * (ctx.rank == 0)
-            vs.append(AShare(shifted, f + m))
-            cfs.append(list(pc.coeffs) + [0.0] * (deg + 1 - len(pc.coeffs)))
-        cf = torch.tensor(cfs, dtype=torch.float64).T.reshape(deg + 1, kk, *([1] * x.dim()))
-        polys = poly_eval(ctx, stack(vs, dim=0), cf, bound_bits=spec.bound_bits, truncate=False)
+        polys = _pieces(ctx, a, spec)
         top = polys.scale
         q = polys.data
         if spec.lin:  # wraps harmlessly where |x| >= T: multiplied by an exact 0

@@ -43,10 +43,16 @@ class MpcBackend:
 
     name = "mpc"
 
-    def __init__(self, ctx: PartyContext) -> None:
+    def __init__(self, ctx: PartyContext, silu_method: str = "two-stage") -> None:
+        """``silu_method``: :func:`secfwt.approx.silu`'s construction ("two-stage": 3 comparisons per element,
+        19 rounds; "symmetric": 5 comparisons, 13 rounds: fewer rounds for a slow WAN)."""
         if not ctx.is_server:
             raise ValueError(f"MpcBackend: {ctx.name} is not a server")
+        if silu_method not in ("two-stage", "symmetric", "piecewise"):
+            raise ValueError(f"MpcBackend: silu_method must be 'two-stage', 'symmetric' or 'piecewise', "
+                             f"got {silu_method!r}")
         self.ctx = ctx
+        self.silu_method = silu_method
         self._share_stream = _SHARE_STREAM_BASE
 
     # -- inputs and outputs ----------------------------------------------------------------------
@@ -227,7 +233,7 @@ class MpcBackend:
     def silu(self, x: AShare) -> AShare:
         from secfwt.approx import silu
 
-        return silu(self.ctx, x)
+        return silu(self.ctx, x, method=self.silu_method)  # type: ignore[arg-type]
 
     def cumsum(self, x: AShare, dim: int) -> AShare:
         return AShare(torch.cumsum(x.data, dim=dim), x.scale)  # wraps mod 2^64 like every local sum
