@@ -123,3 +123,10 @@ def test_cached_mpc_matches_plain(tiny_dir: Path, kind: str) -> None:
     res = run_in_process({SERVER0: prog, SERVER1: prog}, timeout=300)  # type: ignore[dict-item]
     err = (res[SERVER0] - ref).abs().max().item()
     assert err < TOLERANCE[kind], f"{kind}: max abs error {err:.2e}"
+
+
+def test_mpc_backend_silu_method_is_checked() -> None:
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="silu_method must be"):
+        MpcBackend(SimpleNamespace(is_server=True, name="server0"), silu_method="fast")  # type: ignore[arg-type]
