@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         summary.update({
             "attention": args.attention, "rfa_form": args.rfa_form, "batch": args.batch, "skip": args.skip,
             "sorted": args.sort, "other": "plain-softmax" if soft is not None else "mpc",
-            "engine": "one session: weights shared and their Beaver masks fixed once (arith.fix_weight)",
+            "engine": ("plaintext only (PlainBackend float64, both models)" if soft is not None else
+                       "one session: weights shared and their Beaver masks fixed once (arith.fix_weight)"),
             "n_requested": args.n, "n_done": n, "agreement": tot["agree"] / n,
             "agree": tot["agree"],
             "acc_mpc": tot["correct_mpc"] / n, "acc_plain": tot["correct_plain"] / n,
