@@ -30,6 +30,7 @@ from secfwt.tuning import (
     write_report,
 )
 from secfwt.tuning import checkpoint as ckpt
+from secfwt.tuning.objective import EvalCost
 from secfwt.tuning.report import REPORT_KEYS, summary_table
 from secfwt.tuning.testing import make_tiny_bert
 
@@ -232,6 +233,49 @@ def test_kill_and_resume_equals_uninterrupted(demo_ev: HFPlainEvaluator, demo_da
     again = tune(demo_ev, demo_data, FAST, checkpoint_dir=run_dir, progress=False)
     assert again.history == full.history and np.array_equal(again.best_z, full.best_z)
     assert not list(run_dir.glob("*.tmp"))
+
+
+class _Metered:
+    """An evaluator whose cost is its own forward count (a session's ledger starts at zero, as a server's does)."""
+
+    def __init__(self, inner: HFPlainEvaluator) -> None:
+        self.inner, self.calls, self.rows = inner, 0, 0
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.inner, name)
+
+    def logits(self, prompts: torch.Tensor, batch):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        self.rows += len(prompts) * len(batch)
+        return self.inner.logits(prompts, batch)
+
+    def cost(self) -> EvalCost:
+        return EvalCost(bytes_per_server=1000 * self.rows, rounds=7 * self.calls, compute_s=0.5 * self.calls,
+                        forward_calls=self.calls)
+
+
+def test_resumed_run_reports_the_whole_runs_cost(demo_ev: HFPlainEvaluator, demo_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = TuneConfig(d=8, n_prompt=2, popsize=4, iterations=6, checkpoint_every=2, eval_every=3, patience=None)
+    full = tune(_Metered(demo_ev), demo_data, cfg, checkpoint_dir=tmp_path / "full", progress=False)  # type: ignore[arg-type]
+
+    def stop_after_3(rec: IterRecord) -> None:  # iteration 3 runs but its checkpoint is at 2: its cost is lost
+        if rec.iteration == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        tune(_Metered(demo_ev), demo_data, cfg, checkpoint_dir=tmp_path / "run", progress=False,  # type: ignore[arg-type]
+             on_iteration=stop_after_3)
+    second = _Metered(demo_ev)
+    resumed = tune(second, demo_data, cfg, checkpoint_dir=tmp_path / "run", progress=False)  # type: ignore[arg-type]
+    assert resumed.cost == full.cost and resumed.cost is not None and resumed.cost.forward_calls > second.calls > 0
+    assert np.array_equal(resumed.best_z, full.best_z)
+    # an old checkpoint without a cost: the report holds this session's cost only
+    state = ckpt.load(tmp_path / "run")
+    assert state is not None
+    state.pop("cost")
+    ckpt.save_atomic(tmp_path / "run", {k: v for k, v in state.items() if k != "version"})
+    third = _Metered(demo_ev)
+    assert tune(third, demo_data, cfg, checkpoint_dir=tmp_path / "run", progress=False).cost == third.cost()  # type: ignore[arg-type]
 
 
 def test_checkpoint_of_another_run_is_refused(demo_ev: HFPlainEvaluator, demo_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

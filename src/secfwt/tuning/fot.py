@@ -198,16 +198,26 @@ class _Loop:
         self.zero_shot_dev: tuple[float, float] | None = None  # (accuracy, loss) of the template alone
         self.elapsed_s = 0.0
         self.stop_reason = ""
+        self.cost_before: EvalCost | None = None  # what earlier sessions of a resumed run spent
+
+    def cost(self) -> EvalCost | None:
+        """The whole run's evaluator cost: earlier sessions (from the checkpoint) plus this one."""
+        now = self.ev.cost()
+        if self.cost_before is None or now is None:
+            return now if self.cost_before is None else self.cost_before
+        return self.cost_before + now
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            # cmaes drops its RandomState when pickled (and reseeds it randomly on load): keep it apart
+            # cmaes drops its RandomState when pickled (and reseeds it randomly on load), and pickles only the
+            # upper triangle of its covariance (whose updates are not exactly symmetric): keep both apart
             "fingerprint": self.fingerprint, "cma": self.cma, "cma_rng": self.cma._rng.get_state(),
+            "cma_C": self.cma._C.copy(),
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "iteration": self.iteration, "calls": self.calls,
             "best_z": self.best_z, "best_dev": self.best_dev, "best_iteration": self.best_iteration,
             "history": [asdict(h) for h in self.history], "zero_shot_dev": self.zero_shot_dev,
-            "elapsed_s": self.elapsed_s, "stop_reason": self.stop_reason,
+            "elapsed_s": self.elapsed_s, "stop_reason": self.stop_reason, "cost": self.cost(),
         }
 
     def load_state_dict(self, s: dict[str, Any], where: Path) -> None:
@@ -218,6 +228,8 @@ class _Loop:
             )
         self.cma = s["cma"]
         self.cma._rng.set_state(s["cma_rng"])
+        if "cma_C" in s:  # absent in older checkpoints (their resume matches to ~1e-13)
+            self.cma._C = s["cma_C"]
         self.rng.bit_generator.state = s["rng"]
         torch.set_rng_state(s["torch_rng"])
         self.iteration, self.calls = s["iteration"], s["calls"]
@@ -225,6 +237,7 @@ class _Loop:
         self.history = [IterRecord(**h) for h in s["history"]]
         self.zero_shot_dev = s["zero_shot_dev"]
         self.elapsed_s, self.stop_reason = s["elapsed_s"], s["stop_reason"]
+        self.cost_before = s.get("cost")  # absent in checkpoints written before costs were kept
 
     def _score(self, z: np.ndarray | None, batch: Batch) -> tuple[float, float]:
         """(accuracy, loss) of one prompt (``z`` of shape (d,), or None for the template alone)."""
@@ -338,5 +351,5 @@ def _finish(loop: _Loop, elapsed: float) -> TuneResult:
         dev_accuracy=dev_acc, zero_shot_dev_accuracy=zs_dev[0],
         time_s=elapsed + time.perf_counter() - start, n_eval=len(eval_batch), eval_split=data.eval_split,
         best_z=best_z, used_prompt=use_prompt, stop_reason=loop.stop_reason, history=list(loop.history),
-        cost=ev.cost(), prompt=loop.proj(best_z[None])[0][: cfg.n_prompt if use_prompt else 0].clone(),
+        cost=loop.cost(), prompt=loop.proj(best_z[None])[0][: cfg.n_prompt if use_prompt else 0].clone(),
     )

@@ -56,6 +56,11 @@ class EvalCost:
     compute_s: float
     forward_calls: int
 
+    def __add__(self, other: EvalCost) -> EvalCost:
+        """The cost of two sessions one after the other (a run resumed from a checkpoint)."""
+        return EvalCost(self.bytes_per_server + other.bytes_per_server, self.rounds + other.rounds,
+                        self.compute_s + other.compute_s, self.forward_calls + other.forward_calls)
+
 
 @runtime_checkable
 class Evaluator(Protocol):
