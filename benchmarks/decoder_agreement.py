@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         def prog(ctx: PartyContext) -> None:
             """One session for every batch: the weights are shared and fixed once (as a server does)."""
             be = MpcBackend(ctx)
-            d = dec.map_params(be.share_plain)
-            d = Decoder(d.config, {k: be.fix(v) if v.dim() == 2 else v for k, v in d.params.items()},
-                        d.attention, d.rfa_form)
+            d = dec.map_params(be.share_plain).map_params(be.fix_matrix)
             h = head.map_params(be.share_plain)
             for b, (_, embeds, mask, _, _) in enumerate(batches):
                 before = ctx.cost.total()

@@ -106,13 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                 d, h = dec.map_params(be.share_plain), head.map_params(be.share_plain)
                 if fixed:  # the servers' set-up, once per session (serve.decoder.DecoderServer)
                     with be.scope("fix_weights"):
-                        d = Decoder(d.config, {k: be.fix(v) if v.dim() == 2 else v for k, v in d.params.items()},
-                                    d.attention)
+                        d = d.map_params(be.fix_matrix)
                 x, p, t = (be.share_plain(n, v) for n, v in inputs)
                 out, t_pre, t_rows = model(be, d, h, x, p, t)
                 return be.reveal(out), t_pre, t_rows
 
-            res = run_in_process({SERVER0: prog, SERVER1: prog}, timeout=7200)  # type: ignore[dict-item]
+            res = run_in_process({SERVER0: prog, SERVER1: prog}, timeout=7200)
             got, t_pre, t_rows = res[SERVER0]
             err = float((got - ref).abs().max())
             if err > TOLERANCE:

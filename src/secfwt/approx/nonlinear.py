@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import cache
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -81,10 +81,11 @@ def silu_spec() -> PiecewiseSpec:
 
 
 Method = Literal["symmetric", "two-stage", "piecewise"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 def _check_method(method: str) -> None:
-    if method not in ("symmetric", "two-stage", "piecewise"):
+    if method not in METHODS:
         raise ValueError(f"activation method: expected 'symmetric', 'two-stage' or 'piecewise', got {method!r}")
 
 

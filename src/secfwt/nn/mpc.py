@@ -48,7 +48,9 @@ class MpcBackend:
         19 rounds; "symmetric": 5 comparisons, 13 rounds: fewer rounds for a slow WAN)."""
         if not ctx.is_server:
             raise ValueError(f"MpcBackend: {ctx.name} is not a server")
-        if silu_method not in ("two-stage", "symmetric", "piecewise"):
+        from secfwt.approx.nonlinear import METHODS
+
+        if silu_method not in METHODS:
             raise ValueError(f"MpcBackend: silu_method must be 'two-stage', 'symmetric' or 'piecewise', "
                              f"got {silu_method!r}")
         self.ctx = ctx
@@ -128,6 +130,11 @@ class MpcBackend:
         """This weight with its Beaver mask fixed for the session (:func:`secfwt.protocols.arith.fix_weight`):
         opened once now (1 round, 8|w| bytes), never again by :meth:`linear` / :meth:`matmul`."""
         return w if isinstance(w, arith.FixedShare) else arith.fix_weight(self.ctx, w)
+
+    def fix_matrix(self, name: str, w: AShare) -> AShare:
+        """A ``map_params`` function: :meth:`fix` every matrix (2-D weight); vectors (norm weights) stay as
+        they are."""
+        return self.fix(w) if w.dim() == 2 else w
 
     def linear(self, x: AShare, w: AShare, b: AShare | None) -> AShare:
         if isinstance(w, arith.FixedShare):

@@ -161,7 +161,7 @@ class DecoderServer(BaseServer):
         if self._body is None:
             body = {k: v for k, v in self.shares.params.items() if k not in ("emb.word", "lm_head", "norm.weight")}
             with self.be.scope("fix_weights"):
-                self._body = {k: self.be.fix(v) if v.dim() == 2 else v for k, v in body.items()}
+                self._body = {k: self.be.fix_matrix(k, v) for k, v in body.items()}
         return self._body
 
     def _ready(self) -> bool:

@@ -203,8 +203,10 @@ class _Loop:
     def cost(self) -> EvalCost | None:
         """The whole run's evaluator cost: earlier sessions (from the checkpoint) plus this one."""
         now = self.ev.cost()
-        if self.cost_before is None or now is None:
-            return now if self.cost_before is None else self.cost_before
+        if self.cost_before is None:
+            return now
+        if now is None:
+            return self.cost_before
         return self.cost_before + now
 
     def state_dict(self) -> dict[str, Any]:
