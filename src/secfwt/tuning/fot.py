@@ -157,6 +157,21 @@ class Projection:
         return p + self.p0 if self.p0 is not None else p
 
 
+def make_projection(evaluator: Evaluator, config: TuneConfig) -> Projection:
+    """The run's ``p = A z + p0``, rebuilt from its config alone (``A`` from the projection seed; ``p0`` from
+    ``config.init``), e.g. to score a checkpointed ``best_z`` outside the loop."""
+    p0 = None
+    if config.init != "none":
+        p0 = evaluator.init_prompt(config.n_prompt, config.projection_seed, config.init_text)
+        if p0 is None:
+            raise ConfigError(f"init {config.init!r}: the data owner has no word table for "
+                              f"{evaluator.model_name} (private embedding mode): use --init none")
+    return Projection(
+        config.d, config.n_prompt, evaluator.hidden_size, evaluator.embedding_std, config.sigma, config.alpha,
+        config.projection_seed, p0,
+    )
+
+
 def _fingerprint(config: TuneConfig, evaluator: Evaluator, data: TaskData) -> str:
     blob = {
         "config": config.fingerprint_fields(), "model": evaluator.model_name, "mode": evaluator.mode,
@@ -173,16 +188,7 @@ class _Loop:
         self.loss_fn = get_loss(config.loss)
         if config.loss == "hinge":
             self.loss_fn = lambda lg, y: hinge(lg, y, config.margin)
-        p0 = None
-        if config.init != "none":
-            p0 = evaluator.init_prompt(config.n_prompt, config.projection_seed, config.init_text)
-            if p0 is None:
-                raise ConfigError(f"init {config.init!r}: the data owner has no word table for "
-                                  f"{evaluator.model_name} (private embedding mode): use --init none")
-        self.proj = Projection(
-            config.d, config.n_prompt, evaluator.hidden_size, evaluator.embedding_std, config.sigma, config.alpha,
-            config.projection_seed, p0,
-        )
+        self.proj = make_projection(evaluator, config)
         self.train = Batch.of("train", data.train)
         self.dev = Batch.of("dev", data.dev)
         self.fingerprint = _fingerprint(config, evaluator, data)
