@@ -57,9 +57,9 @@ def test_mlm_logits_match_plaintext(tiny, embedding, kind):
         client = PrivateModelClient(ctx, 32, enc.config.vocab_size, embedding=embedding,
                                     word_table=owner_word_table(shares_dir))
         client.setup(AttentionConfig(kind), HeadSpec("mlm", labels), max_rows=4)
-        client.register("train", ids, mask, mask_pos)
-        out = client.forward("train", prompts)
-        zero = client.forward("train", torch.zeros(1, 0, 32))
+        train = client.register(ids, mask, mask_pos)
+        out = client.forward(train, prompts)
+        zero = client.forward(train, torch.zeros(1, 0, 32))
         costs = client.server_costs()
         client.stop()
         return out, zero, costs
@@ -100,8 +100,8 @@ def test_similarity_head_matches_plaintext(tmp_path):
         client = PrivateModelClient(ctx, 384, enc.config.vocab_size, word_table=owner_word_table(shares_dir))
         client.setup(AttentionConfig("softmax"), HeadSpec("similarity", scale=20.0), max_rows=4,
                      label_inputs=(lab["input_ids"], lab["attention_mask"]))
-        client.register("b", x["input_ids"], x["attention_mask"])
-        out = client.forward("b", prompts)
+        b = client.register(x["input_ids"], x["attention_mask"])
+        out = client.forward(b, prompts)
         client.stop()
         return out
 

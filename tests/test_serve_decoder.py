@@ -62,8 +62,8 @@ def test_serve_from_env_serves_a_decoder(tmp_path: Path, monkeypatch: pytest.Mon
     def owner(ctx: PartyContext) -> torch.Tensor:
         client = DecoderClient(ctx, HIDDEN, VOCAB, embedding="local", word_table=owner_word_table(shares))
         client.setup_decoder(AttentionConfig("softmax"), label_ids, max_rows=2, prompt_at=1, owner_rows=None)
-        client.register("b", ids, mask)
-        out, _ = client.run_and_stop(lambda: client.forward("b", prompts))  # chunks of 2: one example each
+        b = client.register(ids, mask)
+        out, _ = client.run_and_stop(lambda: client.forward(b, prompts))  # chunks of 2: one example each
         return out
 
     res = run_in_process({SERVER0: serve_from_env, SERVER1: serve_from_env, OWNER: owner}, timeout=300)

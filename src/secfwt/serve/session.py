@@ -13,8 +13,8 @@ command               what the servers do
                       descriptions encoded under MPC, pooled, normalised). Decoders
                       (:class:`secfwt.serve.decoder.DecoderServer`): the label-word head
 ``register``          store a batch of examples (shared embeddings or shared one-hot ids, public mask, for
-                      masked-LM heads the shared one-hot of the <mask> position) under a key: sent once,
-                      reused every step
+                      masked-LM heads the shared one-hot of the <mask> position) under the next batch number
+                      (0, 1, 2, ...: a counter, nothing derived from the data): sent once, reused every step
 ``forward``           for P shared soft prompts and a registered batch, run the P x B forwards in chunks of
                       ``max_rows`` sequences (:mod:`secfwt.serve.rows`) and reveal the (P, B, L) logits to
                       the owner only
@@ -25,8 +25,10 @@ ONE command loop (:func:`serve_loop`) serves both model families; :class:`BaseSe
 servers share (inputs, batches, chunked forward) and :mod:`secfwt.serve.entry` picks the server from the
 share file's format.
 
-What the servers learn: shapes (P, B, sequence length, prompt length, number of labels) and each example's
-padding mask (its token count). Not the tokens, labels, label words, prompts, logits or loss.
+What the servers learn: shapes (P, B, sequence length, prompt length, number of labels), each example's
+padding mask (its token count), and which registered batch number each forward uses (a counter the owner
+assigns in order of first use). Not the tokens, labels, label words, prompts, logits or loss; the owner's
+content hashes of its batches never leave it (README, "What the servers learn").
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class BaseServer:
         self.hidden, self.vocab_size, self.word = hidden, vocab_size, word
         self.embedding = "local"
         self.max_rows = 64
-        self.batches: dict[str, RegisteredBatch] = {}
+        self.batches: dict[int, RegisteredBatch] = {}
 
     def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
         return {"setup": self.setup, "register": self.register, "forward": self.forward}
@@ -182,14 +184,14 @@ class BaseServer:
         embeds = self._embed(b, t)
         mask = self._recv_public("mask", (b, t))
         position = self.be.from_owner((b, t), scale=0) if self._needs_position() else None
-        self.batches[str(msg["key"])] = RegisteredBatch(embeds, mask, position)
+        self.batches[len(self.batches)] = RegisteredBatch(embeds, mask, position)
 
     def forward(self, msg: dict[str, Any]) -> None:
         if not self._ready():
             raise ProtocolMismatchError("forward before setup")
-        key = str(msg["key"])
+        key = int(msg["batch"])
         if key not in self.batches:
-            raise ProtocolMismatchError(f"forward: unknown batch {key!r} (register it first)")
+            raise ProtocolMismatchError(f"forward: unknown batch #{key} (register it first)")
         batch = self.batches[key]
         n_pop, n_prompt = int(msg["P"]), int(msg["n_prompt"])
         prompts = self.be.from_owner((n_pop, n_prompt, self.hidden)) if n_prompt else None
@@ -290,7 +292,7 @@ class PrivateModelClient:
         self.head: HeadSpec | None = None
         self.n_labels = 0
         self.configured = False
-        self.registered: dict[str, int] = {}
+        self.registered: list[int] = []  # rows of each registered batch, by batch number
 
     def _cmd(self, msg: dict[str, Any]) -> None:
         for s in _SERVERS:
@@ -337,31 +339,33 @@ class PrivateModelClient:
             sel[i, list(group)] = 1.0 / len(group)
         owner_share(self.ctx, sel)
 
-    def register(self, key: str, input_ids: Tensor, attention_mask: Tensor, mask_pos: Tensor | None = None) -> None:
-        """Send a batch once: ids (B, T), mask (B, T), and for masked-LM heads the <mask> positions (B,)."""
+    def register(self, input_ids: Tensor, attention_mask: Tensor, mask_pos: Tensor | None = None) -> int:
+        """Send a batch once: ids (B, T), mask (B, T), and for masked-LM heads the <mask> positions (B,).
+        Returns its batch number (0, 1, 2, ... in order of registration) for :meth:`forward`."""
         if not self.configured:
             raise ConfigError("register before setup")
         b, t = input_ids.shape
-        self._cmd({"cmd": "register", "key": key, "B": int(b), "T": int(t)})
+        self._cmd({"cmd": "register", "B": int(b), "T": int(t)})
         self._share_tokens(input_ids)
         self._public("mask", attention_mask)
         if self.head is not None and self.head.kind == "mlm":
             if mask_pos is None or bool((mask_pos < 0).any()):
                 raise ConfigError("masked-LM head: every example needs a <mask> position")
             owner_share(self.ctx, torch.nn.functional.one_hot(mask_pos, t).to(torch.float64), scale=0)
-        self.registered[key] = int(b)
+        self.registered.append(int(b))
+        return len(self.registered) - 1
 
-    def forward(self, key: str, prompts: Tensor) -> Tensor:
-        """Label logits (P, B, L) for soft prompts (P, n_prompt, H) on the registered batch ``key``."""
-        if key not in self.registered:
-            raise ConfigError(f"batch {key!r} is not registered")
+    def forward(self, batch: int, prompts: Tensor) -> Tensor:
+        """Label logits (P, B, L) for soft prompts (P, n_prompt, H) on the registered batch number ``batch``."""
+        if not 0 <= batch < len(self.registered):
+            raise ConfigError(f"batch #{batch} is not registered ({len(self.registered)} batches are)")
         n_pop, n_prompt, h = prompts.shape
         if n_prompt and h != self.hidden:
             raise ConfigError(f"prompts: hidden size {h}, the model has {self.hidden}")
-        self._cmd({"cmd": "forward", "key": key, "P": int(n_pop), "n_prompt": int(n_prompt)})
+        self._cmd({"cmd": "forward", "batch": int(batch), "P": int(n_pop), "n_prompt": int(n_prompt)})
         if n_prompt:
             owner_share(self.ctx, prompts.to(torch.float64))
-        n_ex = self.registered[key]
+        n_ex = self.registered[batch]
         comm = self.ctx.comm
         old, comm.timeout = comm.timeout, max(comm.timeout, self.result_timeout)
         try:

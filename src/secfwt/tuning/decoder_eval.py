@@ -204,8 +204,8 @@ class MpcDecoderEvaluator(_DecoderEvaluatorBase):
             rows = torch.stack([word_table[g].mean(0) for g in ids])
         client.setup_decoder(attention, ids, max_rows=max_rows, prompt_at=self.prompt_at, owner_rows=rows,
                              tail_ids=self.tail)
-        self._order: dict[tuple[str, int], Tensor] = {}
-        self._slots: dict[tuple[int, ...], int] = {}
+        self._registered: dict[tuple[tuple[str, ...], str, int], tuple[int, Tensor]] = {}
+        self._slots: dict[tuple[str, tuple[int, ...]], int] = {}  # (example id, prefix ids) -> server slot
 
     def logits(self, prompts: Tensor, batch: Batch) -> Tensor:
         """Label logits ``(P, B, L)``. The servers see the rows sorted by token length, so each chunk pays only
@@ -216,26 +216,29 @@ class MpcDecoderEvaluator(_DecoderEvaluatorBase):
         self._calls += 1
         if self.position == "after-text":
             return self._logits_cached(prompts, batch, n_prompt)
-        key = f"{batch.key}/{n_prompt}"
-        if (batch.key, n_prompt) not in self._order:
+        key = batch.cache_key(n_prompt)
+        if key not in self._registered:
             enc = self.encode(batch, n_prompt)
             order = by_length(enc.attention_mask)
-            self.client.register(key, enc.input_ids[order], enc.attention_mask[order])
-            self._order[(batch.key, n_prompt)] = order
-        order = self._order[(batch.key, n_prompt)]
-        out = self.client.forward(key, prompts.to(torch.float64)).float()  # (P, B, L), sorted row order
+            self._registered[key] = (self.client.register(enc.input_ids[order], enc.attention_mask[order]), order)
+        number, order = self._registered[key]
+        out = self.client.forward(number, prompts.to(torch.float64)).float()  # (P, B, L), sorted row order
         unsorted = torch.empty_like(out)
         unsorted[:, order] = out
         return unsorted
 
     def _logits_cached(self, prompts: Tensor, batch: Batch, n_prompt: int) -> Tensor:
         enc = self.encode(batch, n_prompt)
-        keys = [prefix_key(i, m) for i, m in zip(enc.input_ids, enc.attention_mask, strict=True)]
-        new = sorted({k for k in keys if k not in self._slots}, key=len)
+        # One slot per example (its id and prefix), never shared between examples with equal text: the servers
+        # see which slots a forward reuses, and that must follow the seeded minibatch indices, not the data.
+        keys = [(ex, prefix_key(i, m))
+                for ex, i, m in zip(batch.ids, enc.input_ids, enc.attention_mask, strict=True)]
+        new = sorted({k for k in keys if k not in self._slots}, key=lambda k: (len(k[1]), k[0]))
         if new:
-            ids = torch.zeros(len(new), len(new[-1]), dtype=torch.int64)
-            mask = torch.zeros(len(new), len(new[-1]), dtype=torch.int64)
-            for u, k in enumerate(new):
+            width = max(len(k[1]) for k in new)
+            ids = torch.zeros(len(new), width, dtype=torch.int64)
+            mask = torch.zeros(len(new), width, dtype=torch.int64)
+            for u, (_, k) in enumerate(new):
                 ids[u, : len(k)], mask[u, : len(k)] = torch.tensor(k), 1
             self._slots.update(zip(new, self.client.prefill(ids, mask), strict=True))
         order = by_length(enc.attention_mask)

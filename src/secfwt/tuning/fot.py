@@ -130,6 +130,7 @@ class TuneResult:
     history: list[IterRecord] = field(default_factory=list)
     cost: EvalCost | None = None
     prompt: torch.Tensor | None = None  # the selected soft prompt (n_prompt, hidden); 0 rows = template alone
+    prompt_accuracy: float | None = None  # the tuned prompt's accuracy on the evaluation split, even if not used
 
 
 class Projection:
@@ -258,7 +259,7 @@ class _Loop:
         if n is None or n >= len(self.train):
             return self.train
         idx = sorted(self.rng.choice(len(self.train), size=n, replace=False).tolist())
-        return Batch.of("train-mb", [self.train.examples[i] for i in idx])
+        return Batch.of("train-mb", [self.train.examples[i] for i in idx], ids=[self.train.ids[i] for i in idx])
 
     def step(self) -> IterRecord:
         """One CMA-ES generation: ask P candidates, one batched forward, tell the losses."""
@@ -352,12 +353,16 @@ def _finish(loop: _Loop, elapsed: float) -> TuneResult:
     zs_acc = loop._score(None, eval_batch)[0]
     zs_dev = loop.zero_shot_dev if loop.zero_shot_dev is not None else loop._score(None, loop.dev)
     use_prompt = not (cfg.zero_shot_floor and dev_acc < zs_dev[0])
-    acc = loop._score(best_z, eval_batch)[0] if use_prompt else zs_acc
+    # The prompt is scored even when the template is kept: whether it beat the template on dev is the owner's
+    # secret (a label-dependent bit), so the servers see the same forwards either way.
+    prompt_acc = loop._score(best_z, eval_batch)[0]
+    acc = prompt_acc if use_prompt else zs_acc
     return TuneResult(
         task=data.task.name, model=ev.model_name, mode=ev.mode, attention=ev.attention, k=data.k, seed=data.seed,
         iterations=loop.iteration, calls=loop.calls, accuracy=acc, zero_shot_accuracy=zs_acc,
         dev_accuracy=dev_acc, zero_shot_dev_accuracy=zs_dev[0],
         time_s=elapsed + time.perf_counter() - start, n_eval=len(eval_batch), eval_split=data.eval_split,
         best_z=best_z, used_prompt=use_prompt, stop_reason=loop.stop_reason, history=list(loop.history),
-        cost=loop.cost(), prompt=loop.proj(best_z[None])[0][: cfg.n_prompt if use_prompt else 0].clone(),
+        cost=loop.cost(), prompt_accuracy=prompt_acc,
+        prompt=loop.proj(best_z[None])[0][: cfg.n_prompt if use_prompt else 0].clone(),
     )

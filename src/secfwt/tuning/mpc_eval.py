@@ -57,7 +57,7 @@ class MpcEvaluator:
         self.max_length = max_length
         self.word_table = word_table
         self.template = task.template if head == "mlm" else task.similarity_template
-        self._cache: dict[tuple[str, int], tuple[Encoded, torch.Tensor]] = {}
+        self._cache: dict[tuple[tuple[str, ...], str, int], tuple[int, Encoded, torch.Tensor]] = {}
         self._calls = 0
         if head == "mlm":
             spec = HeadSpec("mlm", [[label_word_id(tokenizer, task.name, w)] for w in task.words])
@@ -68,21 +68,21 @@ class MpcEvaluator:
             client.setup(attention, HeadSpec("similarity", scale=temperature), max_rows=max_rows,
                          label_inputs=(enc.input_ids, enc.attention_mask))
 
-    def encode(self, batch: Batch, n_prompt: int) -> tuple[str, Encoded, torch.Tensor]:
+    def encode(self, batch: Batch, n_prompt: int) -> tuple[int, Encoded, torch.Tensor]:
         """Register ``batch`` once, its rows sorted by token length (the servers trim padding per chunk).
 
-        Returns the batch key, the encoding (sorted) and ``order``: sorted row i is example ``order[i]``.
+        Returns the servers' batch number (a counter), the encoding (sorted) and ``order``: sorted row i is
+        example ``order[i]``.
         """
-        key = (batch.key, n_prompt)
+        key = batch.cache_key(n_prompt)
         if key not in self._cache:
             enc = encode_examples(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
             order = torch.argsort(enc.attention_mask.sum(1), stable=True)
             enc = Encoded(enc.input_ids[order], enc.attention_mask[order], enc.mask_pos[order])
-            self._cache[key] = (enc, order)
-            self.client.register(f"{batch.key}/{n_prompt}", enc.input_ids, enc.attention_mask,
-                                 enc.mask_pos if self.head == "mlm" else None)
-        enc, order = self._cache[key]
-        return f"{batch.key}/{n_prompt}", enc, order
+            number = self.client.register(enc.input_ids, enc.attention_mask,
+                                          enc.mask_pos if self.head == "mlm" else None)
+            self._cache[key] = (number, enc, order)
+        return self._cache[key]
 
     def logits(self, prompts: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Label logits ``(P, B, n_labels)`` for ``prompts`` ``(P, n_prompt, hidden)``."""

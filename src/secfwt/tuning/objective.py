@@ -29,19 +29,35 @@ from secfwt.tuning.tasks import TaskSpec
 
 @dataclass(frozen=True, eq=False)
 class Batch:
-    """A fixed set of examples (a split). ``key`` is a content hash evaluators may cache encodings under."""
+    """A fixed set of examples.
+
+    ``ids`` names each example by where it comes from (``"split:index"``), never by its content: evaluators
+    cache encodings under ``(ids, key)`` and hand the servers only opaque counters for what they registered, so
+    which batches repeat is a function of the seeded minibatch indices, not of the data. ``key`` is a content
+    hash (texts and labels) for the data owner's own use (caches, checkpoint fingerprints); it never leaves the
+    data owner (see README, "What the servers learn").
+    """
 
     name: str
     examples: tuple[Example, ...]
     labels: torch.Tensor = field(repr=False)  # (B,) int64
     key: str
+    ids: tuple[str, ...] = ()
 
     @staticmethod
-    def of(name: str, examples: Sequence[Example]) -> Batch:
+    def of(name: str, examples: Sequence[Example], ids: Sequence[str] | None = None) -> Batch:
+        """A batch named ``name``; ``ids`` default to ``name:0 .. name:B-1`` (a minibatch passes its parent's)."""
         exs = tuple(examples)
+        ids = tuple(ids) if ids is not None else tuple(f"{name}:{i}" for i in range(len(exs)))
+        if len(ids) != len(exs):
+            raise ConfigError(f"batch {name!r}: {len(ids)} ids for {len(exs)} examples")
         blob = json.dumps([[list(e.texts), e.label] for e in exs]).encode()
         labels = torch.tensor([e.label for e in exs], dtype=torch.int64)
-        return Batch(name, exs, labels, hashlib.sha256(blob).hexdigest()[:16])
+        return Batch(name, exs, labels, hashlib.sha256(blob).hexdigest()[:16], ids)
+
+    def cache_key(self, n_prompt: int) -> tuple[tuple[str, ...], str, int]:
+        """What an evaluator caches one encoding of this batch under (owner side only)."""
+        return self.ids, self.key, n_prompt
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -175,7 +191,7 @@ class HFPlainEvaluator:
         self._embeddings = emb
         self.hidden_size = int(emb.shape[1])
         self.embedding_std = float(emb.std())
-        self._cache: dict[tuple[str, int], Encoded] = {}
+        self._cache: dict[tuple[tuple[str, ...], str, int], Encoded] = {}
         self._compute_s = 0.0
         self._calls = 0
         if head == "mlm":
@@ -219,7 +235,7 @@ class HFPlainEvaluator:
         return self._calls
 
     def encode(self, batch: Batch, n_prompt: int) -> Encoded:
-        key = (batch.key, n_prompt)
+        key = batch.cache_key(n_prompt)
         if key not in self._cache:
             self._cache[key] = encode_examples(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
         return self._cache[key]
