@@ -35,3 +35,8 @@ class ProtocolMismatchError(CommError):
 
 class AuthError(CommError):
     """A peer could not be authenticated (unknown certificate or wrong party name)."""
+
+
+class FixedPointRangeError(SecfwtError, ValueError):
+    """A value or a scale is outside the fixed-point range an operation can represent exactly (an owner input
+    beyond the safe bound, a revealed value that can only come from a wrapped ring or a blown range)."""

@@ -20,6 +20,7 @@ from torch import Tensor
 from secfwt import ring
 from secfwt.comm.base import OWNER, SERVER0, SERVER1
 from secfwt.context import PartyContext
+from secfwt.errors import FixedPointRangeError
 
 
 @dataclass
@@ -189,10 +190,61 @@ def share_from_owner(ctx: PartyContext, shape: Sequence[int] | torch.Size, scale
     return AShare(data, s)
 
 
-def owner_share(ctx: PartyContext, value: Tensor, scale: int | None = None, tag: str = "input") -> None:
-    """Data-owner side of input sharing: server 0's share comes from the shared PRG, server 1 gets the rest."""
+def input_bound(scale: int) -> float:
+    """The largest |value| :func:`owner_share` accepts at ``scale`` fractional bits: 2^(31 - scale).
+
+    Any two such inputs multiply exactly: |x y| 2^(2 scale) < 2^62, the truncation's range (2^15 = 32768 for
+    scale 16, 2^7 = 128 for scale 24, 2^31 for the 0/1 one-hot rows shared at scale 0). Honest inputs are far
+    below it (word embeddings |e| < ~1, BBT prompts p = A z + p0 with |p| << 100).
+    """
+    return 2.0 ** (31 - scale)
+
+
+def clamp_input(value: Tensor, scale: int, bound: float | None = None) -> tuple[Tensor, int]:
+    """``value`` clamped to [-bound, bound] (default :func:`input_bound`), and how many entries were clamped.
+
+    For candidate prompts, where a rare far-out candidate should saturate instead of stopping a tuning run
+    (the owner sees the count, nobody else does). NaN or infinity is not clamped: it raises
+    :class:`~secfwt.errors.FixedPointRangeError` (it means a bug upstream, not a large candidate).
+    """
+    v = torch.as_tensor(value, dtype=torch.float64)
+    b = input_bound(scale) if bound is None else float(bound)
+    if not torch.isfinite(v).all():
+        raise FixedPointRangeError(f"clamp_input: {int((~torch.isfinite(v)).sum())} entries are NaN or infinite")
+    n = int((v.abs() > b).sum())
+    return (v.clamp(-b, b) if n else v), n
+
+
+def check_input(value: Tensor, scale: int, tag: str = "input", bound: float | None = None) -> None:
+    """The check of :func:`owner_share`, callable before announcing a command to the servers."""
+    v = torch.as_tensor(value, dtype=torch.float64)
+    if v.numel() == 0:
+        return
+    bad = ~torch.isfinite(v)
+    if bad.any():
+        raise FixedPointRangeError(f"owner input {tag!r}: {int(bad.sum())} entries are NaN or infinite "
+                                   f"(first at index {tuple(bad.nonzero()[0].tolist())}); nothing was sent")
+    b = input_bound(scale) if bound is None else min(float(bound), input_bound(scale))
+    big = v.abs() > b
+    if big.any():
+        i = tuple(big.nonzero()[0].tolist())
+        raise FixedPointRangeError(
+            f"owner input {tag!r}: max |value| = {v.abs().max().item():.6g} (first at index {i}, {int(big.sum())} "
+            f"entries) exceeds the allowed bound {b:.6g} (scale {scale}: products of two inputs must stay below "
+            f"2^62 in the ring); nothing was sent (clamp candidates with share.clamp_input)")
+
+
+def owner_share(ctx: PartyContext, value: Tensor, scale: int | None = None, tag: str = "input",
+                bound: float | None = None) -> None:
+    """Data-owner side of input sharing: server 0's share comes from the shared PRG, server 1 gets the rest.
+
+    Rejects, before anything is sent or any PRG stream is used, NaN/infinite entries and any |value| beyond
+    ``bound`` (default and cap :func:`input_bound` (scale): beyond it one product of two inputs would wrap the
+    ring and the servers would compute garbage) with :class:`~secfwt.errors.FixedPointRangeError`.
+    """
     s = ctx.f if scale is None else scale
     assert ctx.prg_owner is not None, "the data owner needs the PRG it shares with server 0"
+    check_input(value, s, tag, bound)
     idx = ctx.next_owner_stream()
     enc = ring.encode(value, s)
     x0 = ctx.prg_owner.stream(idx).ring(tuple(enc.shape))
@@ -205,12 +257,43 @@ def reveal_to(ctx: PartyContext, x: AShare, party: int, tag: str = "reveal") -> 
     ctx.cost.add_round()
 
 
+def reveal_bound(f: int) -> float:
+    """Default bound of :func:`receive_revealed`: 2^(62 - 2f) (16384 for f = 24, 2^30 for f = 16).
+
+    No value at scale f that took part in a product can exceed it (the product would have wrapped), while a
+    wrapped (uniformly random) ring element exceeds it with probability 1 - 2^-(f+1) per element.
+    """
+    return 2.0 ** (62 - 2 * f)
+
+
+def check_revealed(x: Tensor, tag: str, bound: float, f: int, cause: str | None = None) -> None:
+    """Raise :class:`~secfwt.errors.FixedPointRangeError` if a decoded value is NaN or beyond ``bound``."""
+    big = ~(x.abs() <= bound)
+    if not big.any():
+        return
+    i = tuple(big.nonzero()[0].tolist())
+    likely = cause or (
+        f"a wrapped ring value: a product left its exact range 2^(62 - 2f) = 2^{62 - 2 * f} (a matmul sum, a "
+        f"LayerNorm row's n var), or an approximation's input left its valid range (docs/APPROXIMATIONS.md)")
+    raise FixedPointRangeError(
+        f"revealed {tag!r}: |x| = {x.abs().max().item():.6g} ({int(big.sum())} of {x.numel()} entries, first at "
+        f"index {i}, value {x[i].item():.6g}) exceeds the bound {bound:.6g} (f = {f}); likely cause: {likely}")
+
+
 def receive_revealed(ctx: PartyContext, shape: Sequence[int] | torch.Size, scale: int,
-                     tag: str = "reveal") -> Tensor:
-    """Receiving party: the two shares, reconstructed and decoded to float64."""
+                     tag: str = "reveal", bound: float | None = None, cause: str | None = None) -> Tensor:
+    """Receiving party: the two shares, reconstructed and decoded to float64, then checked.
+
+    Values beyond ``bound`` (real units; default :func:`reveal_bound` of ``scale``; callers pass the range of
+    what they reveal, e.g. 2 x the temperature for similarity logits) raise
+    :class:`~secfwt.errors.FixedPointRangeError` naming ``tag``, the bound, the offending value and ``cause``
+    (or the generic likely cause). Both messages are consumed first, so the channel stays in step.
+    """
     x0 = ctx.comm.recv(SERVER0, tag, shape=tuple(shape))
     x1 = ctx.comm.recv(SERVER1, tag, shape=tuple(shape))
-    return ring.decode(x0 + x1, scale)
+    x = ring.decode(x0 + x1, scale)
+    check_revealed(x, tag, reveal_bound(scale) if bound is None else float(bound), scale, cause)
+    return x
 
 
 def reveal(ctx: PartyContext, x: AShare, tag: str = "reveal") -> Tensor:
@@ -224,7 +307,7 @@ def reveal_ring(ctx: PartyContext, x: AShare, tag: str = "reveal") -> Tensor:
 
 
 __all__ = [
-    "AShare", "add", "add_public", "cat", "from_public", "mul_public", "mul_public_int", "open_",
-    "open_many", "owner_share", "receive_revealed", "rescale_up", "reveal", "reveal_ring", "reveal_to",
-    "share_from_owner", "stack", "sub", "zeros", "SERVER1",
+    "AShare", "SERVER1", "add", "add_public", "cat", "check_input", "check_revealed", "clamp_input", "from_public",
+    "input_bound", "mul_public", "mul_public_int", "open_", "open_many", "owner_share", "receive_revealed",
+    "rescale_up", "reveal", "reveal_bound", "reveal_ring", "reveal_to", "share_from_owner", "stack", "sub", "zeros",
 ]

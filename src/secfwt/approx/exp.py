@@ -28,6 +28,7 @@ from secfwt.share import AShare, add_public, mul_public_int
 
 SQUARINGS = 7  # n
 _EXP_SCALE = 28  # working scale of the squarings: base in [1/2, 1], squares at scale 56 < 62
+_W_MAX_SCALE = 30  # w = 1 + x / 2^n in [0, 1] is squared: its scale s needs 2 s <= 61 - 1
 _R_EXTRA_BITS = 8  # 1/sum(e) in [1/N, 1] is kept with f + 8 bits
 _MASK_FILL = 2.0**20  # masked logits are replaced by -2^20 before the max
 
@@ -38,17 +39,21 @@ def exp(ctx: PartyContext, x: AShare) -> AShare:
     Steps: (1) b = [x + 2^n >= 0] (one ltz); w = 1 + x / 2^n exactly at scale f + n (local);
     (2) b w (exact bit product, 1 round); (3) base = (1 + (b w)^2) / 2 (square + truncation, 2 rounds);
     (4) n squarings at scale 28 (2 rounds each; the last one truncates to f).
-    Cost: 9 + 2n = 23 rounds; bytes per element per server: 19.6 (ltz) + 16 + 16 + 16 n = 163.6.
-    Valid range: x <= 0 (also accurate for 0 < x <= 1, error growing like x^3 / 4^n beyond).
-    Error: <= 1.4e-5 (approximation, see module docstring) + ~2^-f (fixed point): ~3e-5 absolute.
+    Cost: 9 + 2n = 23 rounds; bytes per element per server: 19.6 (ltz) + 16 + 16 + 16 n = 163.6 (f = 7..23;
+    f <= 6: the base square needs no truncation, 22 rounds; f >= 24: the bit product truncates to scale 30,
+    24 rounds, +8 bytes).
+    Valid range: x <= 0 (also accurate for 0 < x <= 1, error growing like x^3 / 4^n beyond); x > 1 is
+    wrong (the base exceeds 1 and 2^n squarings grow without bound; softmax never passes x > 0).
+    Error: <= 1.4e-5 (approximation, see module docstring) + ~2^-f (fixed point): ~3e-5 absolute at f = 16.
     """
     with ctx.cost.scope("exp"):
         f, n = ctx.f, SQUARINGS
         x = to_scale(ctx, x, f)
         b = gez(ctx, add_public(ctx, x, float(2**n)))
         w = add_public(ctx, AShare(x.data, f + n), 1.0)  # x / 2^n exactly, plus 1
-        bw = mul_aa(ctx, b, w, out_scale=w.scale)
-        sq = square_a(ctx, bw, out_scale=_EXP_SCALE - 1)
+        # f + n <= 30 (f <= 23): exact bit product; above, one truncation keeps (b w)^2 below 2^62.
+        bw = mul_aa(ctx, b, w, out_scale=min(w.scale, _W_MAX_SCALE))
+        sq = to_scale(ctx, square_a(ctx, bw, out_scale=_EXP_SCALE - 1), _EXP_SCALE - 1)
         base = add_public(ctx, AShare(sq.data, _EXP_SCALE), 0.5)  # reinterpretation divides by 2
         for i in range(n):
             base = square_a(ctx, base, out_scale=f if i == n - 1 else _EXP_SCALE)
@@ -64,8 +69,11 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
     Cost (N = size of ``dim``, K = max(ceil(log2 N) - 1, 0)): 6 ceil(log2 N) + 23 + (14 if K else 8) + 2
     rounds; bytes per element per server ~ 19.6 (max tree: one ltz_select per comparison, N - 1 comparisons
     per row) + 163.6 (exp) + 24 (final product) + (19.6 K + 160) / N (reciprocal, once per row).
-    Valid range: any logits with |x| < 2^19; rows must have at least one unmasked position (a fully
-    masked row returns zeros, where torch returns NaN).
+    Valid range: any logits with |x| < 2^19 (x - max >= -2^20 never wraps; masked entries become -2^20);
+    rows must have at least one unmasked position (a fully masked row returns zeros, where torch returns
+    NaN). The max-subtracted inputs are <= 0 by construction and the sum lies in [1, N] (reciprocal's range),
+    so no op inside leaves its range; logits beyond 2^19 (a blown earlier op) make garbage that the owner's
+    check flags. Output: every probability in [0, 1 + 1e-4].
     Error: <= ~1e-4 absolute per probability (exp error, reciprocal ~2e-6 relative, truncations).
     Reference: max-subtracted softmax as in CrypTen/PUMA; exp and reciprocal from this package.
     """
@@ -87,6 +95,7 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
         s = e.sum(d, keepdim=True)
         n = x.shape[d]
         hi = max(math.ceil(math.log2(n)), 1) if n > 1 else 1
+        # 1/s <= 1 at scale f + 8 times e <= 1 at scale f: 2f + 8 <= 56 for f <= 24.
         r = reciprocal(ctx, s, lo=0, hi=hi, out_scale=f + _R_EXTRA_BITS)
         return mul_aa(ctx, e, r, out_scale=f)
 

@@ -9,6 +9,8 @@ LayerNorm over a dim of size n (gamma = weight, beta = bias, both shared):
   5. y = (c gamma) * r + beta                                                       2 rounds
 Dividing S by n is never done: it is folded into rsqrt, which also keeps eps (e.g. 1e-5, below the 2^-16
 resolution) accurate as n eps. RMSNorm is the same without the mean.
+All internal scales follow f (tests/test_ranges.py runs f = 4..24): rsqrt's range reaches 2^(63 - 2f) (every
+S that did not wrap) and r keeps f + min(12, 51 - 2f) bits so that y = (c gamma) r (|y| < 2^10) stays exact.
 """
 
 from __future__ import annotations
@@ -24,7 +26,20 @@ from secfwt.share import AShare, add, add_public, mul_public, sub
 # Range of the per-row variance handed to rsqrt: [2^-16, 2^16] covers eps = 1e-5 .. |x| ~ 256.
 VAR_LO, VAR_HI = -16, 16
 _MEAN_BITS = 24  # fractional bits of the public 1/n in the mean
-_R_EXTRA_BITS = 12  # 1/sqrt(var + eps) is kept with f + 12 bits: small for large-variance rows
+_R_EXTRA_BITS = 12  # 1/sqrt(var + eps) is kept with f + 12 bits: small for large-variance rows ...
+_OUT_BITS = 10  # ... as long as the output y = (c gamma) r, |y| < 2^10, stays exact: 2f + extra + 10 <= 61
+
+
+def s_hi_bits(f: int) -> int:
+    """rsqrt's upper range 2^hi for S + n eps, S = sum(c^2): hi = 63 - 2f covers every S whose sum of squares
+    at scale 2f did not wrap (S < 2^(62 - 2f)), so large-variance rows get a coarser but correct result
+    instead of an extrapolated polynomial (thresholds are per row: ~20 bytes each, no round)."""
+    return 63 - 2 * f
+
+
+def r_extra_bits(f: int) -> int:
+    """Extra fractional bits of r = 1/sqrt(var + eps): 12 for f <= 19, 51 - 2f above (3 at f = 24)."""
+    return max(0, min(_R_EXTRA_BITS, 61 - 2 * f - _OUT_BITS))
 
 
 def _normalize(
@@ -36,9 +51,8 @@ def _normalize(
     prods = mul_exact_many(ctx, pairs)  # scale 2f each, untruncated
     stats = trunc_many(ctx, [prods[0].sum(d, keepdim=True)] + prods[1:], f)
     s = add_public(ctx, stats[0], n * eps)
-    log_n = math.log2(n)
-    r = rsqrt(ctx, s, lo=VAR_LO + math.floor(log_n), hi=VAR_HI + math.ceil(log_n), factor=math.sqrt(n),
-              out_scale=f + _R_EXTRA_BITS)
+    r = rsqrt(ctx, s, lo=VAR_LO + math.floor(math.log2(n)), hi=s_hi_bits(f), factor=math.sqrt(n),
+              out_scale=f + r_extra_bits(f))
     y = mul_aa(ctx, stats[1] if weight is not None else c, r, out_scale=f)
     return add(y, bias) if bias is not None else y
 
@@ -55,9 +69,15 @@ def layernorm(
 
     Steps: see the module docstring. Cost: 19 rounds. Bytes per element per server: 16 (c^2) + 16
     (c gamma, with a weight) + 8 (c gamma truncation) + 24 (final product) = 64 (40 without weight), plus
-    per row 8 (mean) + 8 (S) + 19.6 * 32 + 160 (rsqrt on n [2^-16, 2^16]: 33 - 1 thresholds) ~ 804 bytes,
-    i.e. ~2.1 bytes per element for n = 384.
-    Valid range: per-row variance in [2^-16, 2^16] (|x| up to ~256), |x| < 2^15, |c gamma| < 2^13.
+    per row 8 (mean) + 8 (S) + 19.6 K + 160 (rsqrt on [n 2^-16, 2^(63 - 2f)]: K = 78 - 2f - floor(log2 n)
+    thresholds, 38 for n = 384 at f = 16) ~ 920 bytes, i.e. ~2.3 bytes per element for n = 384.
+    Valid range (documented accuracy): per-row variance in [2^-16, 2^16] (|x| up to ~256); exactness needs
+    n var < 2^(62 - 2f) (the sum of squares at scale 2f: 2^30 at f = 16, 2^14 at f = 24), |x| < 2^(31 - f)
+    and |y| < 2^10 (2^(49 - 2f) for f <= 19). Outside the accurate range: var + eps below 2^-16 saturates
+    (1/sqrt(var + eps) is capped at ~2.65 2^8, so y shrinks towards 0, |y| <= |exact y|, a constant row gives
+    exactly 0); var above 2^16 up to the wrap point is correct with a coarser error (~3% at n var = 2^30,
+    f = 16; rsqrt's range reaches 2^(63 - 2f) per row, no extra round); a wrapped sum of squares gives
+    garbage, which the owner's check of the revealed values flags (share.receive_revealed).
     Error: rsqrt's relative error (~1e-5 for var >= 2^-8) times |c gamma| plus ~2^-f per truncation;
     measured in docs/APPROXIMATIONS.md (~2e-4 abs for unit-variance rows of size 768).
     Reference: the LayerNorm composition of CrypTen/PUMA, with batched statistics and eps folded into rsqrt.
@@ -75,7 +95,8 @@ def rmsnorm(ctx: PartyContext, x: AShare, weight: AShare | None, eps: float, dim
     """RMSNorm over ``dim``: x / sqrt(mean(x^2) + eps) * weight.
 
     Cost: 18 rounds (LayerNorm without the mean); bytes as :func:`layernorm` without the mean.
-    Valid range: mean(x^2) in [2^-16, 2^16]. Error: as :func:`layernorm`.
+    Valid range: mean(x^2) in [2^-16, 2^16]; outside it and exactness as :func:`layernorm`.
+    Error: as :func:`layernorm`.
     Reference: Zhang & Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
     """
     with ctx.cost.scope("rmsnorm"):

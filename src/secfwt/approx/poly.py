@@ -34,6 +34,9 @@ from secfwt.share import AShare, add, add_public, rescale_up, stack
 # Intermediates must stay below 2^61 in absolute value (one bit of margin below trunc's 2^62).
 _HEADROOM_BITS = 61
 _MAX_EXTRA_BITS = 8  # the working scale is at most f + 8
+# Public polynomial coefficients are encoded with min(f, 16) bits: for f <= 16 nothing changes; for larger f
+# the 64-bit ring is better spent on the working scale p (the final product has scale 2p + coefficient bits).
+_COEF_MAX_BITS = 16
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -87,9 +90,15 @@ def mul_exact_many(ctx: PartyContext, pairs: Sequence[tuple[AShare, AShare]]) ->
     return res
 
 
+def coef_bits(ctx: PartyContext) -> int:
+    """Fractional bits of the public coefficients in :func:`poly_eval`: min(f, 16)."""
+    return min(ctx.f, _COEF_MAX_BITS)
+
+
 def work_scale(ctx: PartyContext, bound_bits: int) -> int:
-    """Working scale p of :func:`poly_eval` for results bounded by 2^bound_bits: 2p + f + bound <= 61."""
-    return min(ctx.f + _MAX_EXTRA_BITS, (_HEADROOM_BITS - bound_bits - ctx.f) // 2)
+    """Working scale p of :func:`poly_eval` for results bounded by 2^bound_bits: 2p + c + bound <= 61, with c =
+    :func:`coef_bits`; at most f + 8 (p = 18 for f = 16 and 5 bound bits; p < f once f > (56 - bound) / 3)."""
+    return min(ctx.f + _MAX_EXTRA_BITS, (_HEADROOM_BITS - bound_bits - coef_bits(ctx)) // 2)
 
 
 def poly_levels(degree: int) -> int:
@@ -121,13 +130,14 @@ def poly_eval(
 
     Steps (L = ceil(log2(d+1)), h = 2^(L-1), see the module docstring): L-1 batched power levels at the
     working scale p = :func:`work_scale`; A and B as local linear combinations; one product v^h * B.
-    Cost: 2L rounds (2L - 1 with ``truncate=False``, which returns scale 2p + f untruncated); the result
-    has ``out_scale`` fractional bits (default ``ctx.f``).
+    Cost: 2L rounds (2L - 1 with ``truncate=False``, which returns scale 2p + c untruncated, c = :func:`coef_bits`);
+    the result has ``out_scale`` fractional bits (default ``ctx.f``).
     Bytes per element per server, without ``times``: 16 (level 1: a square) + sum_{l=2}^{L-1} 8(1 + 2k_l)
     + 16 + 8 (final; the 8 only when truncating), k_l = 2^(l-1); degree 7: 80 (72 untruncated).
     With ``times``: sum_{l=1}^{L-1} 8(1 + 4k_l) + 24; degree 7: 136.
     Valid range: |x| <= 1 keeps powers bounded (any x for which all |x^j| and |P| fit 2^bound_bits);
-    |P(x) * times| < 2^bound_bits. Error: fixed-point ~ (sum_j |c_j| j) 2^-p + 2^-f (final truncation).
+    |P(x) * times| < 2^bound_bits. Error: fixed-point ~ (sum_j |c_j| j) 2^-p + (d + 1) 2^-(c+1)
+    (coefficients, c = :func:`coef_bits`) + 2^-f (final truncation).
     Reference: Estrin's scheme (1960); powers batched as in CrypTen's polynomial evaluation.
     """
     with ctx.cost.scope("poly"):
@@ -139,7 +149,8 @@ def poly_eval(
         if cf.shape[0] < 2 * h:
             cf = torch.cat([cf, torch.zeros((2 * h - cf.shape[0], *cf.shape[1:]), dtype=torch.float64)])
         p = work_scale(ctx, bound_bits)
-        out_top = 2 * p + f
+        cb = coef_bits(ctx)
+        out_top = 2 * p + cb
         powers: dict[int, AShare] = {1: to_scale(ctx, x, p)}
         gs: dict[int, AShare] = {}
         if times is not None:
@@ -162,21 +173,21 @@ def poly_eval(
                     gs[k + j] = prods[k + j]
 
         def linear(c: Tensor) -> AShare:
-            """sum_j c[j] * (g) v^j for j < h, at scale p + f (local, exact)."""
-            enc = ring.encode(c, f)
+            """sum_j c[j] * (g) v^j for j < h, at scale p + cb (local, exact)."""
+            enc = ring.encode(c, cb)
             if times is not None:
                 terms = torch.stack([gs[j].data for j in range(h)])
-                return AShare((terms * enc).sum(0), p + f)
-            acc = server0_public(ctx, c[0], p + f)
+                return AShare((terms * enc).sum(0), p + cb)
+            acc = server0_public(ctx, c[0], p + cb)
             if h > 1:
                 terms = torch.stack([powers[j].data for j in range(1, h)])
                 acc = acc + (terms * enc[1:]).sum(0)
-            return AShare(acc, p + f)
+            return AShare(acc, p + cb)
 
         low, high = linear(cf[:h]), linear(cf[h : 2 * h])
         if times is None and h == 1:
             # Degree <= 1: B is public, so v * B is local.
-            prod = AShare(powers[1].data * ring.encode(cf[1], f), p + f)
+            prod = AShare(powers[1].data * ring.encode(cf[1], cb), p + cb)
             out = add(rescale_up(prod, out_top), low)
         else:
             out = add(mul_aa(ctx, powers[h], high, out_scale=out_top), low)

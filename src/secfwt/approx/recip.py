@@ -72,7 +72,8 @@ def _range_reduce(
     bits = interval_bits(ctx, x, [2.0**k for k in range(lo + 1, hi)]) if hi - lo > 1 else None
     p = work_scale(ctx, bound_bits)
     g = _onehot_public(ctx, bits, guess, p)
-    nrm = _onehot_public(ctx, bits, norm, _NORM_TOTAL_BITS - f)
+    # The largest normaliser (2/3) 2^-lo must encode below 2^62: for small f, fewer than 56 - f bits.
+    nrm = _onehot_public(ctx, bits, norm, min(_NORM_TOTAL_BITS - f, 62 + lo))
     e = add_public(ctx, -mul_aa(ctx, x, nrm, out_scale=p), 1.0)
     return g, e
 
@@ -85,7 +86,11 @@ def reciprocal(
     Steps: see the module docstring (g = (2/3) 2^-j on [2^j, 2^(j+1)), e = 1 - x g, 1/x = g P(e)).
     Cost: 14 rounds (6 comparison + 2 + 6); bytes per element per server: 19.625 (hi - lo - 1) + 24 + 136
     (533 for the defaults); with hi - lo = 1 no comparison (8 rounds, 160 bytes).
-    Valid range: [2^lo, 2^hi]; outside it the error grows quickly (e leaves [-1/3, 1/3]).
+    Valid range: [max(2^lo, 2^-f), 2^hi] (x must also be representable with f bits). Outside it (documented and
+    tested in tests/test_ranges.py): for 0 <= x < 2^lo the result saturates, bounded by 5.7 2^-lo (e in (1/3, 1],
+    P(e) in [1.5, 8.54]); for x > 2^hi it is WRONG (P extrapolated at e = 1 - (4/3) x 2^-hi < -1/3: 1% low at 1.2
+    2^hi, 14% at 1.35 2^hi, 0 at 1.5 2^hi, negative beyond) and for x < 0 unbounded. Callers guarantee x <= 2^hi
+    (softmax: the sum is at most N by construction); nothing is compared beyond the range (no extra bytes).
     Error: relative <= 2.3e-6 from the correction polynomial (:func:`series_error`), plus fixed point:
     absolute ~2^-f from the final truncation and 2^-p of the guess (p = working scale): measured
     |err| <= 1.2e-5 |1/x| + 3e-5 (2.8e-3 at 1/x = 256; docs/APPROXIMATIONS.md).
@@ -93,7 +98,8 @@ def reciprocal(
     """
     with ctx.cost.scope("reciprocal"):
         x = to_scale(ctx, x, ctx.f)
-        bound_bits = max(-lo, 0) + 1
+        # |g P(e)| <= 2^(-lo+1) in range; +1 bit so that a saturated x < 2^lo (<= 5.7 2^-lo) cannot wrap.
+        bound_bits = max(-lo, 0) + 2
         guess = [(2.0 / 3.0) * 2.0**-j for j in range(lo, hi)]
         g, e = _range_reduce(ctx, x, lo, hi, guess, guess, bound_bits)
         return poly_eval(ctx, e, _series_coeffs(1.0), times=g, bound_bits=bound_bits, out_scale=out_scale)
@@ -110,12 +116,18 @@ def rsqrt(
     Steps: as :func:`reciprocal` with g = sqrt(2/3) 2^(-j/2) and the normaliser g^2 = (2/3) 2^-j (both
     public per interval, so g^2 costs nothing), e = 1 - x g^2, 1/sqrt(x) = g P(e), P ~ (1 - e)^(-1/2).
     Cost: 14 rounds; bytes per element per server: 19.625 (hi - lo - 1) + 160 (690 for the defaults).
-    Valid range: [2^lo, 2^hi]. Error: relative <= 5.2e-7 from the polynomial (:func:`series_error`) plus
-    fixed point (~2^-f absolute); measured in docs/APPROXIMATIONS.md.
+    Valid range: [max(2^lo, 2^-f), 2^hi]. Outside it: for 0 <= x < 2^lo the result saturates, bounded by 2.65 factor
+    2^(-lo/2) (P(e) in [1.22, 3.25] for e in (1/3, 1]); for x > 2^hi it is WRONG (P extrapolated: 2% low at 1.35
+    2^hi, 14% at 1.5 2^hi, 62% at 1.65 2^hi, negative from ~1.7 2^hi) -- callers keep x <= 2^hi (LayerNorm: hi
+    covers every sum of squares that did not wrap; the similarity head's norm range is the caller's, and its
+    out-of-range cosines are caught by the owner's check of the revealed logits). Error: relative <= 5.2e-7 from the
+    polynomial (:func:`series_error`) plus fixed point (~2^-f absolute); measured in docs/APPROXIMATIONS.md.
     Reference: one-hot range reduction (SiRnn, S&P 2021); PUMA/CrypTen use Newton iterations instead.
     """
     with ctx.cost.scope("rsqrt"):
         x = to_scale(ctx, x, ctx.f)
+        # |g P(e)| <= 2 factor 2^(-lo/2) in range; a saturated x < 2^lo (2.65 factor 2^(-lo/2)) still fits
+        # poly_eval's head-room bit (2^61 * 1.33 < 2^62).
         bound_bits = max(math.ceil(-lo / 2 + math.log2(factor)), 0) + 1
         guess = [factor * math.sqrt(2.0 / 3.0) * 2.0 ** (-j / 2) for j in range(lo, hi)]
         norm = [(2.0 / 3.0) * 2.0**-j for j in range(lo, hi)]

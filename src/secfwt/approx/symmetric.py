@@ -228,7 +228,7 @@ SPECS: dict[str, SymmetricSpec] = {name: _spec(name, bps) for name, bps in BREAK
 
 def _pieces(ctx: PartyContext, a: AShare, spec: SymmetricSpec) -> AShare:
     """Every piece P_i(v_i), v_i = (a - center_i) / 2^m_i, stacked (K, *a.shape), by ONE untruncated
-    :func:`~secfwt.approx.poly.poly_eval` (scale 2p + f)."""
+    :func:`~secfwt.approx.poly.poly_eval` (scale 2p + c, c = min(f, 16))."""
     f, deg = ctx.f, spec.degree
     vs, cfs = [], []
     for pc in spec.pieces:
@@ -280,7 +280,7 @@ def symmetric_eval(ctx: PartyContext, x: AShare, spec: SymmetricSpec) -> AShare:
             below_neg = prods.data[2] - t_enc * lt(kk, -1)  # [x < -T] x
             tail = AShare(m_pos * (x.data - below_pos) + m_neg * below_neg, f)
 
-        # Step 3: all pieces on their local variables, untruncated (scale 2p + f).
+        # Step 3: all pieces on their local variables, untruncated (scale 2p + c).
         polys = _pieces(ctx, a, spec)
         top = polys.scale
 

@@ -17,11 +17,26 @@ import torch
 
 from secfwt import ring
 from secfwt.context import PartyContext
+from secfwt.errors import FixedPointRangeError
 from secfwt.protocols.arith import trunc
 from secfwt.share import AShare
 
 # Opened phases are sent as int32 when they fit (s <= 31): 4 bytes per element instead of 8.
 _INT32_MAX_BITS = 31
+
+
+def max_scale(f: int) -> int:
+    """Largest input scale s for ``f`` fractional bits: the outputs (|cos| <= 1 at scale s + f, plus the
+    rounding of two products) must stay below 2^61 for :func:`~secfwt.protocols.arith.trunc`: s <= 60 - f."""
+    return 60 - f
+
+
+def check_scale(s: int, f: int) -> None:
+    """Raise :class:`~secfwt.errors.FixedPointRangeError` unless 1 <= s <= :func:`max_scale` (f)."""
+    if not 1 <= s <= max_scale(f):
+        raise FixedPointRangeError(
+            f"cos_sin: input scale {s} with f = {f}: expected 1 <= scale <= {max_scale(f)} (outputs have scale "
+            f"scale + f, which must stay <= 60 for the truncation); bring u to scale f first")
 
 
 def cos_sin(ctx: PartyContext, u: AShare, truncate: bool = False) -> tuple[AShare, AShare]:
@@ -39,15 +54,15 @@ def cos_sin(ctx: PartyContext, u: AShare, truncate: bool = False) -> tuple[AShar
 
     Cost: 1 round and 4n bytes sent per server (int32 phases, s <= 31; 8n bytes otherwise), dealer ->
     server 1: 16n bytes. ``truncate=True``: 2 rounds, 4n + 16n bytes per server.
-    Valid range: any u (read modulo 1). Error: |err| <= sqrt(2) (2^-(s+1) + 2^-(f+1)) ~ 2^-f for s = f
-    (encoding of the dealer's and the public cos/sin), plus 2^-f with ``truncate=True``; relative to
-    cos(2π u) for the *encoded* u (its own quantisation 2^-(s+1) is the caller's).
+    Valid range: any u (read modulo 1); its scale s must satisfy 1 <= s <= 60 - f (:func:`check_scale`, raises
+    :class:`~secfwt.errors.FixedPointRangeError` otherwise; callers pass s = f). Error: |err| <= sqrt(2) (2^-(s+1) +
+    2^-(f+1)) ~ 2^-f for s = f (encoding of the dealer's and the public cos/sin), plus 2^-f with ``truncate=True``;
+    relative to cos(2π u) for the *encoded* u (its own quantisation 2^-(s+1) is the caller's).
     """
     with ctx.cost.scope("cosine"):
         assert ctx.dealer is not None
         s, f = u.scale, ctx.f
-        if not 1 <= s <= 40:
-            raise ValueError(f"cos_sin: input scale must be in [1, 40], got {s}")
+        check_scale(s, f)
         pend = ctx.dealer.request("cossin", shape=list(u.shape), frac_bits=s)
         mask = (1 << s) - 1
         low = (u.data + pend.material["t"]) & mask
@@ -68,4 +83,4 @@ def cos_sin(ctx: PartyContext, u: AShare, truncate: bool = False) -> tuple[AShar
         return both[0], both[1]
 
 
-__all__ = ["cos_sin"]
+__all__ = ["check_scale", "cos_sin", "max_scale"]
