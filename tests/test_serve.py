@@ -137,3 +137,36 @@ def test_shares_reconstruct_the_weights(tiny):
     for name, w in enc.params.items():
         rec = ring.decode(s0.params[name].data + s1.params[name].data, 16)
         assert (rec - w).abs().max() <= 2**-17, name
+
+
+def test_out_of_range_prompts_are_refused_before_sending_and_blown_logits_are_flagged(tiny):
+    """The owner checks its candidate prompts before it announces a forward (the servers are not left waiting,
+    the session goes on), and checks the revealed logits against the head's range."""
+    from secfwt.errors import FixedPointRangeError
+
+    model_dir, shares_dir = tiny
+    vocab = Encoder.from_pretrained(model_dir, attention=AttentionConfig("softmax")).config.vocab_size
+    ids, mask, mask_pos, prompts = _inputs(vocab)
+
+    def owner(ctx):
+        client = PrivateModelClient(ctx, 32, vocab, word_table=owner_word_table(shares_dir))
+        client.setup(AttentionConfig("softmax"), HeadSpec("mlm", [[7], [9]]), max_rows=4)
+        b = client.register(ids, mask, mask_pos)
+        errors = []
+        for bad in (prompts * 1e6, prompts.clone().fill_(float("nan"))):
+            with pytest.raises(FixedPointRangeError) as e:
+                client.forward(b, bad)
+            errors.append(str(e.value))
+        good = client.forward(b, prompts)  # the session is intact
+        client.logit_bound = 1e-6  # every real logit is beyond this: the owner's check must fire
+        with pytest.raises(FixedPointRangeError) as e:
+            client.forward(b, prompts)
+        errors.append(str(e.value))
+        client.stop()
+        return errors, good
+
+    errors, good = run_in_process(_servers(shares_dir) | {OWNER: owner}, timeout=120)[OWNER]
+    assert "'prompts'" in errors[0] and "exceeds the allowed bound" in errors[0] and "nothing was sent" in errors[0]
+    assert "NaN" in errors[1]
+    assert "logits" in errors[2] and "fixed-point range" in errors[2]
+    assert good.shape == (2, 3, 2) and bool(torch.isfinite(good).all())

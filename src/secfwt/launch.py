@@ -43,7 +43,7 @@ import torch
 from secfwt.comm.base import DEALER, OWNER, PARTY_NAMES, PARTY_RANKS, SERVER0, SERVER1
 from secfwt.comm.certs import TlsFiles, write_party_certs
 from secfwt.comm.tcp import TcpCommunicator
-from secfwt.context import FixedPoint
+from secfwt.context import FRAC_BITS_MAX, FRAC_BITS_MIN, FixedPoint
 from secfwt.cost import CostTracker
 from secfwt.errors import CommError, ConfigError
 from secfwt.runtime import Program, RunResult, run_party
@@ -157,8 +157,9 @@ def load_parties_config(path: str | Path) -> PartiesConfig:
     for key, val in (("timeout", timeout), ("connect_timeout", connect_timeout)):
         if not val > 0:
             raise ConfigError(f"{path}: field '{key}': expected a positive number of seconds, got {val}")
-    if not 4 <= frac_bits <= 28:
-        raise ConfigError(f"{path}: field 'frac_bits': expected an integer in [4, 28], got {frac_bits}")
+    if not FRAC_BITS_MIN <= frac_bits <= FRAC_BITS_MAX:
+        raise ConfigError(f"{path}: field 'frac_bits': expected an integer in [{FRAC_BITS_MIN}, {FRAC_BITS_MAX}], "
+                          f"got {frac_bits}")
     default_ca = _path_field(raw, "ca", "", path)
     tables = _field(raw, "parties", "", path, dict)
     unknown = sorted(set(tables) - set(PARTY_RANKS))

@@ -38,7 +38,7 @@ from secfwt.nn.decoder_heads import LabelWordHead
 from secfwt.nn.llama_weights import DecoderConfig, resolve_model_dir
 from secfwt.serve.session import BaseServer, PrivateModelClient, attention_from_json, attention_to_json, serve_loop
 from secfwt.serve.shares import read_share_file, write_owner_word_table, write_public_files, write_share_files
-from secfwt.share import AShare, owner_share, receive_revealed, reveal_to
+from secfwt.share import AShare, owner_share, reveal_to
 
 FORMAT = "secfwt-decoder-shares-1"
 
@@ -217,20 +217,8 @@ class DecoderClient(PrivateModelClient):
     def forward_cached(self, slots: Sequence[int], prompts: Tensor) -> Tensor:
         """Label logits (P, B, L) of prompts (P, n_prompt, H) (n_prompt may be 0) after the cached prefixes
         ``slots`` and before the tail."""
-        n_pop, n_prompt, h = prompts.shape
-        if n_prompt and h != self.hidden:
-            raise ConfigError(f"prompts: hidden size {h}, the model has {self.hidden}")
-        self._cmd({"cmd": "forward_cached", "slots": [int(s) for s in slots], "P": int(n_pop),
-                   "n_prompt": int(n_prompt)})
-        if n_prompt:
-            owner_share(self.ctx, prompts.to(torch.float64))
-        comm = self.ctx.comm
-        old, comm.timeout = comm.timeout, max(comm.timeout, self.result_timeout)
-        try:
-            out = receive_revealed(self.ctx, (len(slots) * n_pop, self.n_labels), self.ctx.f, tag="logits")
-        finally:
-            comm.timeout = old
-        return out.reshape(len(slots), n_pop, self.n_labels).transpose(0, 1)  # (P, B, L)
+        out = self._prompted({"cmd": "forward_cached", "slots": [int(s) for s in slots]}, prompts, len(slots))
+        return out.reshape(len(slots), prompts.shape[0], self.n_labels).transpose(0, 1)  # (P, B, L)
 
 
 __all__ = ["FORMAT", "DecoderClient", "DecoderServer", "DecoderShares", "load_decoder_shares", "serve_decoder",

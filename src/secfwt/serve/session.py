@@ -51,7 +51,7 @@ from secfwt.nn.heads import MaskedLMHead, SimilarityHead, mean_pool
 from secfwt.nn.mpc import MpcBackend
 from secfwt.serve.rows import RowChunk, forward_rows
 from secfwt.serve.shares import ServerShares
-from secfwt.share import AShare, owner_share, receive_revealed, reveal_to
+from secfwt.share import AShare, check_input, owner_share, receive_revealed, reveal_to
 
 _SERVERS = (SERVER0, SERVER1)
 T = TypeVar("T")
@@ -102,6 +102,7 @@ class Server(Protocol):
 
 
 FORWARD_COMMANDS = ("forward", "forward_cached")
+MAX_LOGIT = 1024.0  # masked-LM and decoder label logits are O(10); a revealed value beyond this is an overflow
 
 
 def serve_loop(ctx: PartyContext, server: Server) -> int:
@@ -291,6 +292,7 @@ class PrivateModelClient:
         self.result_timeout = result_timeout
         self.head: HeadSpec | None = None
         self.n_labels = 0
+        self.logit_bound = MAX_LOGIT  # |logit| beyond this means a fixed-point range was exceeded under MPC
         self.configured = False
         self.registered: list[int] = []  # rows of each registered batch, by batch number
 
@@ -317,6 +319,7 @@ class PrivateModelClient:
             raise ConfigError("similarity head: label descriptions (ids, mask) are required")
         self.head = head
         self.n_labels = len(head.label_token_ids) if label_inputs is None else int(label_inputs[0].shape[0])
+        self.logit_bound = 2.0 * head.scale if head.kind == "similarity" else MAX_LOGIT  # scale x cosine
         hj: dict[str, Any] = {"kind": head.kind, "n_labels": self.n_labels, "scale": head.scale,
                               "sq_norm_range": list(head.sq_norm_range)}
         if label_inputs is not None:
@@ -359,20 +362,31 @@ class PrivateModelClient:
         """Label logits (P, B, L) for soft prompts (P, n_prompt, H) on the registered batch number ``batch``."""
         if not 0 <= batch < len(self.registered):
             raise ConfigError(f"batch #{batch} is not registered ({len(self.registered)} batches are)")
+        n_ex = self.registered[batch]
+        out = self._prompted({"cmd": "forward", "batch": int(batch)}, prompts, n_ex)
+        return out.reshape(prompts.shape[0], n_ex, self.n_labels)
+
+    def _prompted(self, cmd: dict[str, Any], prompts: Tensor, n_ex: int) -> Tensor:
+        """Send ``cmd`` with the population's shape, share ``prompts`` (P, n_prompt, H) and receive the (P * n_ex,
+        L) logits. The prompts are checked (finite, within the fixed-point input range) before anything is sent,
+        and the logits against :attr:`logit_bound` (a larger value can only come from a blown range)."""
         n_pop, n_prompt, h = prompts.shape
         if n_prompt and h != self.hidden:
             raise ConfigError(f"prompts: hidden size {h}, the model has {self.hidden}")
-        self._cmd({"cmd": "forward", "batch": int(batch), "P": int(n_pop), "n_prompt": int(n_prompt)})
+        prompts = prompts.to(torch.float64)
+        check_input(prompts, self.ctx.f, tag="prompts")
+        self._cmd({**cmd, "P": int(n_pop), "n_prompt": int(n_prompt)})
         if n_prompt:
-            owner_share(self.ctx, prompts.to(torch.float64))
-        n_ex = self.registered[batch]
+            owner_share(self.ctx, prompts)
         comm = self.ctx.comm
         old, comm.timeout = comm.timeout, max(comm.timeout, self.result_timeout)
         try:
-            out = receive_revealed(self.ctx, (n_pop * n_ex, self.n_labels), self.ctx.f, tag="logits")
+            return receive_revealed(self.ctx, (n_pop * n_ex, self.n_labels), self.ctx.f, tag="logits",
+                                    bound=self.logit_bound,
+                                    cause="an activation left a fixed-point range under MPC (model or prompt "
+                                          "scale too large for --frac-bits)")
         finally:
             comm.timeout = old
-        return out.reshape(n_pop, n_ex, self.n_labels)
 
     def server_costs(self) -> dict[int, CostTracker]:
         self._cmd({"cmd": "cost"})
