@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -285,8 +284,10 @@ def test_checkpoint_of_another_run_is_refused(demo_ev: HFPlainEvaluator, demo_da
     with pytest.raises(ConfigError, match="checkpoint belongs to another run"):
         tune(demo_ev, demo_data, other, checkpoint_dir=tmp_path, progress=False)
     tune(demo_ev, demo_data, other, checkpoint_dir=tmp_path, resume=False, progress=False)  # overwrite is fine
-    (tmp_path / ckpt.STATE_FILE).write_bytes(pickle.dumps({"version": 99}))
-    with pytest.raises(ConfigError, match="checkpoint format version: expected 1, got 99"):
+    from safetensors.numpy import save_file
+
+    save_file({}, str(tmp_path / ckpt.STATE_FILE), metadata={"format": ckpt.FORMAT, "state": '{"version": 99}'})
+    with pytest.raises(ConfigError, match="checkpoint format version: expected 2, got 99"):
         ckpt.load(tmp_path)
 
 

@@ -11,7 +11,7 @@ the k-shot dev set; the best ``z`` by (dev accuracy, -dev loss) is kept and the 
 iterations without improvement. The zero-shot floor (template alone, no soft prompt) is measured on dev and on
 the evaluation split; with ``zero_shot_floor`` the final model falls back to it when no prompt beat it on dev.
 
-Checkpoints (every ``checkpoint_every`` iterations, atomic) hold the CMA-ES object, RNG states, counters, best
+Checkpoints (every ``checkpoint_every`` iterations, atomic) hold the CMA-ES state, RNG states, counters, best
 ``z`` and history; with a deterministic evaluator a resumed run ends bit-identical to an uninterrupted one.
 """
 
@@ -217,36 +217,50 @@ class _Loop:
         return self.cost_before + now
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpointed state: JSON values and numpy arrays only (:mod:`secfwt.tuning.checkpoint`)."""
+        cost = self.cost()
         return {
-            # cmaes drops its RandomState when pickled (and reseeds it randomly on load), and pickles only the
-            # upper triangle of its covariance (whose updates are not exactly symmetric): keep both apart
-            "fingerprint": self.fingerprint, "cma": self.cma, "cma_rng": self.cma._rng.get_state(),
-            "cma_C": self.cma._C.copy(),
-            "rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(), "iteration": self.iteration, "calls": self.calls,
-            "best_z": self.best_z, "best_dev": self.best_dev, "best_iteration": self.best_iteration,
-            "history": [asdict(h) for h in self.history], "zero_shot_dev": self.zero_shot_dev,
-            "elapsed_s": self.elapsed_s, "stop_reason": self.stop_reason, "cost": self.cost(),
+            "fingerprint": self.fingerprint, "cma": checkpoint.cma_state(self.cma),
+            "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state().numpy(),
+            "iteration": self.iteration, "calls": self.calls,
+            "best_z": self.best_z, "best_dev": list(self.best_dev), "best_iteration": self.best_iteration,
+            "history": [asdict(h) for h in self.history],
+            "zero_shot_dev": list(self.zero_shot_dev) if self.zero_shot_dev is not None else None,
+            "elapsed_s": self.elapsed_s, "stop_reason": self.stop_reason,
+            "cost": asdict(cost) if cost is not None else None,
         }
 
     def load_state_dict(self, s: dict[str, Any], where: Path) -> None:
-        if s["fingerprint"] != self.fingerprint:
+        """Restore :meth:`state_dict`; every field is checked (one ConfigError naming the file) before any is set."""
+        ck = checkpoint
+        with ck.reading(where):
+            fingerprint = ck.field(s, "fingerprint", str)
+        if fingerprint != self.fingerprint:
             raise ConfigError(
-                f"{where}: checkpoint belongs to another run (fingerprint {s['fingerprint']}, this run "
+                f"{where}: checkpoint belongs to another run (fingerprint {fingerprint}, this run "
                 f"{self.fingerprint}: task, data, model or tuning config differ); use a new checkpoint directory"
             )
-        self.cma = s["cma"]
-        self.cma._rng.set_state(s["cma_rng"])
-        if "cma_C" in s:  # absent in older checkpoints (their resume matches to ~1e-13)
-            self.cma._C = s["cma_C"]
-        self.rng.bit_generator.state = s["rng"]
-        torch.set_rng_state(s["torch_rng"])
-        self.iteration, self.calls = s["iteration"], s["calls"]
-        self.best_z, self.best_dev, self.best_iteration = s["best_z"], tuple(s["best_dev"]), s["best_iteration"]
-        self.history = [IterRecord(**h) for h in s["history"]]
-        self.zero_shot_dev = s["zero_shot_dev"]
-        self.elapsed_s, self.stop_reason = s["elapsed_s"], s["stop_reason"]
-        self.cost_before = s.get("cost")  # absent in checkpoints written before costs were kept
+        with ck.reading(where):
+            cma = ck.restore_cma(self.cma, ck.field(s, "cma", dict))
+            rng = np.random.default_rng()
+            rng.bit_generator.state = ck.field(s, "rng", dict)
+            torch_rng = torch.from_numpy(ck.array(s, "torch_rng", tuple(torch.get_rng_state().shape), np.uint8))
+            counters = [ck.field(s, k, int) for k in ("iteration", "calls", "best_iteration")]
+            best_z = ck.array(s, "best_z", (self.cfg.d,), np.float64, optional=True)
+            best_dev = ck.numbers(s, "best_dev", 2)
+            zero_shot = ck.numbers(s, "zero_shot_dev", 2, optional=True)
+            history = [IterRecord(**ck.record(h, "history")) for h in ck.field(s, "history", list)]
+            elapsed, stop = ck.numbers(s, "elapsed_s")[0], ck.field(s, "stop_reason", str)
+            cost = ck.field(s, "cost", dict, optional=True) if "cost" in s else None
+            cost_before = EvalCost(**ck.record(cost, "cost")) if cost is not None else None  # None: none kept
+        torch.set_rng_state(torch_rng)
+        self.cma, self.rng = cma, rng
+        self.iteration, self.calls, self.best_iteration = counters
+        self.best_z, self.best_dev = best_z, (best_dev[0], best_dev[1])
+        self.history = history
+        self.zero_shot_dev = (zero_shot[0], zero_shot[1]) if zero_shot is not None else None
+        self.elapsed_s, self.stop_reason = elapsed, stop
+        self.cost_before = cost_before
 
     def _score(self, z: np.ndarray | None, batch: Batch) -> tuple[float, float]:
         """(accuracy, loss) of one prompt (``z`` of shape (d,), or None for the template alone)."""
