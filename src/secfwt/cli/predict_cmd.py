@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from secfwt.cli.tune_cmd import cost_table
+from secfwt.cli.tune_cmd import TUNE_CHECKS, check_args, cost_table
 from secfwt.cost import CostTracker
 from secfwt.errors import ConfigError
+from secfwt.files import write_private
 from secfwt.tuning.data import load_task_data
 from secfwt.tuning.predict import Prediction, accuracy_of, classify, read_inputs, texts_to_examples
 from secfwt.tuning.prompt_file import PromptFile
 from secfwt.tuning.runner import RunSpec, run_job
 from secfwt.tuning.tasks import get_task
+
+PREDICT_CHECKS = tuple(c for c in TUNE_CHECKS if c[0] in ("--max-eval", "--max-rows", "--timeout"))
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,6 +57,7 @@ def spec_from_prompt(pf: PromptFile, a: argparse.Namespace) -> RunSpec:
 
 
 def execute(a: argparse.Namespace, console: Console | None = None) -> int:
+    check_args(a, PREDICT_CHECKS)
     console = console or Console()
     if sum(bool(x) for x in (a.text, a.input, a.eval)) != 1:
         raise ConfigError("predict: give exactly one of --text, --input, --eval")
@@ -80,8 +83,7 @@ def execute(a: argparse.Namespace, console: Console | None = None) -> int:
     if costs:
         console.print(cost_table(costs, elapsed))
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result_dict(spec, preds, costs, elapsed, labelled), indent=2) + "\n")
+        write_private(a.out, json.dumps(result_dict(spec, preds, costs, elapsed, labelled), indent=2) + "\n")
         console.print(f"predictions: {a.out}")
     return 0
 

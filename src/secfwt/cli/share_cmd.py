@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from secfwt.cli.tune_cmd import TUNE_CHECKS, check_args
 from secfwt.nn.llama_weights import is_decoder_model
 from secfwt.serve.decoder import share_decoder
 from secfwt.serve.shares import share_model
 
 
 def execute(a: argparse.Namespace) -> int:
+    check_args(a, tuple(c for c in TUNE_CHECKS if c[0] == "--frac-bits"))
     if is_decoder_model(a.model):  # "smollm2" or a Llama directory: format secfwt-decoder-shares-1
         out = share_decoder(a.model, a.out, frac_bits=a.frac_bits, disclose_embeddings=not a.keep_embeddings)
     else:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from secfwt.context import FRAC_BITS_MAX, FRAC_BITS_MIN
 from secfwt.cost import LAN, WAN, CostTracker
 from secfwt.errors import ConfigError
+from secfwt.files import write_private
 from secfwt.tuning.decoder_encode import PROMPT_POSITIONS
 from secfwt.tuning.fot import TuneConfig, TuneResult
 from secfwt.tuning.prompt_file import PromptFile
@@ -52,6 +56,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--out", default=None, help="directory for report.json and history.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+SEED_LIMIT = 2**32  # numpy's RandomState (CMA-ES) takes seeds in [0, 2^32)
+# (flag, predicate, what is expected): checked before anything runs, so a bad value is one error line.
+Check = tuple[str, Callable[[Any], bool], str]
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: v >= low
+
+
+def _seed(v: int) -> bool:
+    return 0 <= v < SEED_LIMIT
+
+
+def _positive(v: float) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+_AT_LEAST_1 = _at_least(1)
+TUNE_CHECKS: tuple[Check, ...] = (
+    ("--k", _AT_LEAST_1, "an integer >= 1 (examples per class)"),
+    ("--seed", _seed, f"an integer in [0, {SEED_LIMIT})"),
+    ("--max-eval", _AT_LEAST_1, "an integer >= 1"),
+    ("--d", _AT_LEAST_1, "an integer >= 1"),
+    ("--n-prompt", _AT_LEAST_1, "an integer >= 1"),
+    ("--popsize", _at_least(2), "an integer >= 2 (CMA-ES)"),
+    ("--budget", _AT_LEAST_1, "an integer >= 1"),
+    ("--iterations", _AT_LEAST_1, "an integer >= 1"),
+    ("--sigma", _positive, "a finite number > 0"),
+    ("--alpha", _positive, "a finite number > 0"),
+    ("--tune-seed", _seed, f"an integer in [0, {SEED_LIMIT})"),
+    ("--proj-seed", _seed, f"an integer in [0, {SEED_LIMIT})"),
+    ("--train-batch", _AT_LEAST_1, "an integer >= 1"),
+    ("--eval-every", _AT_LEAST_1, "an integer >= 1"),
+    ("--patience", _at_least(0), "an integer >= 0 (0 = off)"),
+    ("--checkpoint-every", _AT_LEAST_1, "an integer >= 1"),
+    ("--rfa-features", _AT_LEAST_1, "an integer >= 1"),
+    ("--rfa-seed", _seed, f"an integer in [0, {SEED_LIMIT})"),
+    ("--max-length", _at_least(2), "an integer >= 2 (tokens per input)"),
+    ("--max-rows", _AT_LEAST_1, "an integer >= 1"),
+    ("--frac-bits", lambda v: FRAC_BITS_MIN <= v <= FRAC_BITS_MAX, f"an integer in [{FRAC_BITS_MIN}, {FRAC_BITS_MAX}]"),
+    ("--timeout", _positive, "a finite number > 0 (seconds)"),
+)
+
+
+def check_args(a: argparse.Namespace, checks: tuple[Check, ...]) -> None:
+    """One ConfigError (one line: the flag, what it expects, what it got) for the first bad value in ``a``."""
+    for flag, ok, expected in checks:
+        v = getattr(a, flag.lstrip("-").replace("-", "_"), None)
+        if v is not None and not ok(v):
+            raise ConfigError(f"{flag}: expected {expected}, got {v}")
+    if getattr(a, "iterations", None) is None and hasattr(a, "budget") and a.budget < a.popsize:
+        raise ConfigError(f"--budget: expected at least --popsize ({a.popsize}) API calls (one iteration), "
+                          f"got {a.budget}")
 
 
 def config_from_args(a: argparse.Namespace) -> TuneConfig:
@@ -137,6 +196,7 @@ def execute(a: argparse.Namespace, console: Console | None = None) -> int:
 
 
 def tune_and_report(a: argparse.Namespace, console: Console | None = None) -> TuneResult:
+    check_args(a, TUNE_CHECKS)
     console = console or Console()
     spec = spec_from_args(a)
     where = f", parties: {a.parties}" if spec.mode == "mpc" else ""
@@ -152,8 +212,7 @@ def tune_and_report(a: argparse.Namespace, console: Console | None = None) -> Tu
         rep = report_dict(result)
         if spec.mode == "mpc":
             rep["attention"] = a.attention
-        Path(a.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.report).write_text(json.dumps(rep, indent=2) + "\n")
+        write_private(a.report, json.dumps(rep, indent=2) + "\n")
         console.print(f"report: {a.report}")
     save = a.save_prompt or (str(Path(a.out) / "prompt.safetensors") if a.out else None)
     if save:

@@ -9,7 +9,8 @@
                               data owner's local embedding mode (docs: nn/inputs.py for the trade-off)
 
 Each server receives only its own file. Shares are ``w0 = r`` and ``w1 = encode(w) - r`` with ``r`` uniform
-from a fresh AES-CTR key that is discarded afterwards.
+from a fresh AES-CTR key that is discarded afterwards. Every file is created mode 0600 and the directories this
+creates 0700 (:mod:`secfwt.files`): the shares and the word table are the model owner's until handed out.
 
 The writing and reading helpers (:func:`write_share_files`, :func:`write_public_files`,
 :func:`write_owner_word_table`, :func:`read_share_file`) are shared with the decoder's share files
@@ -34,6 +35,7 @@ from torch import Tensor
 from secfwt import ring
 from secfwt.comm.base import PARTY_NAMES, SERVER0, SERVER1
 from secfwt.errors import ConfigError
+from secfwt.files import private_dir, private_output, write_private
 from secfwt.nn.config import EncoderConfig
 from secfwt.nn.encoder import Encoder
 from secfwt.prg import PRG, new_key
@@ -72,27 +74,28 @@ def write_share_files(out: Path, params: Mapping[str, Tensor], frac_bits: int, m
             raise ConfigError(f"{source}: parameter {name} does not fit the fixed-point range: {e}") from e
         r = prg.stream(i).ring(tuple(v.shape))
         s0[name], s1[name] = r.contiguous(), (v - r).contiguous()
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     for rank, tensors in ((SERVER0, s0), (SERVER1, s1)):
         m = {**meta, "party": PARTY_NAMES[rank], "frac_bits": str(frac_bits)}
-        save_file(tensors, str(out / f"{PARTY_NAMES[rank]}.safetensors"), metadata=m)
+        with private_output(out / f"{PARTY_NAMES[rank]}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=m)
 
 
 def write_public_files(out: Path, model_dir: Path, info: Mapping[str, Any]) -> None:
     """``out/public/``: the checkpoint's config and tokenizer files and ``secfwt.json`` (``info``: public
     metadata the data owner needs without the weights, e.g. the embedding std BBT scales its projection by)."""
-    pub = public_dir(out)
-    pub.mkdir(parents=True, exist_ok=True)
+    pub = private_dir(public_dir(out))
     for f in PUBLIC_FILES:
         if (model_dir / f).is_file():
-            shutil.copy2(model_dir / f, pub / f)
-    (pub / "secfwt.json").write_text(json.dumps(dict(info)))
+            with private_output(pub / f) as tmp:
+                shutil.copyfile(model_dir / f, tmp)
+    write_private(pub / "secfwt.json", json.dumps(dict(info)))
 
 
 def write_owner_word_table(out: Path, word: Tensor) -> None:
     """``out/owner/word_embeddings.safetensors``: the disclosed word table (the owner's local embedding mode)."""
-    (out / "owner").mkdir(parents=True, exist_ok=True)
-    save_file({"word": word.to(torch.float32).contiguous()}, str(out / "owner" / "word_embeddings.safetensors"))
+    with private_output(private_dir(out / "owner") / "word_embeddings.safetensors") as tmp:
+        save_file({"word": word.to(torch.float32).contiguous()}, str(tmp))
 
 
 def share_model(model_dir: str | Path, out_dir: str | Path, frac_bits: int = 16,
@@ -157,6 +160,34 @@ def load_server_shares(path: str | Path, rank: int) -> ServerShares:
 
 def public_dir(shares_dir: str | Path) -> Path:
     return Path(shares_dir) / "public"
+
+
+def is_remote(parties: str) -> bool:
+    """Whether ``parties`` names a parties file: the servers and dealer run on other hosts, and the data owner
+    never holds model shares (only the public files and, if disclosed, the word table)."""
+    return parties not in ("inprocess", "local")
+
+
+def require_owner_files(shares_dir: str | Path, embedding: str, decoder: bool = False) -> Path:
+    """Check that ``shares_dir`` holds what the data owner reads — ``public/`` (config, tokenizer; for decoders
+    also ``secfwt.json``) and, for ``embedding='local'``, ``owner/word_embeddings.safetensors`` — without
+    touching any server share file. Returns ``shares_dir``; one ConfigError names the first missing file."""
+    d = Path(shares_dir)
+    pub = public_dir(d)
+    how = ("the model owner makes it with `secfwt share-model --model MODEL --out DIR` and gives the data owner "
+           "DIR/public (and DIR/owner); pass --shares-dir DIR")
+    needed = [pub / "config.json"] + ([pub / "secfwt.json"] if decoder else [])
+    for p in needed:
+        if not p.is_file():
+            raise ConfigError(f"{p}: missing public model file: {how}")
+    tokenizer = [f for f in PUBLIC_FILES if f not in ("config.json", "generation_config.json")]
+    if not any((pub / f).is_file() for f in tokenizer):
+        raise ConfigError(f"{pub}: no tokenizer file (expected one of {', '.join(tokenizer[:4])}, ...): {how}")
+    table = d / "owner" / "word_embeddings.safetensors"
+    if embedding == "local" and not table.is_file():
+        raise ConfigError(f"{table}: missing word table for --embedding local: the model owner discloses it with "
+                          "`secfwt share-model` (without --keep-embeddings); or use --embedding private")
+    return d
 
 
 def owner_word_table(shares_dir: str | Path) -> Tensor:

@@ -273,7 +273,16 @@ def default_decoder_shares_dir(model: str, frac_bits: int) -> Path:
     return cache_root() / "shares" / f"{d.name}-{key}"
 
 
-def ensure_decoder_shares(spec: Any) -> Path:
+def ensure_decoder_shares(spec: Any, parties: str = "inprocess") -> Path:
+    """The decoder's shares directory: made once and cached when the servers run on this machine; with a
+    parties file only the model owner's public files are checked (the data owner never holds server shares)."""
+    from secfwt.serve.shares import is_remote, require_owner_files
+
+    if is_remote(parties):
+        if not spec.shares_dir:  # the default directory is keyed by the model, which the data owner lacks
+            raise ConfigError("--shares-dir: with a parties file, give the directory holding the model owner's "
+                              "public files (`secfwt share-model --model MODEL --out DIR` writes DIR/public)")
+        return require_owner_files(spec.shares_dir, spec.embedding, decoder=True)
     d = Path(spec.shares_dir) if spec.shares_dir else default_decoder_shares_dir(spec.model, spec.frac_bits)
     if not (d / "server1.safetensors").is_file():
         share_decoder(spec.model, d, frac_bits=spec.frac_bits)
@@ -323,7 +332,7 @@ def run_decoder_job(spec: Any, task: TaskSpec, job: Callable[[Any], T],
         raise ConfigError(f"mode: expected 'mpc' or 'plaintext', got {spec.mode!r}")
     from secfwt.tuning.processes import run_parties
 
-    shares = ensure_decoder_shares(spec)
+    shares = ensure_decoder_shares(spec, parties)
     owner = decoder_owner_program(spec, shares, task, job)
     out: tuple[T, dict[int, dict[str, Any]]] = run_parties(spec, shares, owner, parties)
     return out

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from secfwt.errors import ConfigError
+from secfwt.files import private_output
 
 FORMAT = "secfwt-prompt/1"
 _SETTINGS = ("head", "attention", "embedding", "max_length", "temperature", "frac_bits")
@@ -37,15 +38,13 @@ class PromptFile:
         path = Path(path)
         if self.prompt.dim() != 2:
             raise ConfigError(f"{path}: prompt must be (n_prompt, hidden), got shape {tuple(self.prompt.shape)}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
         meta = {"format": FORMAT, "task": self.task, "model": self.model,
                 "settings": json.dumps({k: self.settings[k] for k in _SETTINGS if k in self.settings}),
                 "info": json.dumps(self.info)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"prompt": self.prompt.detach().float().contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with private_output(path) as tmp:  # mode 0600, atomic
+            save_file({"prompt": self.prompt.detach().float().contiguous()}, str(tmp), metadata=meta)
         return path
 
     @staticmethod

@@ -1,10 +1,10 @@
-"""Reports of a tuning run: the JSON summary, a rich table and a loss/accuracy plot."""
+"""Reports of a tuning run: the JSON summary, a rich table and a loss/accuracy plot (files mode 0600: they hold
+the owner's results, see :mod:`secfwt.files`)."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from secfwt.cost import LAN, WAN
+from secfwt.files import write_private
 from secfwt.tuning.fot import IterRecord, TuneResult
 
 REPORT_KEYS = (
@@ -43,15 +44,8 @@ def report_dict(result: TuneResult) -> dict[str, Any]:
 
 
 def write_report(result: TuneResult, path: str | Path) -> Path:
-    """Write the JSON report atomically; returns its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(report_dict(result), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    """Write the JSON report atomically (mode 0600); returns its path."""
+    return write_private(path, json.dumps(report_dict(result), indent=2) + "\n")
 
 
 def summary_table(result: TuneResult) -> Table:
@@ -87,7 +81,6 @@ def plot_history(history: list[IterRecord], path: str | Path, title: str = "") -
     from matplotlib.figure import Figure
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     it = [h.iteration for h in history]
     fig = Figure(figsize=(10, 3.8))  # Agg canvas, no pyplot global state
     FigureCanvasAgg(fig)
@@ -108,5 +101,6 @@ def plot_history(history: list[IterRecord], path: str | Path, title: str = "") -
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    return write_private(path, buf.getvalue())

@@ -25,7 +25,7 @@ from secfwt.errors import ConfigError
 from secfwt.nn.config import AttentionConfig
 from secfwt.nn.llama_weights import is_decoder_model
 from secfwt.serve.session import PrivateModelClient
-from secfwt.serve.shares import owner_word_table, public_dir, share_model
+from secfwt.serve.shares import is_remote, owner_word_table, public_dir, require_owner_files, share_model
 from secfwt.tuning.data import TaskData, load_task_data
 from secfwt.tuning.fot import TuneConfig, TuneResult, tune
 from secfwt.tuning.mpc_eval import MpcEvaluator
@@ -63,6 +63,16 @@ class RunSpec:
     timeout: float = 120.0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("k", "max_length", "max_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (2 if name == "max_length" else 1):
+                raise ConfigError(f"run spec: {name} must be an integer >= {2 if name == 'max_length' else 1}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.max_eval is not None and self.max_eval < 1:
+            raise ConfigError(f"run spec: max_eval must be >= 1 (or None), got {self.max_eval}")
+        if not self.timeout > 0:
+            raise ConfigError(f"run spec: timeout must be > 0 seconds, got {self.timeout}")
+
     def model_dir(self) -> Path:
         if self.model:
             return Path(self.model)
@@ -94,9 +104,13 @@ def default_shares_dir(model_dir: Path, frac_bits: int) -> Path:
     return base / "shares" / f"{model_name(model_dir)}-{key}"
 
 
-def ensure_shares(spec: RunSpec) -> Path:
-    """The model owner's step, done once per model: share files for the servers (cached)."""
+def ensure_shares(spec: RunSpec, parties: str = "inprocess") -> Path:
+    """The shares directory of the run. With the servers on this machine (``inprocess``/``local``) this is
+    the model owner's step, done once per model: share files for the servers (cached). With a parties file the
+    data owner never makes nor reads server shares: it only checks for the model owner's public files."""
     d = Path(spec.shares_dir) if spec.shares_dir else default_shares_dir(spec.model_dir(), spec.frac_bits)
+    if is_remote(parties):
+        return require_owner_files(d, spec.embedding)
     if not (d / "server1.safetensors").is_file():
         share_model(spec.model_dir(), d, frac_bits=spec.frac_bits)
     return d
@@ -157,7 +171,7 @@ def run_job(
         raise ConfigError(f"mode: expected 'mpc' or 'plaintext', got {spec.mode!r}")
     from secfwt.tuning.processes import run_parties
 
-    shares = ensure_shares(spec)
+    shares = ensure_shares(spec, parties)
     out: tuple[T, Costs] = run_parties(spec, shares, owner_program(spec, shares, task, job), parties)
     return out
 

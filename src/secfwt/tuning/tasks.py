@@ -6,8 +6,9 @@ prompt-based fine-tuning of LM-BFF and BBT, Sun et al. 2022, Table 7). The verba
 label word ``words[i]``; ``descriptions[i]`` (default: the word) is the text embedded for the similarity head
 of encoders without a masked-LM head.
 
-Built-in tasks read the layouts of ``/work/shared/data`` (see its README); any task can instead come from a
-small TOML file (YAML if ``pyyaml`` is installed) so a user can bring a new task without Python::
+Built-in tasks read the layouts of the data root (``$SECFWT_DATA``, default ``../shared/data``; see its README);
+any task can instead come from a small TOML file (YAML if ``pyyaml`` is installed) so a user can bring a new
+task without Python::
 
     [task]
     name = "my-reviews"
