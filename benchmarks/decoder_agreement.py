@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct: MPC label predictions vs plaintext on SST-2 dev (docs/DECODER.md).
 
 Run:  python benchmarks/decoder_agreement.py --n 200 --batch 6 --attention softmax --out results.json
-      [--data /work/shared/data] [--skip N] [--rfa-form masked|prefix]
+      [--data ../shared/data] [--skip N] [--rfa-form masked|prefix]
 
 Both servers run as threads of one process (``run_in_process``), ONE session for all batches: the weights are
 shared and their Beaver masks fixed once (``MpcBackend.fix``, as a server does), then every batch is one MPC

@@ -1,7 +1,7 @@
 """Plaintext oracle of a (private) decoder tuning run: score the checkpointed best z on the dev and test splits.
 
 Run:  python benchmarks/decoder_prompt_oracle.py --ckpt runs/smollm2-mpc/ckpt [--ckpt runs/other/ckpt]
-      --d 50 --n-prompt 5 --tune-seed 1 [--seed 13] [--k 16] [--data /work/shared/data]
+      --d 50 --n-prompt 5 --tune-seed 1 [--seed 13] [--k 16] [--data ../shared/data]
       [--init none|vocab|text --init-text PHRASE] [--prompt-position start|after-text] [--max-length 64]
       (the tuning run's own values: they rebuild its projection and its inputs)
 

@@ -1,6 +1,6 @@
 """Reading task data and drawing the k-shot splits.
 
-Formats (see ``/work/shared/data/README.md``):
+Formats (see ``../shared/data/README.md``):
 
 - ``tsv``: tab-separated, no quoting (GLUE/LM-BFF layout); ``header`` names the columns. A UTF-8 BOM is ignored.
 - ``csv``: comma-separated with standard quoting (LM-BFF ``mr``/``sst-5``: ``label,sentence`` without header).
