@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res.update({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average": os.getloadavg()[0],
-        "torch_threads": torch.get_num_threads(), "model": str(model), "data": str(root),
+        "torch_threads": torch.get_num_threads(), "model": Path(model).name, "data": os.path.relpath(root),
         "wall_s": time.perf_counter() - start,
         "command": "python benchmarks/agreement.py " + " ".join(sys.argv[1:] if argv is None else argv),
     })
