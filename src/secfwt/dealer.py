@@ -1,319 +1,165 @@
 """The dealer: correlated randomness for the two servers, sent as PRG seeds plus corrections.
 
 Seed compression: the dealer shares one AES key with each server. For request number ``i`` both the dealer
-and server 0 derive server 0's *entire* material from stream ``i`` of key 0, so server 0 never talks to the
-dealer online. Server 1 derives its random parts from stream ``i`` of key 1 and receives only the
+and server 0 derive server 0's *entire* material from a PRG stream of key 0, so server 0 never talks to the
+dealer online. Server 1 derives its random parts from a stream of key 1 and receives only the
 *corrections* (for a Beaver triple: ``c1 = a*b - c0``), which is the dealer's only online traffic.
 Server 1 sends the request (kind + public shapes) and reads the answer lazily, so the dealer's latency
 overlaps with the servers' own round.
 
-Kinds of correlation (``S0`` = server 0's material, all pseudo-random; ``S1`` = random parts + corrections):
+Binding (the dealer is no unmasking oracle). Only server 1 tells the dealer what to draw, so the stream of
+request ``i`` is bound to what was asked: its AES key is ``HMAC-SHA256(key_j, label | canonical JSON of
+{index, kind, params})[:16]`` for key 0 and key 1 alike (:meth:`secfwt.prg.PRG.bound_stream`; canonical =
+validated, defaults filled in, sorted keys, shapes as lists of ints, no floats). Suppose server 1 names
+(kind', params') != (kind, params) at index ``i``, where server 0 drew its material ``m0`` (say the masks
+``a0, b0`` it then opens as ``x0 - a0``) from key ``K = HMAC(key_0, i | kind | params)``. The dealer draws its
+idea of server 0's material from ``K' = HMAC(key_0, i | kind' | params')``. HMAC is a PRF and server 1 does not
+know key 0, so ``K'`` is independent of ``K`` from server 1's view, hence the dealer's material and every
+correction computed from it (together with server 1's own parts) are independent of ``m0``: server 0's
+openings stay one-time-pad masked by ``m0``, and server 1 learns nothing about server 0's secrets. (Before
+binding, request ``i``'s material was stream ``i`` whatever the kind, so asking for ``bit2a`` of shape [n] where
+server 0 drew a triple for a, b of shape [n] returned ``(sb0 ^ sb1) - b0``: server 0's mask ``b0`` up to one
+bit, hence its share of ``y`` from its opening ``y0 - b0``.) Cost: one HMAC per request and key.
 
-============  ==========================================================  ========================================
-kind          secret relation                                             bytes dealer -> server 1
-============  ==========================================================  ========================================
-mul           c = a * b  (elementwise, broadcasting)                      8 * numel(c)
-matmul        c = a @ b                                                   8 * numel(c)
-square        c = a * a                                                   8 * numel(a)
-trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
-compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 7.5 + 7 * 8) ~ 75.5 n
-              final masks s, a, b and their 7 monomials (arith)
-compare_sel   compare + the 7 monomials times r for the first k elements   75.5 n + 56 k
-cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
-bit2a         random bit s as XOR share and arithmetic share               8 * n
-wmask         a fixed mask B for one weight, kept by the dealer (stateful) 0
-wmatmul       c = a @ B^T (or a @ B) with the stored mask B of ``wid``     8 * numel(c)
-============  ==========================================================  ========================================
+Request-log check (a lie is also *detected*). Server 0, server 1 and the dealer each keep a SHA-256 chain
+``h_n = SHA-256(h_(n-1) | canonical request n-1)`` over the requests they drew or served. After every
+:data:`CHECK_EVERY` (N) requests the dealer appends to its answer ``HMAC(key_0, label | n | h_n)`` (a tag
+server 1 cannot forge), and at that request point the two servers exchange one small message each: server 0
+sends its ``h_n``; server 1 sends its ``h_n`` and forwards the dealer's tag of the previous checkpoint ``n - N``
+(one checkpoint late, so server 1 never waits for the dealer for it). Server 0 checks the tag against its
+own chain, each server compares the peer's chain with its own; a difference raises
+:class:`~secfwt.errors.ProtocolMismatchError` naming the first checkpoint that differs, and the party aborts
+all its peers (:func:`secfwt.runtime.run_party`). At close the same exchange runs synchronously over every
+checkpoint not yet confirmed, including the final one: server 1 sends ``stop``, gets the dealer's final tag,
+forwards it; server 0 verifies and only then answers; server 1 then tells the dealer ``done``. A server 1 that
+lies to the dealer is thus caught at the latest at close, honest parties never wait for a timeout.
+Why synchronous at the checkpoint: server-to-server frames are per-pair FIFO with tag checks and every
+protocol exchange is ``open_`` (send, then at once the matching receive, with no dealer request between),
+so at any request point both directions are drained and the next frame from the peer is its check message;
+deferring the receive past the next ``open_`` would put the check frame in front of that ``open_``'s frame.
+(A protocol that requested between a send to the peer and the matching receive would fail with a tag error.)
+Cost per N = 256 requests: 1 round, ~170 bytes server 0 -> server 1 and ~250 back (with the forwarded tag),
+~190 bytes dealer -> server 1; at close: 1 server round trip and 3 dealer messages (stop, final tag, done).
+What each party receives is a hash or MAC of public request metadata (kinds and shapes, which every party
+already knows): nothing about shares or masks.
 
-``wmask`` and ``wmatmul`` are the dealer's only stateful kinds: the mask B = B0 + B1 of a weight is drawn once
-(request ``wid``) and kept for the session, so the servers open W - B once and every later product with that
-weight costs only its activation's opening (:func:`secfwt.protocols.arith.fix_weight`).
+Request validation: the dealer (and each server for its own requests) checks every request before drawing:
+known kind, parameters of the right types and ranges (shapes: lists of at most
+:data:`~secfwt.correlations.MAX_DIMS` non-negative ints), consistent shapes, and at most
+:data:`~secfwt.correlations.MAX_ELEMENTS` elements (parameter shapes plus corrections), else
+:class:`~secfwt.errors.ProtocolMismatchError` before anything is allocated
+(:func:`~secfwt.correlations.check_request`). Server 1 receives every correction with the shape and dtype the
+request implies (:func:`~secfwt.correlations.correction_layout`), so a wrong tensor from the dealer is
+rejected naming the request, the tensor, the expected and the received shape or dtype.
+
+The kinds, their parameters and the layout of their corrections: :mod:`secfwt.correlations`.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import hmac
+import json
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from secfwt import ring
-from secfwt.comm.base import DEALER, SERVER0, SERVER1, Communicator
+from secfwt.comm.base import DEALER, PARTY_NAMES, SERVER0, SERVER1, Communicator
+from secfwt.correlations import (
+    KINDS,
+    MAX_ELEMENTS,
+    STATEFUL,
+    Layout,
+    Material,
+    brief,
+    check_request,
+    compare_words,
+    correction_layout,
+    draws,
+    even_bits,
+    odd_bits,
+    word_bits,
+)
 from secfwt.errors import ProtocolMismatchError
 from secfwt.prg import PRG, PRGStream
 
-Material = dict[str, Tensor]
-Shape = tuple[int, ...]
+CHECK_EVERY = 256  # requests between two request-log checkpoints
+_REQ_LABEL = b"secfwt/dealer/request\x00"
+_LOG_LABEL = b"secfwt/dealer/log\x00"
 
 
+# -- binding and the request log --
 
-def _shape(params: dict[str, Any], key: str) -> Shape:
-    return tuple(int(s) for s in params[key])
 
+def canonical_request(index: int, kind: str, canon: dict[str, Any]) -> bytes:
+    """The canonical bytes of request ``index`` (sorted keys, no spaces): what binds its randomness and is
+    chained into the request log."""
+    return json.dumps({"index": index, "kind": kind, "params": canon}, sort_keys=True,
+                      separators=(",", ":")).encode()
 
-# -- per-kind definitions: draw0 (server 0, all random), draw1 (server 1 random parts), correct (dealer) --
 
+def request_stream(prg: PRG, line: bytes) -> PRGStream:
+    """The PRG stream of one request, bound to its canonical bytes ``line`` (see module docstring)."""
+    return prg.bound_stream(_REQ_LABEL + line)
 
-def _mul_draw0(p: dict[str, Any], st: PRGStream) -> Material:
-    a, b = st.ring(_shape(p, "a")), st.ring(_shape(p, "b"))
-    return {"a": a, "b": b, "c": st.ring(_out_shape(p, a, b))}
 
+def log_tag(prg0: PRG, count: int, digest: bytes) -> str:
+    """The dealer's tag of its request log after ``count`` requests, under key 0 (hex)."""
+    return prg0.mac(_LOG_LABEL + count.to_bytes(8, "big") + digest).hex()
 
-def _out_shape(p: dict[str, Any], a: Tensor, b: Tensor) -> Shape:
-    if p.get("op") == "matmul":
-        if a.dim() >= 2 and b.dim() >= 2:  # the common case, without the meta-device kernels' first-use cost
-            if a.shape[-1] != b.shape[-2]:
-                raise ValueError(f"matmul triple: inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}")
-            return (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
-        return tuple(torch.empty(a.shape, device="meta").matmul(torch.empty(b.shape, device="meta")).shape)
-    return tuple(torch.broadcast_shapes(a.shape, b.shape))
 
+class RequestLog:
+    """A SHA-256 chain over canonical requests: equal digests mean equal request sequences."""
 
-def _mul_draw1(p: dict[str, Any], st: PRGStream) -> Material:
-    return {"a": st.ring(_shape(p, "a")), "b": st.ring(_shape(p, "b"))}
+    def __init__(self) -> None:
+        self.digest = bytes(32)
 
+    def add(self, line: bytes) -> None:
+        self.digest = hashlib.sha256(self.digest + line).digest()
 
-def _mul_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
-    a = m0["a"] + m1["a"]
-    b = m0["b"] + m1["b"]
-    c = ring.matmul(a, b) if p.get("op") == "matmul" else a * b
-    return {"c": c - m0["c"]}
 
+def _logs_differ(who: str, what: str, n: int, every: int) -> ProtocolMismatchError:
+    lo = (n - 1) // every * every if n > 0 else 0
+    since = f"checkpoint #{lo} matched" if lo else "the first checkpoint"
+    return ProtocolMismatchError(
+        f"{who}: {what}: the request logs first differ at checkpoint #{n} (requests #{lo}..#{n - 1}; {since})")
 
-def _square_draw0(p: dict[str, Any], st: PRGStream) -> Material:
-    shape = _shape(p, "a")
-    return {"a": st.ring(shape), "c": st.ring(shape)}
 
-
-def _square_draw1(p: dict[str, Any], st: PRGStream) -> Material:
-    return {"a": st.ring(_shape(p, "a"))}
-
-
-def _square_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
-    a = m0["a"] + m1["a"]
-    return {"c": a * a - m0["c"]}
-
-
-def _trunc_draw0(p: dict[str, Any], st: PRGStream) -> Material:
-    shape = _shape(p, "shape")
-    return {"r": st.ring(shape), "rq": st.ring(shape), "rm": st.ring(shape)}
-
-
-def _trunc_draw1(p: dict[str, Any], st: PRGStream) -> Material:
-    return {"r": st.ring(_shape(p, "shape"))}
-
-
-def _trunc_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
-    r = m0["r"] + m1["r"]
-    k = int(p["bits"])
-    return {"rq": ring.logical_rshift(r, k) - m0["rq"], "rm": ring.msb(r) - m0["rm"]}
-
-
-# Comparison material (see protocols/compare.py for how it is used). For n elements:
-#   r      arithmetic mask (n); rb = r as XOR shares (n 64-bit words)
-#   q      XOR shares of the 32 pair products r_(2j+1) AND r_(2j) per element (bits 0..31): tree level 1 local
-#   t      AND triples (ta, tb1, tb2, tc1 = ta AND tb1, tc2 = ta AND tb2) for the 4 interactive tree levels as
-#          dense 64-bit words: level l uses compare_words(n)[l + 1] words, the levels one after the other
-#   fb     final-level masks s, a, b: one bit per element, 32 elements per word (low 32 bits), 3 rows
-#   mono   arithmetic shares of the monomials s, a, b, sa, sb, ab, sab per element (fused bit -> arithmetic)
-_M32 = (1 << 32) - 1
-_EVEN = [(0x5555555555555555, 1), (0x3333333333333333, 2), (0x0F0F0F0F0F0F0F0F, 4),
-         (0x00FF00FF00FF00FF, 8), (0x0000FFFF0000FFFF, 16), (0x00000000FFFFFFFF, 0)]
-
-
-def compare_words(n: int) -> list[int]:
-    """Dense word counts of the comparison tree for n elements: [W_0, ..., W_4], W_0 = ceil(n / 2) words of
-    two 32-bit fields after level 1, W_(l+1) = ceil(W_l / 2) after each packed level (64 / w fields of w bits)."""
-    ws = [(n + 1) // 2]
-    for _ in range(4):
-        ws.append((ws[-1] + 1) // 2)
-    return ws
-
-
-def even_bits(x: Tensor) -> Tensor:
-    """Bits 0, 2, 4, ..., 62 of ``x`` compacted into bits 0..31 (a bit permutation: linear over XOR)."""
-    y = x & _EVEN[0][0]
-    for (_, sh), (mask, _) in zip(_EVEN[:-1], _EVEN[1:], strict=True):
-        y = (y | (y >> sh)) & mask
-    return y
-
-
-def odd_bits(x: Tensor) -> Tensor:
-    """Bits 1, 3, ..., 63 of ``x`` compacted into bits 0..31."""
-    return even_bits(x >> 1)
-
-
-def _compare_draw0(p: dict[str, Any], st: PRGStream) -> Material:
-    (n,) = _shape(p, "shape")
-    ws = compare_words(n)
-    return {"r": st.ring((n,)), "rb": st.ring((n,)), "q": st.ring((n,)), "t": st.ring((5, sum(ws[1:]))),
-            "fb": st.ring((3, ws[4])), "mono": st.ring((7, n))}
-
-
-def _compare_draw1(p: dict[str, Any], st: PRGStream) -> Material:
-    (n,) = _shape(p, "shape")
-    ws = compare_words(n)
-    return {"r": st.ring((n,)), "t": st.ring((3, sum(ws[1:]))), "fb": st.ring((3, ws[4]))}
-
-
-def word_bits(words: Tensor, n: int) -> Tensor:
-    """Bit i % 32 of words[i // 32] for i < n (the final-level layout: 32 elements per word)."""
-    shifts = torch.arange(32, dtype=torch.int64)
-    return ((words.unsqueeze(-1) >> shifts) & 1).reshape(*words.shape[:-1], -1)[..., :n]
-
-
-def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
-    (n,) = _shape(p, "shape")
-    r = m0["r"] + m1["r"]
-    q = odd_bits(r) & even_bits(r)
-    t = m0["t"][:3] ^ m1["t"]
-    tc = torch.stack([t[0] & t[1], t[0] & t[2]])
-    s, a, b = word_bits(m0["fb"] ^ m1["fb"], n)
-    mono = torch.stack([s, a, b, s * a, s * b, a * b, s * a * b])
-    return {
-        "rb": r ^ m0["rb"],
-        "q": ((q ^ m0["q"]) & _M32).to(torch.int32),  # 4 bytes: only the low 32 bits are used
-        "tc": tc ^ m0["t"][3:],  # dense words: 2 * 30 bits per element
-        "mono": mono - m0["mono"],
-    }
-
-
-def _compare_sel_draw0(p: dict[str, Any], st: PRGStream) -> Material:
-    m = _compare_draw0(p, st)
-    m["monor"] = st.ring((7, *_shape(p, "prod_shape")))
-    return m
-
-
-def _compare_sel_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
-    """``compare`` plus shares of mono_k * r for the first prod_shape[0] elements (ltz with the product b x)."""
-    out = _compare_correct(p, m0, m1)
-    k = _shape(p, "prod_shape")[0]
-    r = (m0["r"] + m1["r"])[:k]
-    mono = out["mono"][:, :k] + m0["mono"][:, :k]
-    out["monor"] = mono * r - m0["monor"]
-    return out
-
-
-def _cossin_draw0(p: dict[str, Any], st: PRGStream) -> Material:
-    shape = _shape(p, "shape")
-    return {"t": st.ring(shape), "cos": st.ring(shape), "sin": st.ring(shape)}
-
-
-def _cossin_draw1(p: dict[str, Any], st: PRGStream) -> Material:
-    return {"t": st.ring(_shape(p, "shape"))}
-
-
-def _cossin_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
-    f = int(p["frac_bits"])
-    t = (m0["t"] + m1["t"]) & ((1 << f) - 1)
-    theta = t.to(torch.float64) * (2.0 * math.pi / 2.0**f)
-    return {
-        "cos": ring.encode(torch.cos(theta), f) - m0["cos"],
-        "sin": ring.encode(torch.sin(theta), f) - m0["sin"],
-    }
-
-
-def _bit2a_draw0(p: dict[str, Any], st: PRGStream) -> Material:
-    shape = _shape(p, "shape")
-    return {"sb": st.bits(shape), "sa": st.ring(shape)}
-
-
-def _bit2a_draw1(p: dict[str, Any], st: PRGStream) -> Material:
-    return {"sb": st.bits(_shape(p, "shape"))}
-
-
-def _bit2a_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
-    return {"sa": (m0["sb"] ^ m1["sb"]) - m0["sa"]}
-
-
-def _wmask_draw(p: dict[str, Any], st: PRGStream) -> Material:
-    return {"b": st.ring(_shape(p, "shape"))}
-
-
-def _wmask_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[Any, Any], index: int) -> Material:
-    store[index] = m0["b"] + m1["b"]  # B, kept for the weight's products
-    return {}
-
-
-def _wmatmul_out(p: dict[str, Any]) -> Shape:
-    a, (rows, cols) = _shape(p, "a"), _shape(p, "w")
-    return (*a[:-1], rows if p.get("transpose") else cols)
-
-
-def _wmatmul_draw0(p: dict[str, Any], st: PRGStream) -> Material:
-    return {"a": st.ring(_shape(p, "a")), "c": st.ring(_wmatmul_out(p))}
-
-
-def _wmatmul_draw1(p: dict[str, Any], st: PRGStream) -> Material:
-    return {"a": st.ring(_shape(p, "a"))}
-
-
-def _wmatmul_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[Any, Any],
-                     index: int) -> Material:
-    wid = int(p["wid"])
-    if wid not in store:
-        raise ProtocolMismatchError(f"dealer: wmatmul #{index} names weight mask #{wid}, which was never drawn")
-    b = store[wid]
-    if tuple(b.shape) != _shape(p, "w"):
-        raise ProtocolMismatchError(f"dealer: weight mask #{wid} has shape {tuple(b.shape)}, request says {p['w']}")
-    key = (wid, bool(p.get("transpose")))  # B split into limbs once per direction (ring.RightOperand)
-    if key not in store:
-        store[key] = ring.RightOperand(b.t() if key[1] else b)
-    a = m0["a"] + m1["a"]
-    return {"c": ring.matmul(a, store[key]) - m0["c"]}
-
-
-_Draw = Callable[[dict[str, Any], PRGStream], Material]
-_Correct = Callable[[dict[str, Any], Material, Material], Material]
-_StatefulCorrect = Callable[[dict[str, Any], Material, Material, dict[Any, Any], int], Material]
-
-# Kinds whose corrections read or write the dealer's per-session store, with the names of what they send.
-STATEFUL: dict[str, tuple[_Draw, _Draw, _StatefulCorrect, list[str]]] = {
-    "wmask": (_wmask_draw, _wmask_draw, _wmask_correct, []),
-    "wmatmul": (_wmatmul_draw0, _wmatmul_draw1, _wmatmul_correct, ["c"]),
-}
-
-KINDS: dict[str, tuple[_Draw, _Draw, _Correct]] = {
-    "mul": (_mul_draw0, _mul_draw1, _mul_correct),
-    "square": (_square_draw0, _square_draw1, _square_correct),
-    "trunc": (_trunc_draw0, _trunc_draw1, _trunc_correct),
-    "compare": (_compare_draw0, _compare_draw1, _compare_correct),
-    "compare_sel": (_compare_sel_draw0, _compare_draw1, _compare_sel_correct),
-    "cossin": (_cossin_draw0, _cossin_draw1, _cossin_correct),
-    "bit2a": (_bit2a_draw0, _bit2a_draw1, _bit2a_correct),
-}
-
-
-def _check_kind(kind: str) -> tuple[_Draw, _Draw, _Correct]:
-    spec = KINDS.get(kind)
-    if spec is None:
-        raise ProtocolMismatchError(f"unknown correlation kind '{kind}' (known: {sorted(KINDS) + sorted(STATEFUL)})")
-    return spec
-
-
-def _draws(kind: str) -> tuple[_Draw, _Draw]:
-    if kind in STATEFUL:
-        return STATEFUL[kind][0], STATEFUL[kind][1]
-    d0, d1, _ = _check_kind(kind)
-    return d0, d1
+def _digest_of(msg: Any, n: int, sender: int, who: str) -> bytes:
+    """The chain digest in a peer's check message for checkpoint ``n``."""
+    try:
+        if int(msg["index"]) != n:
+            raise ValueError(f"it is for checkpoint #{msg['index']}")
+        digest = bytes.fromhex(msg["log"])
+        if len(digest) != 32:
+            raise ValueError(f"its digest has {len(digest)} bytes")
+        return digest
+    except (TypeError, KeyError, ValueError) as e:
+        raise ProtocolMismatchError(
+            f"{who}: malformed request-log check #{n} from {PARTY_NAMES[sender]}: {e}") from None
 
 
 class Pending:
     """Server 1's view of an outstanding request: own random parts now, corrections when read."""
 
-    def __init__(self, client: DealerClient, material: Material, kind: str, names: list[str]) -> None:
+    def __init__(self, client: DealerClient, index: int, kind: str, material: Material, layout: Layout,
+                 done: bool) -> None:
         self._client = client
+        self.index = index
         self.material = material
         self._kind = kind
-        self._names = names
-        self._done = not names
+        self._layout = layout
+        self._done = done
 
     def _fill(self) -> None:
-        for name in self._names:
-            self.material[name] = self._client.comm.recv(DEALER, f"dealer/{self._kind}/{name}", dtype=None)
+        c = self._client
+        try:
+            for name, (shape, dtype) in self._layout.items():
+                self.material[name] = c.comm.recv(DEALER, f"dealer/{self._kind}/{name}", shape=shape, dtype=dtype)
+        except ProtocolMismatchError as e:
+            raise ProtocolMismatchError(
+                f"{c.comm.name}: dealer answer to request #{self.index} ({self._kind}): {e}") from e
+        if (self.index + 1) % c.check_every == 0:
+            c._take_tag(self.index + 1)
         self._done = True
 
     def get(self) -> Material:
@@ -323,31 +169,91 @@ class Pending:
 
 
 class DealerClient:
-    """A server's access to the dealer (see module docstring for the seed compression)."""
+    """A server's access to the dealer (see module docstring for the seed compression, binding and log check)."""
 
-    def __init__(self, rank: int, comm: Communicator, prg: PRG) -> None:
+    def __init__(self, rank: int, comm: Communicator, prg: PRG, check_every: int = CHECK_EVERY) -> None:
         if rank not in (SERVER0, SERVER1):
             raise ValueError(f"DealerClient is for servers, got rank {rank}")
         self.rank = rank
         self.comm = comm
         self.prg = prg
+        self.check_every = check_every
         self.index = 0
+        self.log = RequestLog()
         self._queue: deque[Pending] = deque()
+        self._unconfirmed: dict[int, bytes] = {}  # server 0: own log digests the dealer has not confirmed yet
+        self._tags: dict[int, str] = {}  # server 1: the dealer's log tags, not yet forwarded to server 0
 
     def request(self, kind: str, **params: Any) -> Pending:
         """Ask for one correlation; returns at once (server 1's corrections are read on ``get()``)."""
-        draw0, draw1 = _draws(kind)
-        st = self.prg.stream(self.index)
+        index = self.index
+        canon, layout = check_request(kind, params, index, self.comm.name)
+        line = canonical_request(index, kind, canon)
+        draw0, draw1 = draws(kind)
+        st = request_stream(self.prg, line)
         if self.rank == SERVER0:
-            pend = Pending(self, draw0(params, st), kind, [])
+            pend = Pending(self, index, kind, draw0(canon, st), {}, done=True)
         else:
-            self.comm.send_json(DEALER, "dealer/req", {"kind": kind, "params": params, "index": self.index})
-            material = draw1(params, st)
-            names = _correction_names(kind, params)
-            pend = Pending(self, material, kind, names)
+            self.comm.send_json(DEALER, "dealer/req", {"kind": kind, "params": canon, "index": index})
+            pend = Pending(self, index, kind, draw1(canon, st), layout, done=False)
             self._queue.append(pend)
-        self.index += 1
+        self._advance(line)
         return pend
+
+    def _advance(self, line: bytes) -> None:
+        """Log one request; at every ``check_every``-th, run the checkpoint exchange with the other server."""
+        self.log.add(line)
+        self.index += 1
+        if self.index % self.check_every == 0:
+            n, prev = self.index, self.index - self.check_every
+            with self.comm.cost.scope("dealer_check"):
+                if self.rank == SERVER0:
+                    self._unconfirmed[n] = self.log.digest
+                    self._send_log(n, None)
+                    self._verify(self.comm.recv_json(SERVER1, "dealer/check"), n, [prev] if prev else [])
+                else:
+                    while prev and prev not in self._tags:
+                        self._queue.popleft()._fill()  # the answer that carries it (normally read long ago)
+                    self._send_log(n, [prev] if prev else [])
+                    self._compare(self.comm.recv_json(SERVER0, "dealer/check"), n)
+                self.comm.cost.add_round()
+
+    def _send_log(self, n: int, marks: list[int] | None) -> None:
+        msg: dict[str, Any] = {"index": n, "log": self.log.digest.hex()}
+        if marks is not None:
+            msg["dealer"] = {str(m): self._tags.pop(m) for m in marks}
+        self.comm.send_json(1 - self.rank, "dealer/check", msg)
+
+    def _take_tag(self, n: int) -> None:
+        """Server 1: read the dealer's log tag for checkpoint ``n`` (after an answer or after ``stop``)."""
+        msg = self.comm.recv_json(DEALER, "dealer/log")
+        if not isinstance(msg, dict) or msg.get("index") != n or not isinstance(msg.get("tag"), str):
+            raise ProtocolMismatchError(f"{self.comm.name}: expected the dealer's log tag #{n}, got {brief(msg)}")
+        self._tags[n] = msg["tag"]
+
+    def _compare(self, msg: Any, n: int) -> None:
+        """Server 1: the other server's log digest must equal this server's."""
+        if _digest_of(msg, n, SERVER0, self.comm.name) != self.log.digest:
+            raise _logs_differ(self.comm.name, "server0's request log differs from server1's", n, self.check_every)
+
+    def _verify(self, msg: Any, n: int, marks: list[int]) -> None:
+        """Server 0: the dealer's forwarded tags must match this server's log at ``marks``, and server 1's
+        digest this server's at ``n``."""
+        peer = _digest_of(msg, n, SERVER1, self.comm.name)
+        tags = msg.get("dealer")
+        if not isinstance(tags, dict) or sorted(tags) != sorted(str(m) for m in marks):
+            got = sorted(tags) if isinstance(tags, dict) else brief(tags)
+            raise ProtocolMismatchError(
+                f"{self.comm.name}: check #{n} from server1 forwards the dealer's log tags of checkpoints {got}, "
+                f"expected {marks}")
+        for m in sorted(marks):
+            tag = tags[str(m)]
+            want = log_tag(self.prg, m, self._unconfirmed.pop(m))
+            if not isinstance(tag, str) or not hmac.compare_digest(tag.encode(), want.encode()):
+                raise _logs_differ(self.comm.name, "the dealer served other requests than server0 drew", m,
+                                   self.check_every)
+        if peer != self.log.digest:
+            raise _logs_differ(self.comm.name, "server1's request log differs from server0's", n, self.check_every)
 
     def drain_until(self, target: Pending) -> None:
         while self._queue:
@@ -358,51 +264,73 @@ class DealerClient:
         raise RuntimeError("dealer request was already consumed")
 
     def close(self) -> None:
-        if self.rank == SERVER1:
-            while self._queue:
-                self._queue.popleft()._fill()
-            self.comm.send_json(DEALER, "dealer/req", {"kind": "stop", "params": {}, "index": self.index})
+        """End of the session: the final, synchronous request-log check (see module docstring), then stop."""
+        n = self.index
+        with self.comm.cost.scope("dealer_check"):
+            if self.rank == SERVER1:
+                while self._queue:
+                    self._queue.popleft()._fill()
+                self.comm.send_json(DEALER, "dealer/req", {"kind": "stop", "params": {}, "index": n})
+                self._take_tag(n)
+                self._send_log(n, sorted(self._tags))
+                self._compare(self.comm.recv_json(SERVER0, "dealer/check"), n)  # sent once server 0 verified
+                self.comm.send_json(DEALER, "dealer/done", {})
+            else:
+                self._unconfirmed[n] = self.log.digest
+                self._verify(self.comm.recv_json(SERVER1, "dealer/check"), n, sorted(self._unconfirmed))
+                self._send_log(n, None)
+            self.comm.cost.add_round()
 
 
-_NAMES_CACHE: dict[str, list[str]] = {}
+def _parse(req: Any) -> tuple[str, Any, int]:
+    if not isinstance(req, dict) or not isinstance(req.get("kind"), str) or type(req.get("index")) is not int:
+        raise ProtocolMismatchError(f"dealer: malformed request {brief(req)} (expected index, kind, params)")
+    return req["kind"], req.get("params"), req["index"]
 
 
-def _correction_names(kind: str, params: dict[str, Any]) -> list[str]:
-    """Names of the tensors the dealer sends for ``kind`` (fixed per kind, independent of sizes)."""
-    if kind in STATEFUL:
-        return STATEFUL[kind][3]
-    if kind not in _NAMES_CACHE:
-        draw0, draw1, correct = _check_kind(kind)
-        tiny = {k: ([1] * len(v) if isinstance(v, list) else v) for k, v in params.items()}
-        st0, st1 = PRG(bytes(16)).stream(0), PRG(bytes(16)).stream(1)
-        _NAMES_CACHE[kind] = list(correct(tiny, draw0(tiny, st0), draw1(tiny, st1)).keys())
-    return _NAMES_CACHE[kind]
-
-
-def serve(comm: Communicator, prg0: PRG, prg1: PRG, idle_timeout: float | None = None) -> int:
+def serve(comm: Communicator, prg0: PRG, prg1: PRG, idle_timeout: float | None = None,
+          check_every: int = CHECK_EVERY) -> int:
     """The dealer's loop: answer server 1's requests until it says stop. Returns the number served."""
     served = 0
     store: dict[Any, Any] = {}  # the stateful kinds' fixed weight masks (by request index) and their limbs
+    log = RequestLog()
     old_timeout = comm.timeout
     if idle_timeout is not None:
         comm.timeout = idle_timeout
     try:
         while True:
-            req = comm.recv_json(SERVER1, "dealer/req")
-            kind, params, index = req["kind"], req["params"], int(req["index"])
-            if kind == "stop":
-                return served
+            kind, params, index = _parse(comm.recv_json(SERVER1, "dealer/req"))
             if index != served:
-                raise ProtocolMismatchError(f"dealer: expected request #{served}, got #{index} ({kind})")
-            draw0, draw1 = _draws(kind)
+                raise ProtocolMismatchError(f"dealer: expected request #{served}, got #{index} ({brief(kind)})")
+            if kind == "stop":
+                comm.send_json(SERVER1, "dealer/log", {"index": served, "tag": log_tag(prg0, served, log.digest)})
+                comm.recv_json(SERVER1, "dealer/done")
+                return served
+            canon, layout = check_request(kind, params, index)
+            line = canonical_request(index, kind, canon)
+            draw0, draw1 = draws(kind)
             with comm.cost.scope(f"dealer/{kind}"):
-                m0, m1 = draw0(params, prg0.stream(index)), draw1(params, prg1.stream(index))
+                m0, m1 = draw0(canon, request_stream(prg0, line)), draw1(canon, request_stream(prg1, line))
                 if kind in STATEFUL:
-                    corr = STATEFUL[kind][2](params, m0, m1, store, index)
+                    corr = STATEFUL[kind][2](canon, m0, m1, store, index)
                 else:
-                    corr = _check_kind(kind)[2](params, m0, m1)
-                for name, t in corr.items():
+                    corr = KINDS[kind][2](canon, m0, m1)
+                if list(corr) != list(layout):
+                    raise RuntimeError(f"dealer: {kind} computed corrections {list(corr)}, layout says {list(layout)}")
+                for name, (shape, dtype) in layout.items():
+                    t = corr[name]
+                    if tuple(t.shape) != shape or t.dtype != dtype:
+                        raise RuntimeError(f"dealer: {kind} correction '{name}' is {tuple(t.shape)} {t.dtype}, "
+                                           f"layout says {shape} {dtype}")
                     comm.send(SERVER1, f"dealer/{kind}/{name}", t)
+            log.add(line)
             served += 1
+            if served % check_every == 0:
+                comm.send_json(SERVER1, "dealer/log", {"index": served, "tag": log_tag(prg0, served, log.digest)})
     finally:
         comm.timeout = old_timeout
+
+
+__all__ = ["CHECK_EVERY", "KINDS", "MAX_ELEMENTS", "STATEFUL", "DealerClient", "Pending", "RequestLog",
+           "canonical_request", "check_request", "compare_words", "correction_layout", "even_bits", "log_tag",
+           "odd_bits", "request_stream", "serve", "word_bits"]

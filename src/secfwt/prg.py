@@ -2,10 +2,14 @@
 
 Two parties holding the same 16-byte key derive identical streams: stream ``i`` starts the CTR counter
 block at ``i * 2^64``, so streams never overlap and a party can derive stream ``i`` without the others.
+:meth:`PRG.bound_stream` instead derives a fresh AES key from a context string (the dealer binds each
+request's randomness to its index, kind and parameters this way, see :mod:`secfwt.dealer`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import secrets
 
@@ -72,3 +76,16 @@ class PRG:
 
     def stream(self, index: int) -> PRGStream:
         return PRGStream(self.key, index)
+
+    def mac(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` under this PRG's key (32 bytes)."""
+        return hmac.new(self.key, message, hashlib.sha256).digest()
+
+    def bound_stream(self, context: bytes) -> PRGStream:
+        """A stream bound to ``context``: its AES key is HMAC-SHA256(key, context)[:16].
+
+        HMAC-SHA256 is a pseudo-random function, so streams of two different contexts are independent for
+        anyone without the key: a party that names the wrong context gets randomness unrelated to the right
+        one's. Cost: one HMAC (two SHA-256 compressions plus the context) per stream.
+        """
+        return PRGStream(self.mac(context)[:KEY_BYTES], 0)

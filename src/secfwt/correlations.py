@@ -1,0 +1,427 @@
+"""Correlations the dealer hands out: per kind, what server 0 draws, what server 1 draws, the dealer's
+corrections, the request parameters and the shape and dtype of every correction (:mod:`secfwt.dealer` runs
+the protocol: seeds, binding, request-log check, serving).
+
+Kinds of correlation (``S0`` = server 0's material, all pseudo-random; ``S1`` = random parts + corrections):
+
+============  ==========================================================  ========================================
+kind          secret relation                                             bytes dealer -> server 1
+============  ==========================================================  ========================================
+mul           c = a * b  (elementwise, broadcasting)                      8 * numel(c)
+matmul        c = a @ b  (kind ``mul`` with ``op="matmul"``)              8 * numel(c)
+square        c = a * a                                                   8 * numel(a)
+trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
+compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 7.5 + 7 * 8) ~ 75.5 n
+              final masks s, a, b and their 7 monomials (arith)
+compare_sel   compare + the 7 monomials times r for the first k elements   75.5 n + 56 k
+cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
+bit2a         random bit s as XOR share and arithmetic share               8 * n
+wmask         a fixed mask B for one weight, kept by the dealer (stateful) 0
+wmatmul       c = a @ B^T (or a @ B) with the stored mask B of ``wid``     8 * numel(c)
+============  ==========================================================  ========================================
+
+``wmask`` and ``wmatmul`` are the dealer's only stateful kinds: the mask B = B0 + B1 of a weight is drawn once
+(request ``wid``) and kept for the session, so the servers open W - B once and every later product with that
+weight costs only its activation's opening (:func:`secfwt.protocols.arith.fix_weight`).
+
+Adding a kind: its (draw0, draw1, correct) in :data:`KINDS` (or :data:`STATEFUL`), its parameters in
+``_FIELDS`` and the layout of its corrections in ``_LAYOUTS``; :func:`check_request` validates requests with them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secfwt import ring
+from secfwt.errors import ProtocolMismatchError
+from secfwt.prg import PRGStream
+
+Material = dict[str, Tensor]
+Shape = tuple[int, ...]
+Layout = dict[str, tuple[Shape, torch.dtype]]
+
+# Per request: elements of its parameter shapes plus its corrections (16 GiB of int64). The largest honest
+# requests are comparisons of whole activation chunks: ltz_select on the 3 stacked copies of GELU's input for
+# 64 rows x 128 tokens x 3072 (BERT-base) is n = 75.5M elements, 10 n + 8 k <= 1.4e9 counted elements.
+MAX_ELEMENTS = 2**31
+MAX_DIMS = 16
+
+
+def _shape(params: dict[str, Any], key: str) -> Shape:
+    return tuple(int(s) for s in params[key])
+
+
+# -- per-kind definitions: draw0 (server 0, all random), draw1 (server 1 random parts), correct (dealer) --
+
+
+def _mul_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a")), "b": st.ring(_shape(p, "b")), "c": st.ring(_mul_out(p))}
+
+
+def _mul_out(p: dict[str, Any]) -> Shape:
+    """Shape of c for a (checked) ``mul`` request: broadcast a * b, or torch.matmul's a @ b."""
+    a, b = _shape(p, "a"), _shape(p, "b")
+    if p.get("op") != "matmul":
+        return tuple(torch.broadcast_shapes(a, b))
+    if len(a) >= 2 and len(b) >= 2:  # the common case, without the meta-device kernels' first-use cost
+        if a[-1] != b[-2]:
+            raise ValueError(f"matmul triple: inner dimensions differ: {a} @ {b}")
+        return (*torch.broadcast_shapes(a[:-2], b[:-2]), a[-2], b[-1])
+    return tuple(torch.empty(a, device="meta").matmul(torch.empty(b, device="meta")).shape)
+
+
+def _mul_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a")), "b": st.ring(_shape(p, "b"))}
+
+
+def _mul_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    a = m0["a"] + m1["a"]
+    b = m0["b"] + m1["b"]
+    c = ring.matmul(a, b) if p.get("op") == "matmul" else a * b
+    return {"c": c - m0["c"]}
+
+
+def _square_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "a")
+    return {"a": st.ring(shape), "c": st.ring(shape)}
+
+
+def _square_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a"))}
+
+
+def _square_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    a = m0["a"] + m1["a"]
+    return {"c": a * a - m0["c"]}
+
+
+def _trunc_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "shape")
+    return {"r": st.ring(shape), "rq": st.ring(shape), "rm": st.ring(shape)}
+
+
+def _trunc_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"r": st.ring(_shape(p, "shape"))}
+
+
+def _trunc_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    r = m0["r"] + m1["r"]
+    k = int(p["bits"])
+    return {"rq": ring.logical_rshift(r, k) - m0["rq"], "rm": ring.msb(r) - m0["rm"]}
+
+
+# Comparison material (see protocols/compare.py for how it is used). For n elements:
+#   r      arithmetic mask (n); rb = r as XOR shares (n 64-bit words)
+#   q      XOR shares of the 32 pair products r_(2j+1) AND r_(2j) per element (bits 0..31): tree level 1 local
+#   t      AND triples (ta, tb1, tb2, tc1 = ta AND tb1, tc2 = ta AND tb2) for the 4 interactive tree levels as
+#          dense 64-bit words: level l uses compare_words(n)[l + 1] words, the levels one after the other
+#   fb     final-level masks s, a, b: one bit per element, 32 elements per word (low 32 bits), 3 rows
+#   mono   arithmetic shares of the monomials s, a, b, sa, sb, ab, sab per element (fused bit -> arithmetic)
+_M32 = (1 << 32) - 1
+_EVEN = [(0x5555555555555555, 1), (0x3333333333333333, 2), (0x0F0F0F0F0F0F0F0F, 4),
+         (0x00FF00FF00FF00FF, 8), (0x0000FFFF0000FFFF, 16), (0x00000000FFFFFFFF, 0)]
+
+
+def compare_words(n: int) -> list[int]:
+    """Dense word counts of the comparison tree for n elements: [W_0, ..., W_4], W_0 = ceil(n / 2) words of
+    two 32-bit fields after level 1, W_(l+1) = ceil(W_l / 2) after each packed level (64 / w fields of w bits)."""
+    ws = [(n + 1) // 2]
+    for _ in range(4):
+        ws.append((ws[-1] + 1) // 2)
+    return ws
+
+
+def even_bits(x: Tensor) -> Tensor:
+    """Bits 0, 2, 4, ..., 62 of ``x`` compacted into bits 0..31 (a bit permutation: linear over XOR)."""
+    y = x & _EVEN[0][0]
+    for (_, sh), (mask, _) in zip(_EVEN[:-1], _EVEN[1:], strict=True):
+        y = (y | (y >> sh)) & mask
+    return y
+
+
+def odd_bits(x: Tensor) -> Tensor:
+    """Bits 1, 3, ..., 63 of ``x`` compacted into bits 0..31."""
+    return even_bits(x >> 1)
+
+
+def _compare_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    (n,) = _shape(p, "shape")
+    ws = compare_words(n)
+    return {"r": st.ring((n,)), "rb": st.ring((n,)), "q": st.ring((n,)), "t": st.ring((5, sum(ws[1:]))),
+            "fb": st.ring((3, ws[4])), "mono": st.ring((7, n))}
+
+
+def _compare_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    (n,) = _shape(p, "shape")
+    ws = compare_words(n)
+    return {"r": st.ring((n,)), "t": st.ring((3, sum(ws[1:]))), "fb": st.ring((3, ws[4]))}
+
+
+def word_bits(words: Tensor, n: int) -> Tensor:
+    """Bit i % 32 of words[i // 32] for i < n (the final-level layout: 32 elements per word)."""
+    shifts = torch.arange(32, dtype=torch.int64)
+    return ((words.unsqueeze(-1) >> shifts) & 1).reshape(*words.shape[:-1], -1)[..., :n]
+
+
+def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    (n,) = _shape(p, "shape")
+    r = m0["r"] + m1["r"]
+    q = odd_bits(r) & even_bits(r)
+    t = m0["t"][:3] ^ m1["t"]
+    tc = torch.stack([t[0] & t[1], t[0] & t[2]])
+    s, a, b = word_bits(m0["fb"] ^ m1["fb"], n)
+    mono = torch.stack([s, a, b, s * a, s * b, a * b, s * a * b])
+    return {
+        "rb": r ^ m0["rb"],
+        "q": ((q ^ m0["q"]) & _M32).to(torch.int32),  # 4 bytes: only the low 32 bits are used
+        "tc": tc ^ m0["t"][3:],  # dense words: 2 * 30 bits per element
+        "mono": mono - m0["mono"],
+    }
+
+
+def _compare_sel_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    m = _compare_draw0(p, st)
+    m["monor"] = st.ring((7, *_shape(p, "prod_shape")))
+    return m
+
+
+def _compare_sel_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    """``compare`` plus shares of mono_k * r for the first prod_shape[0] elements (ltz with the product b x)."""
+    out = _compare_correct(p, m0, m1)
+    k = _shape(p, "prod_shape")[0]
+    r = (m0["r"] + m1["r"])[:k]
+    mono = out["mono"][:, :k] + m0["mono"][:, :k]
+    out["monor"] = mono * r - m0["monor"]
+    return out
+
+
+def _cossin_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "shape")
+    return {"t": st.ring(shape), "cos": st.ring(shape), "sin": st.ring(shape)}
+
+
+def _cossin_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"t": st.ring(_shape(p, "shape"))}
+
+
+def _cossin_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    f = int(p["frac_bits"])
+    t = (m0["t"] + m1["t"]) & ((1 << f) - 1)
+    theta = t.to(torch.float64) * (2.0 * math.pi / 2.0**f)
+    return {
+        "cos": ring.encode(torch.cos(theta), f) - m0["cos"],
+        "sin": ring.encode(torch.sin(theta), f) - m0["sin"],
+    }
+
+
+def _bit2a_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "shape")
+    return {"sb": st.bits(shape), "sa": st.ring(shape)}
+
+
+def _bit2a_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"sb": st.bits(_shape(p, "shape"))}
+
+
+def _bit2a_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    return {"sa": (m0["sb"] ^ m1["sb"]) - m0["sa"]}
+
+
+def _wmask_draw(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"b": st.ring(_shape(p, "shape"))}
+
+
+def _wmask_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[Any, Any], index: int) -> Material:
+    store[index] = m0["b"] + m1["b"]  # B, kept for the weight's products
+    return {}
+
+
+def _wmatmul_out(p: dict[str, Any]) -> Shape:
+    a, (rows, cols) = _shape(p, "a"), _shape(p, "w")
+    return (*a[:-1], rows if p.get("transpose") else cols)
+
+
+def _wmatmul_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a")), "c": st.ring(_wmatmul_out(p))}
+
+
+def _wmatmul_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a"))}
+
+
+def _wmatmul_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[Any, Any],
+                     index: int) -> Material:
+    wid = int(p["wid"])
+    if wid not in store:
+        raise ProtocolMismatchError(f"dealer: wmatmul #{index} names weight mask #{wid}, which was never drawn")
+    b = store[wid]
+    if tuple(b.shape) != _shape(p, "w"):
+        raise ProtocolMismatchError(f"dealer: weight mask #{wid} has shape {tuple(b.shape)}, request says {p['w']}")
+    key = (wid, bool(p.get("transpose")))  # B split into limbs once per direction (ring.RightOperand)
+    if key not in store:
+        store[key] = ring.RightOperand(b.t() if key[1] else b)
+    a = m0["a"] + m1["a"]
+    return {"c": ring.matmul(a, store[key]) - m0["c"]}
+
+
+_Draw = Callable[[dict[str, Any], PRGStream], Material]
+_Correct = Callable[[dict[str, Any], Material, Material], Material]
+_StatefulCorrect = Callable[[dict[str, Any], Material, Material, dict[Any, Any], int], Material]
+
+# Kinds whose corrections read or write the dealer's per-session store.
+STATEFUL: dict[str, tuple[_Draw, _Draw, _StatefulCorrect]] = {
+    "wmask": (_wmask_draw, _wmask_draw, _wmask_correct),
+    "wmatmul": (_wmatmul_draw0, _wmatmul_draw1, _wmatmul_correct),
+}
+
+KINDS: dict[str, tuple[_Draw, _Draw, _Correct]] = {
+    "mul": (_mul_draw0, _mul_draw1, _mul_correct),
+    "square": (_square_draw0, _square_draw1, _square_correct),
+    "trunc": (_trunc_draw0, _trunc_draw1, _trunc_correct),
+    "compare": (_compare_draw0, _compare_draw1, _compare_correct),
+    "compare_sel": (_compare_sel_draw0, _compare_draw1, _compare_sel_correct),
+    "cossin": (_cossin_draw0, _cossin_draw1, _cossin_correct),
+    "bit2a": (_bit2a_draw0, _bit2a_draw1, _bit2a_correct),
+}
+
+
+def draws(kind: str) -> tuple[_Draw, _Draw]:
+    spec = STATEFUL.get(kind) or KINDS[kind]
+    return spec[0], spec[1]
+
+
+# -- request validation: parameter types and ranges, and the shape and dtype of every correction --
+
+
+def _as_shape(v: Any) -> list[int]:
+    if not isinstance(v, list | tuple | torch.Size) or len(v) > MAX_DIMS \
+            or not all(type(s) is int and s >= 0 for s in v):
+        raise ValueError(f"expected a list of at most {MAX_DIMS} non-negative ints")
+    return list(v)
+
+
+def _as_int(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if type(v) is not int or not lo <= v <= hi:
+            raise ValueError(f"expected an int in [{lo}, {hi}]")
+        return v
+    return check
+
+
+def _as_bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise ValueError("expected true or false")
+    return v
+
+
+def _as_op(v: Any) -> str:
+    if v not in ("mul", "matmul") or type(v) is not str:
+        raise ValueError("expected 'mul' or 'matmul'")
+    return str(v)
+
+
+_SHAPE = (_as_shape, None)  # (converter, default); default None: required
+_FIELDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    "mul": {"a": _SHAPE, "b": _SHAPE, "op": (_as_op, "mul")},
+    "square": {"a": _SHAPE},
+    "trunc": {"shape": _SHAPE, "bits": (_as_int(1, 63), None)},
+    "compare": {"shape": _SHAPE},
+    "compare_sel": {"shape": _SHAPE, "prod_shape": _SHAPE},
+    "cossin": {"shape": _SHAPE, "frac_bits": (_as_int(1, 62), None)},
+    "bit2a": {"shape": _SHAPE},
+    "wmask": {"shape": _SHAPE},
+    "wmatmul": {"a": _SHAPE, "w": _SHAPE, "wid": (_as_int(0, 2**62), None), "transpose": (_as_bool, False)},
+}
+_I64 = torch.int64
+
+
+def _compare_layout(p: dict[str, Any]) -> Layout:
+    shape = _shape(p, "shape")
+    if len(shape) != 1:
+        raise ValueError(f"'shape' must be 1-D, got {list(shape)}")
+    (n,) = shape
+    ws = compare_words(n)
+    return {"rb": ((n,), _I64), "q": ((n,), torch.int32), "tc": ((2, sum(ws[1:])), _I64), "mono": ((7, n), _I64)}
+
+
+def _compare_sel_layout(p: dict[str, Any]) -> Layout:
+    out = _compare_layout(p)
+    k = _shape(p, "prod_shape")
+    if len(k) != 1 or k[0] > p["shape"][0]:
+        raise ValueError(f"'prod_shape' must be [k] with k <= {p['shape'][0]}, got {list(k)}")
+    out["monor"] = ((7, k[0]), _I64)
+    return out
+
+
+def _wmatmul_layout(p: dict[str, Any]) -> Layout:
+    a, w = _shape(p, "a"), _shape(p, "w")
+    if len(w) != 2 or not a or a[-1] != w[1 if p["transpose"] else 0]:
+        raise ValueError(f"a {list(a)} does not fit the weight mask {list(w)} (transpose={p['transpose']})")
+    return {"c": (_wmatmul_out(p), _I64)}
+
+
+_LAYOUTS: dict[str, Callable[[dict[str, Any]], Layout]] = {
+    "mul": lambda p: {"c": (_mul_out(p), _I64)},
+    "square": lambda p: {"c": (_shape(p, "a"), _I64)},
+    "trunc": lambda p: {"rq": (_shape(p, "shape"), _I64), "rm": (_shape(p, "shape"), _I64)},
+    "compare": _compare_layout,
+    "compare_sel": _compare_sel_layout,
+    "cossin": lambda p: {"cos": (_shape(p, "shape"), _I64), "sin": (_shape(p, "shape"), _I64)},
+    "bit2a": lambda p: {"sa": (_shape(p, "shape"), _I64)},
+    "wmask": lambda p: {},
+    "wmatmul": _wmatmul_layout,
+}
+
+
+def brief(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def check_request(kind: Any, params: Any, index: int, who: str = "dealer") -> tuple[dict[str, Any], Layout]:
+    """Validate request ``index`` and return its canonical parameters (defaults filled in, shapes as lists of
+    ints) and the layout (name -> shape, dtype, in sending order) of the corrections the dealer sends for it.
+
+    Raises :class:`~secfwt.errors.ProtocolMismatchError` for an unknown kind, a missing, unknown or ill-typed
+    parameter, shapes that do not fit together, or more than :data:`MAX_ELEMENTS` elements (parameter shapes
+    plus corrections). Nothing is allocated before the check passes.
+    """
+    where = f"{who}: request #{index}"
+    fields = _FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise ProtocolMismatchError(f"{where}: unknown correlation kind {brief(kind)} (known: {sorted(_FIELDS)})")
+    where += f" ({kind})"
+    if not isinstance(params, dict):
+        raise ProtocolMismatchError(f"{where}: parameters must be an object, got {brief(params)}")
+    extra = sorted(set(params) - set(fields))
+    if extra:
+        raise ProtocolMismatchError(f"{where}: unknown parameter(s) {extra} (expected {sorted(fields)})")
+    canon: dict[str, Any] = {}
+    for name, (convert, default) in fields.items():
+        v = params.get(name, default)
+        if v is None:
+            raise ProtocolMismatchError(f"{where}: parameter '{name}' is missing")
+        try:
+            canon[name] = convert(v)
+        except ValueError as e:
+            raise ProtocolMismatchError(f"{where}: parameter '{name}': {e}, got {brief(v)}") from None
+    try:
+        layout = _LAYOUTS[kind](canon)
+    except (ValueError, RuntimeError) as e:
+        raise ProtocolMismatchError(f"{where}: shapes do not fit: {str(e).splitlines()[0]}") from None
+    total = sum(math.prod(v) for v in canon.values() if isinstance(v, list))
+    total += sum(math.prod(shape) for shape, _ in layout.values())
+    if total > MAX_ELEMENTS:
+        raise ProtocolMismatchError(
+            f"{where}: {total} elements (parameter shapes plus corrections), the dealer's cap is {MAX_ELEMENTS}")
+    return canon, layout
+
+
+def correction_layout(kind: str, params: dict[str, Any]) -> Layout:
+    """Shape and dtype of every correction the dealer sends for a request (see :func:`check_request`)."""
+    return check_request(kind, params, -1)[1]
