@@ -1,14 +1,17 @@
 """In-process transport: parties are threads of one process exchanging frames through queues.
 
 Frames are not serialised (tensors are cloned), but their wire size is accounted exactly as over TCP, so
-costs reported in-process equal those of a real-process run.
+costs reported in-process equal those of a real-process run. The same per-message size limits apply to
+sending (``max_payload``, see :mod:`secfwt.comm.base`), so a run that works in-process is not refused over
+TCP. The queues are unbounded: the parties are threads of one trusted process, and a bounded put would
+block a sender (the TCP transport bounds its inboxes by pausing reads instead, never blocking a send).
 """
 
 from __future__ import annotations
 
 import queue
 
-from secfwt.comm.base import PARTY_NAMES, Communicator, Frame
+from secfwt.comm.base import MAX_PAYLOAD_BYTES, PARTY_NAMES, Communicator, Frame
 from secfwt.cost import CostTracker
 from secfwt.errors import PeerTimeoutError
 
@@ -22,13 +25,15 @@ class LocalHub:
             (a, b): queue.Queue() for a in ranks for b in ranks if a != b
         }
 
-    def communicator(self, rank: int, timeout: float = 60.0, cost: CostTracker | None = None) -> LocalCommunicator:
-        return LocalCommunicator(self, rank, timeout=timeout, cost=cost)
+    def communicator(self, rank: int, timeout: float = 60.0, cost: CostTracker | None = None,
+                     max_payload: int = MAX_PAYLOAD_BYTES) -> LocalCommunicator:
+        return LocalCommunicator(self, rank, timeout=timeout, cost=cost, max_payload=max_payload)
 
 
 class LocalCommunicator(Communicator):
-    def __init__(self, hub: LocalHub, rank: int, timeout: float = 60.0, cost: CostTracker | None = None) -> None:
-        super().__init__(rank, cost=cost, timeout=timeout)
+    def __init__(self, hub: LocalHub, rank: int, timeout: float = 60.0, cost: CostTracker | None = None,
+                 max_payload: int = MAX_PAYLOAD_BYTES) -> None:
+        super().__init__(rank, cost=cost, timeout=timeout, max_payload=max_payload)
         self.hub = hub
 
     def _send_frame(self, peer: int, frame: Frame) -> None:
