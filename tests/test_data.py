@@ -267,3 +267,15 @@ def test_builtin_tasks_and_unknown_names() -> None:
         get_task("cola")
     with pytest.raises(ConfigError, match=r"nope\.toml: task file not found"):
         get_task("nope.toml")
+
+
+def test_the_demo_task_picks_its_own_k_and_a_too_large_k_names_the_maximum():
+    from secfwt.tuning.data import DEFAULT_K, load_task_data
+    from secfwt.tuning.tasks import get_task
+
+    data = load_task_data(get_task("demo"), k=None)
+    assert data.k == 10 < DEFAULT_K  # 20 training sentences per class: 10 for train, 10 for dev
+    assert len(data.train) == len(data.dev) == 20
+    assert not {e.texts for e in data.train} & {e.texts for e in data.dev}
+    with pytest.raises(DataError, match=r"k=11 .* allows at most k=10 \(pass --k 10 or less\)"):
+        load_task_data(get_task("demo"), k=11)

@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="built-in task name or a .toml task file")
     p.add_argument("--source", default=None, help="data source of the task (default: its first)")
     p.add_argument("--data-root", default=None, help="data directory (default: $SECFWT_DATA or ../shared/data)")
-    p.add_argument("--k", type=int, default=16, help="examples per class for train and for dev")
+    p.add_argument("--k", type=int, default=None,
+                   help="examples per class for train and for dev (default: 16, or the most the task's data allows, "
+                        "e.g. 10 for the embedded demo)")
     p.add_argument("--seed", type=int, default=13, help="data seed (k-shot sampling, LM-BFF folder)")
     p.add_argument("--max-eval", type=int, default=None, help="cap the evaluation split (seeded subsample)")
     p.add_argument("--d", type=int, default=d.d, help="subspace dimension")

@@ -237,15 +237,32 @@ def sample_k_shot(
     return [pool[i] for i in picked], set(picked)
 
 
+DEFAULT_K = 16  # examples per class (LM-BFF's and BBT's 16-shot setting)
+
+
+def max_k(train_pool: Sequence[Example], dev_pool: Sequence[Example] | None, n_labels: int) -> int:
+    """The largest k the pools serve: k-shot train and dev both come from the train pool (half each) unless
+    there is a separate dev pool."""
+    def per_class(pool: Sequence[Example]) -> list[int]:
+        return [sum(1 for e in pool if e.label == c) for c in range(n_labels)]
+
+    if dev_pool is None:
+        return min(per_class(train_pool)) // 2
+    return min(min(per_class(train_pool)), min(per_class(dev_pool)))
+
+
 def load_task_data(
     task: TaskSpec,
     root: str | Path | None = None,
-    k: int = 16,
+    k: int | None = 16,
     seed: int = 13,
     source: str | None = None,
     max_eval: int | None = None,
 ) -> TaskData:
     """Load ``task`` from the data root and draw the k-shot train/dev sets with ``seed``.
+
+    ``k=None`` picks :data:`DEFAULT_K`, or fewer when the task's pools are smaller (:func:`max_k`; the
+    embedded demo task: 10).
 
     ``seed`` also picks the LM-BFF/rlprompt ``16-<seed>`` folder when the source has one (seeds 13, 21, 42, 87,
     100). ``max_eval`` caps the evaluation split by a seeded subsample (for slow MPC evaluation).
@@ -255,7 +272,6 @@ def load_task_data(
     if src.base is None and src.train.fmt != "demo" and not base.is_dir():
         raise DataError(f"{base}: data root not found (pass --data-root or set ${DATA_ENV})")
     train_pool = read_split(src.train, task, base, seed)
-    train, used = sample_k_shot(train_pool, k, seed, task.n_labels)
     dev_file = read_split(src.dev, task, base, seed) if src.dev is not None else None
     if src.test is not None:
         ev, split = read_split(src.test, task, base, seed), "test"
@@ -263,8 +279,16 @@ def load_task_data(
         ev, split = dev_file, "dev"  # the dev file is the evaluation split: k-shot dev comes from train
     else:
         raise DataError(f"task {task.name}: source {src.name} has neither a test nor a dev file to evaluate on")
-    if dev_file is not None and split == "test":
-        dev, _ = sample_k_shot(dev_file, k, seed + 1, task.n_labels)
+    dev_pool = dev_file if dev_file is not None and split == "test" else None
+    most = max_k(train_pool, dev_pool, task.n_labels)
+    if k is None:
+        k = min(DEFAULT_K, most)
+    if k > most:
+        raise DataError(f"task {task.name}: k={k} examples per class for train and for dev, but its data allows at "
+                        f"most k={most} (pass --k {most} or less)")
+    train, used = sample_k_shot(train_pool, k, seed, task.n_labels)
+    if dev_pool is not None:
+        dev, _ = sample_k_shot(dev_pool, k, seed + 1, task.n_labels)
     else:
         dev, _ = sample_k_shot(train_pool, k, seed + 1, task.n_labels, exclude=frozenset(used))
     if max_eval is not None and len(ev) > max_eval:

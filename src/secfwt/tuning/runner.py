@@ -46,7 +46,7 @@ class RunSpec:
     attention: dict[str, Any] = field(default_factory=lambda: {"kind": "rfa"})
     embedding: str = "local"
     head: str = "auto"
-    k: int = 16
+    k: int | None = None  # examples per class; None: 16, or fewer when the task's data is smaller
     seed: int = 13
     data_root: str | None = None
     source: str | None = None  # data source of the task (default: its first)
@@ -65,6 +65,8 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         for name in ("k", "max_length", "max_rows"):
+            if name == "k" and self.k is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (2 if name == "max_length" else 1):
                 raise ConfigError(f"run spec: {name} must be an integer >= {2 if name == 'max_length' else 1}, "
                                   f"got {getattr(self, name)!r}")
