@@ -37,6 +37,10 @@ class AuthError(CommError):
     """A peer could not be authenticated (unknown certificate or wrong party name)."""
 
 
+class StopRequested(SecfwtError):
+    """A service was asked to stop (SIGTERM / SIGINT) while it waited for or served a session."""
+
+
 class FixedPointRangeError(SecfwtError, ValueError):
     """A value or a scale is outside the fixed-point range an operation can represent exactly (an owner input
     beyond the safe bound, a revealed value that can only come from a wrapped ring or a blown range)."""
