@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -81,3 +82,13 @@ def write_private(path: str | Path, data: bytes | str) -> Path:
 
 
 __all__ = ["DIR_MODE", "FILE_MODE", "private_dir", "private_output", "write_private"]
+
+
+def open_private_append(path: str | Path) -> TextIO:
+    """``path`` opened for appending text (a log), created 0600 (its directory 0700 when new); an existing
+    file is set to 0600 too."""
+    path = Path(path)
+    private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)

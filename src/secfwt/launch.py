@@ -5,6 +5,7 @@ relative to the file::
 
     timeout = 60.0           # seconds a party waits for a message
     connect_timeout = 30.0   # seconds to set up all connections
+    queue_timeout = 600.0    # seconds a data owner waits while the services serve another session
     frac_bits = 16           # fixed-point fractional bits (identical on all parties)
     ca = "certs/ca.pem"      # default CA for every party (a party may override it)
 
@@ -80,6 +81,7 @@ class PartiesConfig:
     timeout: float = 60.0
     connect_timeout: float = 30.0
     frac_bits: int = 16
+    queue_timeout: float = 600.0
 
     @property
     def fxp(self) -> FixedPoint:
@@ -103,8 +105,11 @@ class PartiesConfig:
         files.check()
         return files
 
-    def communicator(self, rank: int, ranks: Sequence[int], cost: CostTracker | None = None) -> TcpCommunicator:
-        """Connect party ``rank`` to the other ``ranks`` (see :class:`TcpCommunicator` for errors)."""
+    def communicator(self, rank: int, ranks: Sequence[int], cost: CostTracker | None = None,
+                     **service: Any) -> TcpCommunicator:
+        """Connect party ``rank`` to the other ``ranks`` (see :class:`TcpCommunicator` for errors).
+        ``service``: TcpCommunicator's ``sid``, ``listener``, ``await_owner`` and ``stop`` (the data owner
+        and the long-running services of :mod:`secfwt.service`)."""
         missing = [PARTY_NAMES[r] for r in ranks if r not in self.parties]
         if missing:
             raise ConfigError(f"{self.path}: no [parties.*] section for {', '.join(missing)}")
@@ -112,6 +117,7 @@ class PartiesConfig:
             rank, self.addresses(), self.tls(rank), ranks, timeout=self.timeout,
             connect_timeout=self.connect_timeout, cost=cost, bind_host=self.parties[rank].bind,
             session={"frac_bits": self.frac_bits, "parties": [PARTY_NAMES[r] for r in sorted(ranks)]},
+            queue_timeout=self.queue_timeout, **service,
         )
 
 
@@ -153,8 +159,9 @@ def load_parties_config(path: str | Path) -> PartiesConfig:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     timeout = _field(raw, "timeout", "", path, float, 60.0)
     connect_timeout = _field(raw, "connect_timeout", "", path, float, 30.0)
+    queue_timeout = _field(raw, "queue_timeout", "", path, float, 600.0)
     frac_bits = _field(raw, "frac_bits", "", path, int, 16)
-    for key, val in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+    for key, val in (("timeout", timeout), ("connect_timeout", connect_timeout), ("queue_timeout", queue_timeout)):
         if not val > 0:
             raise ConfigError(f"{path}: field '{key}': expected a positive number of seconds, got {val}")
     if not FRAC_BITS_MIN <= frac_bits <= FRAC_BITS_MAX:
@@ -183,7 +190,7 @@ def load_parties_config(path: str | Path) -> PartiesConfig:
     for r in (SERVER0, SERVER1, DEALER):
         if r not in parties:
             raise ConfigError(f"{path}: missing section [parties.{PARTY_NAMES[r]}]")
-    return PartiesConfig(path, parties, timeout, connect_timeout, frac_bits)
+    return PartiesConfig(path, parties, timeout, connect_timeout, frac_bits, queue_timeout)
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

@@ -78,7 +78,9 @@ def run_party(
             ctx.dealer.close()
         return result
     except BaseException as e:
-        comm.abort(f"{type(e).__name__}: {e}", peers)
+        # The data owner's messages may name its data (a file line, a value out of range): its peers learn only
+        # the kind of error. A server's or the dealer's message is about shapes and protocol steps.
+        comm.abort(type(e).__name__ if rank == OWNER else f"{type(e).__name__}: {e}", peers)
         raise
 
 

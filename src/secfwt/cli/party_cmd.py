@@ -1,4 +1,8 @@
-"""``secfwt party``: run one party (server0, server1, dealer or owner) of a multi-process run over TLS.
+"""``secfwt party``: run one party (server0, server1, dealer or owner) over TLS.
+
+Servers (``--shares``) and the dealer run as long-running services (:mod:`secfwt.service`): they serve data-owner
+sessions one after another until SIGTERM/SIGINT. With ``--program`` or ``--out`` (or ``--once``) a party runs
+one session and exits: how :mod:`secfwt.launch` runs the parties of ``--parties local`` and of tests.
 
 Also runnable as ``python -m secfwt.cli.party_cmd ARGS`` (same arguments and exit codes), which is how
 :mod:`secfwt.launch` starts parties: it does not import the other sub-commands.
@@ -22,8 +26,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``party`` on the ``secfwt`` sub-command parser."""
     p = subparsers.add_parser(
         "party", help="run one party over TLS",
-        description="Run one party of a multi-process run: connect to the other parties named in the parties "
-                    "file (mutually authenticated TLS 1.3) and run the program.",
+        description="Run one party over mutually authenticated TLS 1.3 with the parties named in the parties "
+                    "file. Servers (--shares FILE) and the dealer serve data-owner sessions one after another "
+                    "until SIGTERM/SIGINT (exit code 0); --program/--out/--once run a single session.",
     )
     p.add_argument("--config", required=True, help="parties file (TOML)")
     p.add_argument("--role", required=True, choices=list(PARTY_NAMES.values()))
@@ -35,6 +40,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="save the result here (torch.save) and the costs next to it")
     p.add_argument("--parties", default=None,
                    help="comma-separated parties of this run (default: all parties of the file)")
+    p.add_argument("--once", action="store_true", help="serve one session, then exit (default for --program)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this party (services: default 1, as --parties local uses, so that parties "
+                        "on one host do not compete for its cores; single sessions: torch's default)")
+    p.add_argument("--log-file", default=None, help="services: also append the log here (created 0600)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
     return p
@@ -56,11 +67,21 @@ def _exit_with_parent() -> None:
 def run(args: argparse.Namespace) -> int:
     if args.exit_with_parent:
         _exit_with_parent()
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads: expected an integer >= 1, got {args.threads}")
     parties = args.parties.split(",") if args.parties else None
     program = args.program
+    if args.shares and args.role not in ("server0", "server1"):
+        raise ConfigError(f"--shares is for server0 and server1, not {args.role}")
+    if args.role != "owner" and not (program or args.out or args.once or parties):
+        from secfwt.service import run_service
+
+        return run_service(args.config, args.role, args.shares, args.threads or 1, args.log_file, args.log_level)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.shares:
-        if args.role not in ("server0", "server1"):
-            raise ConfigError(f"--shares is for server0 and server1, not {args.role}")
         os.environ["SECFWT_SHARE_FILE"] = str(args.shares)
         program = "secfwt.serve.entry:serve_from_env"
     if args.role == "owner" and program is None:

@@ -141,6 +141,7 @@ class DecoderServer(BaseServer):
             raise ProtocolMismatchError("forward_cached before a setup with a template tail")
         assert self.dec is not None and self.head is not None
         slots, n_pop, n_prompt = [int(v) for v in msg["slots"]], int(msg["P"]), int(msg["n_prompt"])
+        self.rows_served += n_pop * len(slots)
         missing = [s for s in slots if s not in self.caches]
         if missing:
             raise ProtocolMismatchError(f"forward_cached: slots {missing[:5]} were never prefilled")

@@ -13,18 +13,26 @@ from pathlib import Path
 from secfwt.context import PartyContext
 from secfwt.errors import ConfigError
 from secfwt.serve import decoder, shares
-from secfwt.serve.session import serve_model
+from secfwt.serve.session import BaseServer, ModelServer, serve_loop
+
+
+def server_factory(path: str | Path, rank: int) -> Callable[[PartyContext], BaseServer]:
+    """Read this server's share file once (``secfwt-shares-1``: encoder, ``secfwt-decoder-shares-1``: decoder)
+    and return a function that builds a fresh server on it for each session (the shares are never modified)."""
+    fmt = shares.share_format(path)
+    if fmt == shares.FORMAT:
+        enc = shares.load_server_shares(path, rank)
+        return lambda ctx: ModelServer(ctx, enc)
+    if fmt == decoder.FORMAT:
+        dec = decoder.load_decoder_shares(path, rank)
+        return lambda ctx: decoder.DecoderServer(ctx, dec)
+    raise ConfigError(f"{path}: unknown share format {fmt!r}, expected {shares.FORMAT!r} or {decoder.FORMAT!r}")
 
 
 def serve_file(ctx: PartyContext, path: str | Path) -> int:
-    """Serve this server's share file: ``secfwt-shares-1`` (encoder) or ``secfwt-decoder-shares-1``
-    (decoder); returns the number of forward commands served."""
-    fmt = shares.share_format(path)
-    if fmt == shares.FORMAT:
-        return serve_model(ctx, shares.load_server_shares(path, ctx.rank))
-    if fmt == decoder.FORMAT:
-        return decoder.serve_decoder(ctx, decoder.load_decoder_shares(path, ctx.rank))
-    raise ConfigError(f"{path}: unknown share format {fmt!r}, expected {shares.FORMAT!r} or {decoder.FORMAT!r}")
+    """Serve this server's share file (encoder or decoder) for one session; returns the number of forward
+    commands served."""
+    return serve_loop(ctx, server_factory(path, ctx.rank)(ctx))
 
 
 def serve_from_env(ctx: PartyContext) -> int:
@@ -50,4 +58,4 @@ def shares_dir_program(shares_dir: str | Path) -> Callable[[PartyContext], int]:
     return prog
 
 
-__all__ = ["serve_file", "serve_from_env", "shares_dir_program"]
+__all__ = ["server_factory", "serve_file", "serve_from_env", "shares_dir_program"]

@@ -138,6 +138,7 @@ class BaseServer:
         self.embedding = "local"
         self.max_rows = 64
         self.batches: dict[int, RegisteredBatch] = {}
+        self.rows_served = 0  # sequence forwards (prompt x example rows) computed: a count of public shapes
 
     def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
         return {"setup": self.setup, "register": self.register, "forward": self.forward}
@@ -196,6 +197,7 @@ class BaseServer:
         batch = self.batches[key]
         n_pop, n_prompt = int(msg["P"]), int(msg["n_prompt"])
         prompts = self.be.from_owner((n_pop, n_prompt, self.hidden)) if n_prompt else None
+        self.rows_served += n_pop * int(batch.mask.shape[0])
 
         def run(c: RowChunk) -> AShare:
             pr = self.be.index(prompts, c.prompt) if prompts is not None else None  # (R, n_prompt, H)

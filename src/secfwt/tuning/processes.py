@@ -10,6 +10,7 @@ is the data owner.
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ SERVER_PROGRAM = "secfwt.serve.entry:serve_from_env"
 def _run_owner(config: Path, owner: Any) -> Any:
     cfg = load_parties_config(config)
     ranks = [SERVER0, SERVER1, DEALER, OWNER]
-    comm = cfg.communicator(OWNER, ranks)
+    comm = cfg.communicator(OWNER, ranks, sid=secrets.token_hex(8))  # a fresh random id for each session
     try:
         return run_party(OWNER, comm, owner, cfg.fxp, with_owner=True)
     finally:
