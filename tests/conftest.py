@@ -21,3 +21,25 @@ def one_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Shared by the tuning tests: a tiny random masked-LM BERT, its plaintext evaluator on the demo task, the data.
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from secfwt.tuning.testing import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def demo_ev(tiny_dir: Path):  # type: ignore[no-untyped-def]
+    from secfwt.tuning import HFPlainEvaluator, get_task
+
+    return HFPlainEvaluator.from_pretrained(tiny_dir, get_task("demo"))
+
+
+@pytest.fixture(scope="module")
+def demo_data():  # type: ignore[no-untyped-def]
+    from secfwt.tuning import get_task, load_task_data
+
+    return load_task_data(get_task("demo"), k=4, seed=13)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
 import torch
 
 from secfwt import ring
 from secfwt.share import AShare
+
+T = TypeVar("T")
 
 
 def split(
@@ -36,3 +42,23 @@ def assert_follows_plaintext(private, plain, costs) -> None:  # type: ignore[no-
         assert abs(a.loss_mean - b.loss_mean) < LOSS_TOL, (a, b)
     assert set(costs) == {0, 1}
     assert sum(v["bytes_sent"] for v in costs[0].values()) > 0
+
+
+def in_threads(make: Callable[[int], T], ranks: Sequence[int]) -> tuple[dict[int, T], dict[int, BaseException]]:
+    """``make(rank)`` for every rank, each in its own thread (parties connecting to each other); returns the
+    results and the errors by rank."""
+    out: dict[int, T] = {}
+    errors: dict[int, BaseException] = {}
+
+    def run(r: int) -> None:
+        try:
+            out[r] = make(r)
+        except BaseException as e:  # noqa: BLE001 - inspected by the tests
+            errors[r] = e
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, errors

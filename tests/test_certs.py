@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from helpers import in_threads
 from secfwt.cli import main
 from secfwt.comm.base import DEALER, OWNER, PARTY_NAMES, SERVER0, SERVER1
 from secfwt.comm.certs import (
@@ -62,21 +62,8 @@ def _connect(tls: dict[int, TlsFiles], connect_timeout: float = 5.0) -> tuple[di
     """One TcpCommunicator per rank of ``tls``, each in its own thread, on fresh loopback ports."""
     ranks = sorted(tls)
     addrs = dict(zip(ranks, (("127.0.0.1", p) for p in free_ports(len(ranks))), strict=True))
-    comms: dict[int, TcpCommunicator] = {}
-    errors: dict[int, BaseException] = {}
-
-    def make(r: int) -> None:
-        try:
-            comms[r] = TcpCommunicator(r, addrs, tls[r], ranks, timeout=10.0, connect_timeout=connect_timeout)
-        except BaseException as e:  # noqa: BLE001 - inspected by the tests
-            errors[r] = e
-
-    threads = [threading.Thread(target=make, args=(r,)) for r in ranks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return comms, errors
+    return in_threads(lambda r: TcpCommunicator(r, addrs, tls[r], ranks, timeout=10.0,
+                                                connect_timeout=connect_timeout), ranks)
 
 
 def _files(host: Path, name: str) -> TlsFiles:
@@ -110,20 +97,8 @@ def test_csr_flow_four_hosts_talk_over_tls(deployment: tuple[Path, dict[str, Pat
                 lines += [f'cert = "certs/{name}.pem"', f'key = "certs/{name}-key.pem"']
         (host / "parties.toml").write_text("\n".join(lines) + "\n")
     ranks = sorted(PARTY_NAMES)
-    comms: dict[int, TcpCommunicator] = {}
-    errors: dict[int, BaseException] = {}
-
-    def make(r: int) -> None:
-        try:
-            comms[r] = load_parties_config(hosts[PARTY_NAMES[r]] / "parties.toml").communicator(r, ranks)
-        except BaseException as e:  # noqa: BLE001 - inspected below
-            errors[r] = e
-
-    threads = [threading.Thread(target=make, args=(r,)) for r in ranks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    comms, errors = in_threads(
+        lambda r: load_parties_config(hosts[PARTY_NAMES[r]] / "parties.toml").communicator(r, ranks), ranks)
     assert not errors, errors
     try:
         for src in ranks:

@@ -19,11 +19,10 @@ from safetensors.numpy import save_file
 from secfwt.cli import main
 from secfwt.errors import ConfigError
 from secfwt.serve.shares import share_model, write_owner_word_table, write_public_files
-from secfwt.tuning import HFPlainEvaluator, TuneConfig, get_task, load_task_data, tune
+from secfwt.tuning import TuneConfig, tune
 from secfwt.tuning import checkpoint as ckpt
 from secfwt.tuning.decoder_eval import ensure_decoder_shares
 from secfwt.tuning.runner import RunSpec, ensure_shares
-from secfwt.tuning.testing import make_tiny_bert
 
 CFG = TuneConfig(d=8, n_prompt=2, popsize=4, iterations=4, checkpoint_every=2, patience=None)
 
@@ -41,19 +40,6 @@ def umask0() -> Iterator[None]:
     os.umask(old)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="module")
-def ev(tiny_dir: Path) -> HFPlainEvaluator:
-    return HFPlainEvaluator.from_pretrained(tiny_dir, get_task("demo"))
-
-
-@pytest.fixture(scope="module")
-def data():  # type: ignore[no-untyped-def]
-    return load_task_data(get_task("demo"), k=4, seed=13)
 
 
 def mode(p: Path) -> int:
@@ -63,10 +49,10 @@ def mode(p: Path) -> int:
 # -------------------------------------------------------------------------------------- checkpoints
 
 
-def test_checkpoint_is_safetensors_and_json_not_pickle(ev, data, tmp_path: Path, umask0: None) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_is_safetensors_and_json_not_pickle(demo_ev, demo_data, tmp_path: Path, umask0: None) -> None:  # type: ignore[no-untyped-def]
     os.chmod(tmp_path, 0o755)  # a user's directory: left as it is
     d = tmp_path / "a" / "ckpt"
-    tune(ev, data, CFG, checkpoint_dir=d, progress=False)
+    tune(demo_ev, demo_data, CFG, checkpoint_dir=d, progress=False)
     assert sorted(p.name for p in d.iterdir()) == [ckpt.STATE_FILE]
     raw = (d / ckpt.STATE_FILE).read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
@@ -139,18 +125,18 @@ def _rewrite_meta(path: Path, state: str) -> None:
 
 
 @pytest.mark.parametrize("how", sorted(TAMPERINGS))
-def test_tampered_checkpoint_is_one_config_error(ev, data, tmp_path: Path, how: str) -> None:  # type: ignore[no-untyped-def]
-    tune(ev, data, CFG, checkpoint_dir=tmp_path, progress=False)
+def test_tampered_checkpoint_is_one_config_error(demo_ev, demo_data, tmp_path: Path, how: str) -> None:  # type: ignore[no-untyped-def]
+    tune(demo_ev, demo_data, CFG, checkpoint_dir=tmp_path, progress=False)
     TAMPERINGS[how](tmp_path / ckpt.STATE_FILE)
     before = (tmp_path / ckpt.STATE_FILE).read_bytes()
     with pytest.raises(ConfigError) as err:
-        tune(ev, data, CFG, checkpoint_dir=tmp_path, progress=False)
+        tune(demo_ev, demo_data, CFG, checkpoint_dir=tmp_path, progress=False)
     msg = str(err.value)
     assert "\n" not in msg and ckpt.STATE_FILE in msg, msg
     assert (tmp_path / ckpt.STATE_FILE).read_bytes() == before  # the refused checkpoint is left untouched
 
 
-def test_old_pickle_checkpoint_is_refused_never_loaded(ev, data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_old_pickle_checkpoint_is_refused_never_loaded(demo_ev, demo_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import pickle
 
     marker = tmp_path / "pwned"
@@ -161,7 +147,7 @@ def test_old_pickle_checkpoint_is_refused_never_loaded(ev, data, tmp_path: Path)
 
     (tmp_path / "state.pkl").write_bytes(pickle.dumps({"version": 1, "x": Evil()}))
     with pytest.raises(ConfigError, match=r"state\.pkl: a pickle checkpoint .*never loaded.*delete it"):
-        tune(ev, data, CFG, checkpoint_dir=tmp_path, progress=False)
+        tune(demo_ev, demo_data, CFG, checkpoint_dir=tmp_path, progress=False)
     assert not marker.exists()
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import in_threads
 from secfwt.comm.base import DEALER, OWNER, SERVER0, SERVER1
 from secfwt.comm.certs import TlsFiles, cert_pem, generate_ca, issue_cert, write_cert_pair, write_party_certs
 from secfwt.comm.tcp import TcpCommunicator
@@ -30,22 +31,9 @@ def connect(
     """Build one communicator per rank of ``tls``, each in its own thread, on fresh loopback ports."""
     ranks = sorted(tls)
     addrs = dict(zip(ranks, (("127.0.0.1", p) for p in free_ports(len(ranks))), strict=True))
-    comms: dict[int, TcpCommunicator] = {}
-    errors: dict[int, BaseException] = {}
-
-    def make(r: int) -> None:
-        try:
-            comms[r] = TcpCommunicator(r, addrs, tls[r], ranks, timeout=timeout, connect_timeout=connect_timeout,
-                                       session=(sessions or {}).get(r))
-        except BaseException as e:  # noqa: BLE001 - inspected by the tests
-            errors[r] = e
-
-    threads = [threading.Thread(target=make, args=(r,)) for r in ranks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return comms, errors
+    return in_threads(lambda r: TcpCommunicator(r, addrs, tls[r], ranks, timeout=timeout,
+                                                connect_timeout=connect_timeout, session=(sessions or {}).get(r)),
+                      ranks)
 
 
 @pytest.fixture

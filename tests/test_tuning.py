@@ -22,7 +22,6 @@ from secfwt.tuning import (
     cross_entropy,
     get_task,
     hinge,
-    load_task_data,
     plot_history,
     report_dict,
     tune,
@@ -31,7 +30,6 @@ from secfwt.tuning import (
 from secfwt.tuning import checkpoint as ckpt
 from secfwt.tuning.objective import EvalCost
 from secfwt.tuning.report import REPORT_KEYS, summary_table
-from secfwt.tuning.testing import make_tiny_bert
 
 FAST = TuneConfig(d=16, n_prompt=3, popsize=6, iterations=12, checkpoint_every=3, patience=None)
 
@@ -41,19 +39,6 @@ def _one_thread(one_thread):  # type: ignore[no-untyped-def]
     """Every test here runs torch on one thread (conftest.one_thread)."""
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="module")
-def demo_ev(tiny_dir: Path) -> HFPlainEvaluator:
-    return HFPlainEvaluator.from_pretrained(tiny_dir, get_task("demo"))
-
-
-@pytest.fixture(scope="module")
-def demo_data():  # type: ignore[no-untyped-def]
-    return load_task_data(get_task("demo"), k=4, seed=13)
 
 
 # ------------------------------------------------------------------------------------------- evaluator
