@@ -19,17 +19,19 @@ def tiny(tmp_path_factory):
     return make_tiny_bert(d / "model", hidden=32, layers=2), d
 
 
-def _spec(model, d, mode: str) -> RunSpec:
+def _spec(model, d, mode: str, optimizer: str = "cma") -> RunSpec:
     return RunSpec(task="demo", model=str(model), mode=mode, attention={"kind": "softmax"}, k=2, max_length=24,
-                   max_rows=32, tune={"d": 10, "n_prompt": 2, "popsize": 4, "iterations": 3, "patience": None},
+                   max_rows=32, tune={"d": 10, "n_prompt": 2, "popsize": 4, "iterations": 3, "patience": None,
+                                      "optimizer": optimizer},
                    shares_dir=str(d / "shares"), progress=False, timeout=120)
 
 
-@pytest.mark.parametrize("parties", ["inprocess", "local"])
-def test_mpc_losses_follow_the_plaintext_loop(tiny, parties):
+@pytest.mark.parametrize(("parties", "optimizer"), [("inprocess", "cma"), ("local", "cma"), ("inprocess", "spsa")])
+def test_mpc_losses_follow_the_plaintext_loop(tiny, parties, optimizer):
+    """CMA-ES, and zeroth-order SGD (SPSA/MeZO-style two-point estimates): private tuning takes the plaintext path."""
     model, d = tiny
-    plain, _ = run(_spec(model, d, "plaintext"))
-    private, costs = run(_spec(model, d, "mpc"), parties=parties)
+    plain, _ = run(_spec(model, d, "plaintext", optimizer))
+    private, costs = run(_spec(model, d, "mpc", optimizer), parties=parties)
     assert_follows_plaintext(private, plain, costs)
     assert len(plain.history) == 3
     assert abs(private.zero_shot_accuracy - plain.zero_shot_accuracy) <= 1 / private.n_eval + 1e-9

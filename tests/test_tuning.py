@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -192,8 +193,11 @@ class _Killed(Exception):
     pass
 
 
-def test_kill_and_resume_equals_uninterrupted(demo_ev: HFPlainEvaluator, demo_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    full = tune(demo_ev, demo_data, FAST, checkpoint_dir=tmp_path / "full", progress=False)
+@pytest.mark.parametrize("optimizer", ["cma", "spsa"])
+def test_kill_and_resume_equals_uninterrupted(demo_ev: HFPlainEvaluator, demo_data, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                              optimizer: str) -> None:
+    cfg = dataclasses.replace(FAST, optimizer=optimizer)
+    full = tune(demo_ev, demo_data, cfg, checkpoint_dir=tmp_path / "full", progress=False)
 
     def kill_after(n: int):  # type: ignore[no-untyped-def]
         def hook(rec: IterRecord) -> None:
@@ -204,17 +208,17 @@ def test_kill_and_resume_equals_uninterrupted(demo_ev: HFPlainEvaluator, demo_da
 
     run_dir = tmp_path / "run"
     with pytest.raises(_Killed):  # dies after iteration 7: last checkpoint is at iteration 6
-        tune(demo_ev, demo_data, FAST, checkpoint_dir=run_dir, progress=False, on_iteration=kill_after(7))
+        tune(demo_ev, demo_data, cfg, checkpoint_dir=run_dir, progress=False, on_iteration=kill_after(7))
     assert ckpt.load(run_dir)["iteration"] == 6  # type: ignore[index]
     with pytest.raises(_Killed):  # resumed, killed again after 10
-        tune(demo_ev, demo_data, FAST, checkpoint_dir=run_dir, progress=False, on_iteration=kill_after(10))
+        tune(demo_ev, demo_data, cfg, checkpoint_dir=run_dir, progress=False, on_iteration=kill_after(10))
     assert ckpt.load(run_dir)["iteration"] == 9  # type: ignore[index]
-    resumed = tune(demo_ev, demo_data, FAST, checkpoint_dir=run_dir, progress=False)
+    resumed = tune(demo_ev, demo_data, cfg, checkpoint_dir=run_dir, progress=False)
     assert np.array_equal(resumed.best_z, full.best_z)
     assert resumed.history == full.history
     assert (resumed.accuracy, resumed.iterations, resumed.calls) == (full.accuracy, full.iterations, full.calls)
     # a finished checkpoint resumes straight to the final evaluation
-    again = tune(demo_ev, demo_data, FAST, checkpoint_dir=run_dir, progress=False)
+    again = tune(demo_ev, demo_data, cfg, checkpoint_dir=run_dir, progress=False)
     assert again.history == full.history and np.array_equal(again.best_z, full.best_z)
     assert not list(run_dir.glob("*.tmp"))
 
@@ -289,3 +293,27 @@ def test_report_plot_and_table(demo_ev: HFPlainEvaluator, demo_data, tmp_path: P
     png = plot_history(res.history, tmp_path / "h.png", title="demo")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert summary_table(res).row_count >= 7
+
+
+def test_spsa_estimates_the_gradient_and_descends() -> None:
+    """The antithetic two-point estimate of a linear loss a.z averages to a (E[u u^T] = I), and zeroth-order
+    Adam drives a quadratic towards its minimum; an odd population is refused."""
+    from secfwt.tuning.zo import Spsa
+
+    a = np.linspace(-1.0, 1.0, 6)
+    opt = Spsa(6, popsize=20000, lr=0.1, eps=0.3, seed=0)  # per-coordinate sd of the mean ~0.015
+    zs = opt.ask()
+    opt.tell([float(a @ z) for z in zs])
+    m_hat = opt.m / (1 - 0.9)  # the first Adam moment after one step is (1 - beta1) g
+    assert np.allclose(m_hat, a, atol=0.06)
+    target = np.arange(6, dtype=np.float64) / 3.0
+    opt = Spsa(6, popsize=8, lr=0.1, eps=0.1, seed=1)
+    start = float(((opt.mean - target) ** 2).sum())
+    for _ in range(300):
+        zs = opt.ask()
+        opt.tell([float(((z - target) ** 2).sum()) for z in zs])
+    assert float(((opt.mean - target) ** 2).sum()) < 0.01 * start
+    with pytest.raises(ConfigError, match="even"):
+        Spsa(6, popsize=5, lr=0.1, eps=0.1, seed=0)
+    with pytest.raises(ConfigError, match="even popsize"):
+        TuneConfig(optimizer="spsa", popsize=5)

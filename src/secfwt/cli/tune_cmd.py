@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-text", default=None, metavar="TEXT",
                    help="p0: the embeddings of this phrase's tokens (--n-prompt = its token count)")
     p.add_argument("--loss", choices=("ce", "hinge"), default=d.loss)
+    p.add_argument("--optimizer", choices=("cma", "spsa"), default=d.optimizer,
+                   help="cma: CMA-ES (BBT); spsa: zeroth-order Adam on antithetic two-point estimates (MeZO-style; "
+                        "needs an even --popsize)")
+    p.add_argument("--lr", type=float, default=d.lr, help="spsa: Adam step in units of z")
+    p.add_argument("--spsa-eps", type=float, default=d.spsa_eps, help="spsa: perturbation size in units of z")
     p.add_argument("--train-batch", type=int, default=None, help="train examples per iteration (default: all)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="iterations between dev evaluations")
     p.add_argument("--patience", type=int, default=d.patience, help="iterations without dev gain (0 = off)")
@@ -89,6 +94,8 @@ TUNE_CHECKS: tuple[Check, ...] = (
     ("--iterations", _AT_LEAST_1, "an integer >= 1"),
     ("--sigma", _positive, "a finite number > 0"),
     ("--alpha", _positive, "a finite number > 0"),
+    ("--lr", _positive, "a finite number > 0"),
+    ("--spsa-eps", _positive, "a finite number > 0"),
     ("--tune-seed", _seed, f"an integer in [0, {SEED_LIMIT})"),
     ("--proj-seed", _seed, f"an integer in [0, {SEED_LIMIT})"),
     ("--train-batch", _AT_LEAST_1, "an integer >= 1"),
@@ -119,7 +126,7 @@ def config_from_args(a: argparse.Namespace) -> TuneConfig:
     return TuneConfig(
         d=a.d, n_prompt=a.n_prompt, popsize=a.popsize, budget_calls=a.budget, iterations=a.iterations,
         sigma=a.sigma, alpha=a.alpha, seed=a.tune_seed, proj_seed=a.proj_seed, init="text" if a.init_text else a.init,
-        init_text=a.init_text or None, loss=a.loss,
+        init_text=a.init_text or None, loss=a.loss, optimizer=a.optimizer, lr=a.lr, spsa_eps=a.spsa_eps,
         train_batch=a.train_batch, eval_every=a.eval_every, patience=a.patience or None,
         zero_shot_floor=not a.no_floor, checkpoint_every=a.checkpoint_every,
     )

@@ -36,6 +36,7 @@ from secfwt.errors import ConfigError
 from secfwt.tuning import checkpoint
 from secfwt.tuning.data import TaskData
 from secfwt.tuning.objective import Batch, EvalCost, Evaluator, accuracy, get_loss, hinge
+from secfwt.tuning.zo import Spsa
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class TuneConfig:
     patience: int | None = 100  # iterations without dev improvement before stopping; None = never
     zero_shot_floor: bool = True  # fall back to no prompt if no prompt beat the template alone on dev
     checkpoint_every: int = 10  # iterations between checkpoints (when a checkpoint directory is given)
+    optimizer: str = "cma"  # "cma" (CMA-ES) or "spsa" (zeroth-order Adam on two-point estimates, tuning/zo.py)
+    lr: float = 0.05  # spsa: Adam step in units of z (the projection makes z ~ N(0, sigma^2) a natural scale)
+    spsa_eps: float = 0.5  # spsa: perturbation size of the two-point estimates, in units of z
 
     def __post_init__(self) -> None:
         for name in ("d", "n_prompt", "popsize", "eval_every", "checkpoint_every"):
@@ -67,13 +71,18 @@ class TuneConfig:
                 raise ConfigError(f"tuning config: {name} must be >= 1, got {getattr(self, name)}")
         if self.popsize < 2:
             raise ConfigError(f"tuning config: popsize must be >= 2 (CMA-ES), got {self.popsize}")
+        if self.optimizer not in ("cma", "spsa"):
+            raise ConfigError(f"tuning config: optimizer must be 'cma' or 'spsa', got {self.optimizer!r}")
+        if self.optimizer == "spsa" and self.popsize % 2:
+            raise ConfigError(f"tuning config: optimizer spsa needs an even popsize (antithetic pairs), got "
+                              f"{self.popsize}")
         if self.init not in ("none", "vocab", "text"):
             raise ConfigError(f"tuning config: init must be 'none', 'vocab' or 'text', got {self.init!r}")
         if (self.init == "text") != bool(self.init_text):
             raise ConfigError("tuning config: init 'text' needs a non-empty init_text (and init_text needs init "
                               f"'text'), got init={self.init!r}, init_text={self.init_text!r}")
         get_loss(self.loss)
-        for name in ("sigma", "alpha"):
+        for name in ("sigma", "alpha", "lr", "spsa_eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"tuning config: {name} must be > 0, got {getattr(self, name)}")
 
@@ -195,6 +204,8 @@ class _Loop:
         self.fingerprint = _fingerprint(config, evaluator, data)
         # Checkpointed state
         self.cma = CMA(mean=np.zeros(config.d), sigma=config.sigma, population_size=config.popsize, seed=config.seed)
+        self.zo = Spsa(config.d, config.popsize, config.lr, config.spsa_eps, config.seed) \
+            if config.optimizer == "spsa" else None
         self.rng = np.random.default_rng(config.seed)
         self.iteration = 0
         self.calls = 0
@@ -206,6 +217,10 @@ class _Loop:
         self.elapsed_s = 0.0
         self.stop_reason = ""
         self.cost_before: EvalCost | None = None  # what earlier sessions of a resumed run spent
+
+    def mean(self) -> np.ndarray:
+        """The optimizer's current centre: CMA-ES's mean, or SPSA's iterate."""
+        return self.zo.mean if self.zo is not None else self.cma.mean
 
     def cost(self) -> EvalCost | None:
         """The whole run's evaluator cost: earlier sessions (from the checkpoint) plus this one."""
@@ -221,6 +236,7 @@ class _Loop:
         cost = self.cost()
         return {
             "fingerprint": self.fingerprint, "cma": checkpoint.cma_state(self.cma),
+            "spsa": self.zo.state() if self.zo is not None else None,
             "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state().numpy(),
             "iteration": self.iteration, "calls": self.calls,
             "best_z": self.best_z, "best_dev": list(self.best_dev), "best_iteration": self.best_iteration,
@@ -242,6 +258,11 @@ class _Loop:
             )
         with ck.reading(where):
             cma = ck.restore_cma(self.cma, ck.field(s, "cma", dict))
+            zo_state = ck.field(s, "spsa", dict, optional=True) if "spsa" in s else None
+            if (zo_state is None) != (self.zo is None):
+                raise ConfigError(f"optimizer state: expected {self.cfg.optimizer!r}'s")
+            if self.zo is not None and zo_state is not None:
+                self.zo.restore(zo_state, ck.array, ck.field)
             rng = np.random.default_rng()
             rng.bit_generator.state = ck.field(s, "rng", dict)
             torch_rng = torch.from_numpy(ck.array(s, "torch_rng", tuple(torch.get_rng_state().shape), np.uint8))
@@ -276,13 +297,17 @@ class _Loop:
         return Batch.of("train-mb", [self.train.examples[i] for i in idx], ids=[self.train.ids[i] for i in idx])
 
     def step(self) -> IterRecord:
-        """One CMA-ES generation: ask P candidates, one batched forward, tell the losses."""
-        zs = [self.cma.ask() for _ in range(self.cfg.popsize)]
+        """One generation: ask P candidates (CMA-ES samples, or SPSA's antithetic probes), one batched forward,
+        tell the losses."""
+        zs = self.zo.ask() if self.zo is not None else [self.cma.ask() for _ in range(self.cfg.popsize)]
         batch = self._train_batch()
         logits = self.ev.logits(self.proj(np.stack(zs)), batch)  # (P, B, n_labels)
         losses = self.loss_fn(logits, batch.labels)  # (P,)
         accs = accuracy(logits, batch.labels)
-        self.cma.tell([(z, float(v)) for z, v in zip(zs, losses.tolist(), strict=True)])
+        if self.zo is not None:
+            self.zo.tell(losses.tolist())
+        else:
+            self.cma.tell([(z, float(v)) for z, v in zip(zs, losses.tolist(), strict=True)])
         self.iteration += 1
         self.calls += self.cfg.popsize
         best = int(torch.argmin(losses))
@@ -291,16 +316,19 @@ class _Loop:
         )
         last = self.iteration >= self.cfg.max_iterations
         if self.iteration % self.cfg.eval_every == 0 or last:
-            dev_acc, dev_loss = self._score(zs[best], self.dev)
+            # CMA-ES: the generation's best candidate; SPSA: its iterate after the step (the candidates are only
+            # probes around it)
+            z_dev = self.zo.mean.copy() if self.zo is not None else zs[best].copy()
+            dev_acc, dev_loss = self._score(z_dev, self.dev)
             rec = IterRecord(**{**asdict(rec), "dev_acc": dev_acc, "dev_loss": dev_loss})
             if (dev_acc, -dev_loss) > (self.best_dev[0], -self.best_dev[1]):
-                self.best_z, self.best_dev, self.best_iteration = zs[best].copy(), (dev_acc, dev_loss), self.iteration
+                self.best_z, self.best_dev, self.best_iteration = z_dev, (dev_acc, dev_loss), self.iteration
         self.history.append(rec)
         if last:
             self.stop_reason = "budget"
         elif self.cfg.patience is not None and self.iteration - self.best_iteration >= self.cfg.patience:
             self.stop_reason = "patience"
-        elif self.cma.should_stop():
+        elif self.zo is None and self.cma.should_stop():
             self.stop_reason = "cma-converged"
         return rec
 
@@ -362,7 +390,7 @@ def _finish(loop: _Loop, elapsed: float) -> TuneResult:
     start = time.perf_counter()
     data, cfg, ev = loop.data, loop.cfg, loop.ev
     eval_batch = Batch.of(data.eval_split, data.eval)
-    best_z = loop.best_z if loop.best_z is not None else np.asarray(loop.cma.mean, dtype=np.float64)
+    best_z = loop.best_z if loop.best_z is not None else np.asarray(loop.mean(), dtype=np.float64)
     dev_acc = loop.best_dev[0] if loop.best_z is not None else loop._score(best_z, loop.dev)[0]
     zs_acc = loop._score(None, eval_batch)[0]
     zs_dev = loop.zero_shot_dev if loop.zero_shot_dev is not None else loop._score(None, loop.dev)
