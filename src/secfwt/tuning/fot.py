@@ -343,11 +343,13 @@ def tune(
     progress: bool = True,
     console: Console | None = None,
     on_iteration: Callable[[IterRecord], None] | None = None,
+    observe: Callable[[IterRecord, np.ndarray | None], None] | None = None,
 ) -> TuneResult:
     """Run forward-only tuning of a soft prompt for ``data.task`` with ``evaluator``; see the module docstring.
 
     With ``checkpoint_dir`` the loop saves its state every ``config.checkpoint_every`` iterations and, when
-    ``resume``, continues from the last checkpoint there. ``on_iteration`` is called after each iteration.
+    ``resume``, continues from the last checkpoint there. ``on_iteration`` is called after each iteration;
+    ``observe`` too, with the best ``z`` on dev so far (e.g. to score it on test along the way: benchmarks).
     """
     session_start = time.perf_counter()
     loop = _Loop(evaluator, data, config)
@@ -382,6 +384,8 @@ def tune(
                 save()
             if on_iteration is not None:
                 on_iteration(rec)
+            if observe is not None:
+                observe(rec, None if loop.best_z is None else loop.best_z.copy())
     return _finish(loop, base_elapsed + time.perf_counter() - session_start)
 
 
