@@ -4,15 +4,23 @@ Ring elements are ``torch.int64`` tensors; addition, subtraction and multiplicat
 (two's complement), which is exactly arithmetic in Z_2^64. A real number ``x`` is encoded with ``f``
 fractional bits as ``round(x * 2^f) mod 2^64`` and decoded by reading the element as a signed integer.
 
-Matrix products: torch has no BLAS path for int64, so :func:`matmul` splits both operands into three
-signed limbs, multiplies limb matrices with float64 BLAS (every partial sum is an integer below 2^53,
-hence exact) and recombines the six products whose shifts stay below 2^64.
+Matrix products (:func:`matmul`) run one of two exact kernels, chosen per shape class by timing both on
+this machine at first use (:mod:`secfwt.ring_kernels`): torch's int64 matmul, or three signed limbs
+multiplied with float64 BLAS. :func:`kernel_report` says which was chosen and why.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from secfwt import ring_kernels
+from secfwt.ring_kernels import RightOperand
+
+__all__ = ["RING_BITS", "RightOperand", "decode", "encode", "kernel_report", "logical_rshift", "lshift", "matmul",
+           "matmul_reference", "msb"]
 
 RING_BITS = 64
 
@@ -62,96 +70,57 @@ def lshift(x: Tensor, k: int) -> Tensor:
     return x * (1 << k) if k < 63 else x * (-(1 << 63))
 
 
-# Signed limbs: x = l0 + l1 * 2^22 + l2 * 2^43 (mod 2^64) with l0 in [-2^21, 2^21), l1, l2 in [-2^20, 2^20).
-LIMB_SHIFTS = (0, 22, 43)
-_LIMB_WIDTHS = (22, 21, 21)
-# |l_i * l_j| <= 2^42, so an inner dimension of 2^11 keeps every float64 partial sum below 2^53 (exact).
-_MAX_INNER = 1 << 11
+# The process's kernel choices: they describe this machine and torch build, not any party's state.
+_CHOOSER = ring_kernels.KernelChooser()
 
 
-def _limbs(x: Tensor) -> list[Tensor]:
-    out = []
-    rest = x
-    for width in _LIMB_WIDTHS:
-        limb = (rest << (64 - width)) >> (64 - width)  # sign-extended low `width` bits
-        out.append(limb.to(torch.float64))
-        rest = (rest - limb) >> width
-    return out
+def matmul(a: Tensor, b: Tensor | RightOperand, *, kernel: str | None = None) -> Tensor:
+    """Exact ``a @ b`` over Z_2^64 (torch.matmul broadcasting rules, int64 in and out).
 
-
-class RightOperand:
-    """A ring matrix prepared once to be the right operand of many :func:`matmul` calls (a fixed weight):
-    its limbs split and laid out as the BLAS calls read them, ``[l0 | l1 | l2]`` along the columns, per chunk
-    of at most 2^11 inner rows. Stored as float32 (every limb has at most 22 bits: exact), 12 bytes per
-    element, widened to float64 per call."""
-
-    def __init__(self, b: Tensor) -> None:
-        if b.dtype != torch.int64 or b.dim() < 2:
-            raise TypeError(f"RightOperand: expected an int64 matrix, got {b.dtype} with {b.dim()} dims")
-        self.shape = tuple(b.shape)
-        k = b.shape[-2]
-        self.chunks = [torch.cat(_limbs(b[..., s : s + _MAX_INNER, :]), dim=-1).to(torch.float32)
-                       for s in range(0, k, _MAX_INNER)]
-
-
-def matmul(a: Tensor, b: Tensor | RightOperand) -> Tensor:
-    """Exact ``a @ b`` over Z_2^64 (torch.matmul broadcasting rules) through float64 BLAS.
-
-    Both operands are split into three signed limbs (22, 21 and 21 bits, at shifts 0, 22 and 43). Only
-    the six limb products whose shift is below 64 matter; they run as three BLAS calls (a's limb i
-    against b's limbs concatenated along columns). Every product is an integer below 2^53 in magnitude
-    when the inner dimension is at most 2^11, so float64 computes it exactly; longer inner dimensions are
-    split into chunks. Cost: 6 float64 matrix products of the output's shape.
+    ``kernel``: ``"int64"`` (torch's int64 matmul), ``"limbs"`` (three signed limbs, six float64 BLAS
+    products, exact for any inner dimension by chunks of 2^11) or ``"auto"``; ``None`` reads
+    ``SECFWT_MATMUL_KERNEL`` (default ``auto``). ``auto`` uses the kernel measured fastest on this machine
+    for the product's shape class, among those that agreed bit-for-bit with the limbs
+    (:class:`secfwt.ring_kernels.KernelChooser`). A :class:`RightOperand` is a right matrix prepared once.
+    Raises ``TypeError`` for non-int64 operands, ``ValueError`` for different inner dimensions and
+    :class:`secfwt.errors.ConfigError` for an unknown kernel name.
     """
+    mode = ring_kernels.env_mode() if kernel is None else kernel
     if isinstance(b, RightOperand):
-        return _matmul_prepared(a, b)
+        if a.dtype != torch.int64 or a.dim() < 2:
+            raise TypeError(f"ring.matmul: expected an int64 matrix on the left, got {a.dtype} with {a.dim()} dims")
+        if a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"ring.matmul: inner dimensions differ: {tuple(a.shape)} @ {b.shape}")
+        name = _CHOOSER.kernel_for(tuple(a.shape), b.shape, True, mode)
+        return _CHOOSER.kernels[name](a, b)
     if a.dtype != torch.int64 or b.dtype != torch.int64:
         raise TypeError(f"ring.matmul: expected int64 tensors, got {a.dtype} and {b.dtype}")
+    if a.dim() == 0 or b.dim() == 0:
+        raise ValueError(f"ring.matmul: expected operands with at least 1 dim, got {a.dim()} and {b.dim()}")
     if a.dim() == 1 or b.dim() == 1:
         a2 = a.unsqueeze(0) if a.dim() == 1 else a
         b2 = b.unsqueeze(-1) if b.dim() == 1 else b
-        res = matmul(a2, b2)
+        res = matmul(a2, b2, kernel=mode)
         if a.dim() == 1:
             res = res.squeeze(-2)
         if b.dim() == 1:
             res = res.squeeze(-1)
         return res
-    k = a.shape[-1]
-    if k != b.shape[-2]:
+    if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"ring.matmul: inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}")
-    if k > _MAX_INNER:
-        parts = [matmul(a[..., s : s + _MAX_INNER], b[..., s : s + _MAX_INNER, :]) for s in range(0, k, _MAX_INNER)]
-        return torch.stack(parts).sum(0)
-    return _combine(_limbs(a), torch.cat(_limbs(b), dim=-1), b.shape[-1])
+    name = _CHOOSER.kernel_for(tuple(a.shape), tuple(b.shape), False, mode)
+    return _CHOOSER.kernels[name](a, b)
 
 
-def _combine(al: list[Tensor], bcat: Tensor, n: int) -> Tensor:
-    """sum over limb pairs (i, j) with shift below 64 of (a_i @ b_j) << (s_i + s_j), from b's [l0 | l1 | l2]."""
-    out: Tensor | None = None
-    for i, si in enumerate(LIMB_SHIFTS):
-        js = [j for j, sj in enumerate(LIMB_SHIFTS) if si + sj < RING_BITS]  # a prefix of (0, 1, 2)
-        prod = torch.matmul(al[i], bcat[..., : len(js) * n]).to(torch.int64)
-        for col, j in enumerate(js):
-            part = lshift(prod[..., col * n : (col + 1) * n], si + LIMB_SHIFTS[j])
-            out = part if out is None else out + part
-    assert out is not None
-    return out
-
-
-def _matmul_prepared(a: Tensor, b: RightOperand) -> Tensor:
-    if a.dtype != torch.int64 or a.dim() < 2:
-        raise TypeError(f"ring.matmul: expected an int64 matrix on the left, got {a.dtype} with {a.dim()} dims")
-    k, n = b.shape[-2], b.shape[-1]
-    if a.shape[-1] != k:
-        raise ValueError(f"ring.matmul: inner dimensions differ: {tuple(a.shape)} @ {b.shape}")
-    out: Tensor | None = None
-    for c, bcat in enumerate(b.chunks):
-        part = _combine(_limbs(a[..., c * _MAX_INNER : (c + 1) * _MAX_INNER]), bcat.to(torch.float64), n)
-        out = part if out is None else out + part
-    assert out is not None
-    return out
+def kernel_report() -> dict[str, Any]:
+    """The matmul kernel choices of this process so far: ``cpu`` (model name), ``torch`` (version),
+    ``threads`` (torch's current thread count), ``mode`` (SECFWT_MATMUL_KERNEL), ``self_test`` (per kernel,
+    "ok" or why it is not trusted), ``calibration_s`` (total time spent measuring) and ``classes``: per shape
+    class its representative product, the kernel ``chosen``, ``times_s`` per kernel and the ``reason`` any
+    kernel was left out. JSON-serialisable; ``ring_kernels.summary(report)`` gives one line."""
+    return _CHOOSER.report()
 
 
 def matmul_reference(a: Tensor, b: Tensor) -> Tensor:
-    """Plain int64 ``a @ b`` (wraps modulo 2^64): slow, used as the oracle in tests and benchmarks."""
+    """Plain int64 ``a @ b`` (wraps modulo 2^64): used as the oracle in tests and benchmarks."""
     return torch.matmul(a, b)
