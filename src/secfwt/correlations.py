@@ -12,8 +12,10 @@ matmul        c = a @ b  (kind ``mul`` with ``op="matmul"``)              8 * nu
 square        c = a * a                                                   8 * numel(a)
 trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
 compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 7.5 + 7 * 8) ~ 75.5 n
-              final masks s, a, b and their 7 monomials (arith)
-compare_sel   compare + the 7 monomials times r for the first k elements   75.5 n + 56 k
+              final masks s, a, b and their 7 monomials (arith);         (bits = 32: ~65.5 n, 16: ~60.5 n,
+              ``bits`` = l < 64: r mod 2^l, tree fields of w bits         8: ~58 n)
+compare_sel   compare + the 7 monomials times r for the first k elements   75.5 n + 56 k (l < 64: + 128 k;
+              (l < 64: r, mono r, r_t, mono r_t: 16 rows)                 r_t = bit l - 1 of the l-bit r)
 cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
 bit2a         random bit s as XOR share and arithmetic share               8 * n
 wmask         a fixed mask B for one weight, kept by the dealer (stateful) 0
@@ -115,9 +117,12 @@ def _trunc_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     return {"rq": ring.logical_rshift(r, k) - m0["rq"], "rm": ring.msb(r) - m0["rm"]}
 
 
-# Comparison material (see protocols/compare.py for how it is used). For n elements:
-#   r      arithmetic mask (n); rb = r as XOR shares (n 64-bit words)
-#   q      XOR shares of the 32 pair products r_(2j+1) AND r_(2j) per element (bits 0..31): tree level 1 local
+# Comparison material (see protocols/compare.py for how it is used). For n elements and an l-bit opening
+# (``bits``, default 64) with w = tree_width(l)-bit tree fields (w = 64: one element per word):
+#   r      arithmetic mask (n; only r mod 2^l is used); rb = (r mod 2^l) << (w - l) as XOR shares, w-bit
+#          fields packed densely (ceil(n w / 64) words)
+#   q      XOR shares of the w / 2 pair products r_(2j+1) AND r_(2j) per field (32 bits per word of rb, in
+#          the order of odd_bits / even_bits): tree level 1 local
 #   t      AND triples (ta, tb1, tb2, tc1 = ta AND tb1, tc2 = ta AND tb2) for the 4 interactive tree levels as
 #          dense 64-bit words: level l uses compare_words(n)[l + 1] words, the levels one after the other
 #   fb     final-level masks s, a, b: one bit per element, 32 elements per word (low 32 bits), 3 rows
@@ -127,13 +132,31 @@ _EVEN = [(0x5555555555555555, 1), (0x3333333333333333, 2), (0x0F0F0F0F0F0F0F0F, 
          (0x00FF00FF00FF00FF, 8), (0x0000FFFF0000FFFF, 16), (0x00000000FFFFFFFF, 0)]
 
 
-def compare_words(n: int) -> list[int]:
-    """Dense word counts of the comparison tree for n elements: [W_0, ..., W_4], W_0 = ceil(n / 2) words of
-    two 32-bit fields after level 1, W_(l+1) = ceil(W_l / 2) after each packed level (64 / w fields of w bits)."""
-    ws = [(n + 1) // 2]
-    for _ in range(4):
+def tree_width(bits: int) -> int:
+    """Width w of the comparison tree's per-element field for an opening of ``bits`` bits: the smallest power
+    of two >= bits, at least 8 (8, 16, 32 or 64)."""
+    return max(8, 1 << (bits - 1).bit_length())
+
+
+def compare_words(n: int, width: int = 64) -> list[int]:
+    """Dense word counts of the comparison tree for n elements of ``width``-bit fields: [W_0, ..., W_L],
+    L = log2(width) - 2 packed levels. The fields start in N_0 = ceil(n width / 64) words; W_0 = ceil(N_0 / 2)
+    words of (width / 2)-bit fields after level 1, W_(l+1) = ceil(W_l / 2) after each packed level (for width
+    64: W_0 = ceil(n / 2) words of two 32-bit fields). The last level's words hold 32 two-bit fields."""
+    ws = [(-(-n * width // 64) + 1) // 2]
+    for _ in range(width.bit_length() - 3):
         ws.append((ws[-1] + 1) // 2)
     return ws
+
+
+def pack_fields(v: Tensor, width: int) -> Tensor:
+    """``width``-bit fields (values in [0, 2^width)) packed densely, 64 / width per int64 word, in order
+    (element i in word i // (64 / width), at bit (i % (64 / width)) width), the last word zero-padded."""
+    if width == 64:
+        return v
+    per = 64 // width
+    v = torch.cat([v, v.new_zeros((-v.numel()) % per)]).reshape(-1, per)
+    return (v << (torch.arange(per, dtype=torch.int64) * width)).sum(-1)
 
 
 def even_bits(x: Tensor) -> Tensor:
@@ -149,17 +172,24 @@ def odd_bits(x: Tensor) -> Tensor:
     return even_bits(x >> 1)
 
 
-def _compare_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+def _compare_dims(p: dict[str, Any]) -> tuple[int, int, int, list[int]]:
+    """(n, l, w, word counts) of a compare request: n elements, l-bit opening, w-bit tree fields."""
     (n,) = _shape(p, "shape")
-    ws = compare_words(n)
-    return {"r": st.ring((n,)), "rb": st.ring((n,)), "q": st.ring((n,)), "t": st.ring((5, sum(ws[1:]))),
-            "fb": st.ring((3, ws[4])), "mono": st.ring((7, n))}
+    bits = int(p.get("bits", 64))
+    w = tree_width(bits)
+    return n, bits, w, compare_words(n, w)
+
+
+def _compare_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    n, _, w, ws = _compare_dims(p)
+    n0 = -(-n * w // 64)
+    return {"r": st.ring((n,)), "rb": st.ring((n0,)), "q": st.ring((n0,)), "t": st.ring((5, sum(ws[1:]))),
+            "fb": st.ring((3, ws[-1])), "mono": st.ring((7, n))}
 
 
 def _compare_draw1(p: dict[str, Any], st: PRGStream) -> Material:
-    (n,) = _shape(p, "shape")
-    ws = compare_words(n)
-    return {"r": st.ring((n,)), "t": st.ring((3, sum(ws[1:]))), "fb": st.ring((3, ws[4]))}
+    n, _, _, ws = _compare_dims(p)
+    return {"r": st.ring((n,)), "t": st.ring((3, sum(ws[1:]))), "fb": st.ring((3, ws[-1]))}
 
 
 def word_bits(words: Tensor, n: int) -> Tensor:
@@ -168,9 +198,15 @@ def word_bits(words: Tensor, n: int) -> Tensor:
     return ((words.unsqueeze(-1) >> shifts) & 1).reshape(*words.shape[:-1], -1)[..., :n]
 
 
+def _mask_r(r: Tensor, bits: int) -> Tensor:
+    """The l-bit mask r mod 2^l (the whole ring element for l = 64)."""
+    return r if bits == 64 else r & ((1 << bits) - 1)
+
+
 def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
-    (n,) = _shape(p, "shape")
-    r = m0["r"] + m1["r"]
+    n, bits, w, _ = _compare_dims(p)
+    # The tree compares w-bit fields holding r at the top (r << (w - l)); the low w - l bits are 0 in r and c.
+    r = pack_fields(_mask_r(m0["r"] + m1["r"], bits) << (w - bits), w)
     q = odd_bits(r) & even_bits(r)
     t = m0["t"][:3] ^ m1["t"]
     tc = torch.stack([t[0] & t[1], t[0] & t[2]])
@@ -178,25 +214,38 @@ def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     mono = torch.stack([s, a, b, s * a, s * b, a * b, s * a * b])
     return {
         "rb": r ^ m0["rb"],
-        "q": ((q ^ m0["q"]) & _M32).to(torch.int32),  # 4 bytes: only the low 32 bits are used
-        "tc": tc ^ m0["t"][3:],  # dense words: 2 * 30 bits per element
+        "q": ((q ^ m0["q"]) & _M32).to(torch.int32),  # 4 bytes per word: only the low 32 bits are used
+        "tc": tc ^ m0["t"][3:],  # dense words
         "mono": mono - m0["mono"],
     }
 
 
+def _sel_rows(p: dict[str, Any]) -> int:
+    """Rows of ``monor``: 7 (mono_j r) for a 64-bit comparison; 16 for l < 64 (r, mono_j r, r_t, mono_j r_t
+    with r the l-bit mask as an integer in [0, 2^l) and r_t its top bit)."""
+    return 7 if int(p.get("bits", 64)) == 64 else 16
+
+
 def _compare_sel_draw0(p: dict[str, Any], st: PRGStream) -> Material:
     m = _compare_draw0(p, st)
-    m["monor"] = st.ring((7, *_shape(p, "prod_shape")))
+    m["monor"] = st.ring((_sel_rows(p), *_shape(p, "prod_shape")))
     return m
 
 
 def _compare_sel_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
-    """``compare`` plus shares of mono_k * r for the first prod_shape[0] elements (ltz with the product b x)."""
+    """``compare`` plus shares of mono_k * r for the first prod_shape[0] elements (ltz with the product b x);
+    for l < 64 also r, r_t and mono_k * r_t (see protocols/compare.py, ltz_select)."""
     out = _compare_correct(p, m0, m1)
     k = _shape(p, "prod_shape")[0]
-    r = (m0["r"] + m1["r"])[:k]
+    bits = int(p.get("bits", 64))
+    r = _mask_r(m0["r"] + m1["r"], bits)[:k]
     mono = out["mono"][:, :k] + m0["mono"][:, :k]
-    out["monor"] = mono * r - m0["monor"]
+    if bits == 64:
+        rows = mono * r
+    else:
+        rt = r >> (bits - 1)
+        rows = torch.cat([r[None], mono * r, rt[None], mono * rt])
+    out["monor"] = rows - m0["monor"]
     return out
 
 
@@ -325,13 +374,19 @@ def _as_op(v: Any) -> str:
     return str(v)
 
 
+def _as_bytes_bits(v: Any) -> int:
+    if type(v) is not int or v not in range(8, 65, 8):
+        raise ValueError("expected a multiple of 8 in [8, 64]")
+    return v
+
+
 _SHAPE = (_as_shape, None)  # (converter, default); default None: required
 _FIELDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "mul": {"a": _SHAPE, "b": _SHAPE, "op": (_as_op, "mul")},
     "square": {"a": _SHAPE},
     "trunc": {"shape": _SHAPE, "bits": (_as_int(1, 63), None)},
-    "compare": {"shape": _SHAPE},
-    "compare_sel": {"shape": _SHAPE, "prod_shape": _SHAPE},
+    "compare": {"shape": _SHAPE, "bits": (_as_bytes_bits, 64)},
+    "compare_sel": {"shape": _SHAPE, "prod_shape": _SHAPE, "bits": (_as_bytes_bits, 64)},
     "cossin": {"shape": _SHAPE, "frac_bits": (_as_int(1, 62), None)},
     "bit2a": {"shape": _SHAPE},
     "wmask": {"shape": _SHAPE},
@@ -344,9 +399,9 @@ def _compare_layout(p: dict[str, Any]) -> Layout:
     shape = _shape(p, "shape")
     if len(shape) != 1:
         raise ValueError(f"'shape' must be 1-D, got {list(shape)}")
-    (n,) = shape
-    ws = compare_words(n)
-    return {"rb": ((n,), _I64), "q": ((n,), torch.int32), "tc": ((2, sum(ws[1:])), _I64), "mono": ((7, n), _I64)}
+    n, _, w, ws = _compare_dims(p)
+    n0 = -(-n * w // 64)
+    return {"rb": ((n0,), _I64), "q": ((n0,), torch.int32), "tc": ((2, sum(ws[1:])), _I64), "mono": ((7, n), _I64)}
 
 
 def _compare_sel_layout(p: dict[str, Any]) -> Layout:
@@ -354,7 +409,7 @@ def _compare_sel_layout(p: dict[str, Any]) -> Layout:
     k = _shape(p, "prod_shape")
     if len(k) != 1 or k[0] > p["shape"][0]:
         raise ValueError(f"'prod_shape' must be [k] with k <= {p['shape'][0]}, got {list(k)}")
-    out["monor"] = ((7, k[0]), _I64)
+    out["monor"] = ((_sel_rows(p), k[0]), _I64)
     return out
 
 

@@ -89,19 +89,22 @@ def _check_method(method: str) -> None:
         raise ValueError(f"activation method: expected 'symmetric', 'two-stage' or 'piecewise', got {method!r}")
 
 
-def _evaluate(ctx: PartyContext, x: AShare, name: str, method: str, spec: Callable[[], PiecewiseSpec]) -> AShare:
+def _evaluate(ctx: PartyContext, x: AShare, name: str, method: str, spec: Callable[[], PiecewiseSpec],
+              bound: float | None) -> AShare:
     """``name`` on shares: the even/odd fit (``SPECS[name]``; "two-stage": |x| first, fewer comparisons, even
-    functions only) or the piecewise fit ``spec()``."""
+    functions only) or the piecewise fit ``spec()``; ``bound``: narrow comparisons for |x| < bound."""
     _check_method(method)
+    if bound is not None and not bound > 0:
+        raise ValueError(f"{name}: bound must be a positive number (a public bound on |x|), got {bound!r}")
     with ctx.cost.scope(name):
         if method == "piecewise":
-            return piecewise(ctx, x, spec())
+            return piecewise(ctx, x, spec(), bound=bound)
         if method == "two-stage":
-            return even_two_stage(ctx, x, SPECS[name])
-        return symmetric_eval(ctx, x, SPECS[name])
+            return even_two_stage(ctx, x, SPECS[name], bound)
+        return symmetric_eval(ctx, x, SPECS[name], bound)
 
 
-def gelu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
+def gelu(ctx: PartyContext, x: AShare, method: Method = "symmetric", bound: float | None = None) -> AShare:
     """GELU(x) = x Phi(x) on shares (exact-erf GELU, torch's default).
 
     ``method="symmetric"`` (default): x/2 + g(|x|), g even, one degree-7 piece on |x| < 4 and the exact tails
@@ -109,30 +112,35 @@ def gelu(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
     ~2e-4 on all reals. ``method="piecewise"``: the previous construction (:func:`gelu_spec`, one ltz on 4
     thresholds, three degree-7 pieces on [-4,-1], [-1,1], [1,4]): 13 rounds, 366.5 bytes, ~1.3e-4.
     Valid range: every x in the fixed-point range. Errors measured in docs/APPROXIMATIONS.md.
+    ``bound``: a public bound |x| < bound the CALLER guarantees (e.g. a clipped input); the comparisons then run
+    on range_bits(f, bound + 4) bits (32 for bound <= 4092 at f <= 19): 12 rounds, 124.9 bytes (symmetric).
+    Beyond the bound the output is garbage (:mod:`secfwt.approx.symmetric`).
     Reference: PUMA's segmented GeLU (Dong et al., arXiv 2307.12533); even/odd split as in BOLT.
     """
-    return _evaluate(ctx, x, "gelu", method, gelu_spec)
+    return _evaluate(ctx, x, "gelu", method, gelu_spec, bound)
 
 
-def tanh(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
+def tanh(ctx: PartyContext, x: AShare, method: Method = "symmetric", bound: float | None = None) -> AShare:
     """tanh(x) on shares: odd, sign(x) g(|x|) with degree-7 pieces on |x| in [0, 2, 5], +-1 beyond.
 
     Symmetric (default): 13 rounds, 282.1 bytes per element per server, max abs error ~9e-5.
     ``method="piecewise"``: 4 pieces on [-5,-2,0,2,5]: 13 rounds, 458.1 bytes. Valid range: all x.
+    ``bound``: narrow comparisons for |x| < bound, as :func:`gelu` (symmetric: 12 rounds, 232.1 bytes).
     """
-    return _evaluate(ctx, x, "tanh", method, tanh_spec)
+    return _evaluate(ctx, x, "tanh", method, tanh_spec, bound)
 
 
-def sigmoid(ctx: PartyContext, x: AShare, method: Method = "symmetric") -> AShare:
+def sigmoid(ctx: PartyContext, x: AShare, method: Method = "symmetric", bound: float | None = None) -> AShare:
     """sigmoid(x) = 1/2 + odd part, degree-7 pieces on |x| in [0, 4, 10], 0 / 1 beyond.
 
     Symmetric (default): 13 rounds, 282.1 bytes per element per server, max abs error ~5e-5.
     ``method="piecewise"``: 4 pieces on [-10,-4,0,4,10]: 13 rounds, 458.1 bytes. Valid range: all x.
+    ``bound``: narrow comparisons for |x| < bound, as :func:`gelu` (symmetric: 12 rounds, 232.1 bytes).
     """
-    return _evaluate(ctx, x, "sigmoid", method, sigmoid_spec)
+    return _evaluate(ctx, x, "sigmoid", method, sigmoid_spec, bound)
 
 
-def silu(ctx: PartyContext, x: AShare, method: Method = "two-stage") -> AShare:
+def silu(ctx: PartyContext, x: AShare, method: Method = "two-stage", bound: float | None = None) -> AShare:
     """SiLU(x) = x sigmoid(x) = x/2 + g(|x|), g even: degree-7 pieces on |x| in [0, 4, 12], exact 0 / x beyond.
 
     Two-stage (default; :func:`secfwt.approx.symmetric.even_two_stage`): |x| first, then 2 threshold
@@ -141,8 +149,10 @@ def silu(ctx: PartyContext, x: AShare, method: Method = "two-stage") -> AShare:
     comparisons' compute dominates on a LAN or one machine). Max abs error ~8e-5 (the tail at |x| = 12);
     inputs of any size (SmolLM2 reaches |x| ~ 49) hit the exact tails.
     ``method="piecewise"``: 4 pieces on [-16,-4,0,4,16]: 13 rounds, 474.1 bytes. Valid range: all x.
+    ``bound``: narrow comparisons for |x| < bound, as :func:`gelu` (two-stage: 17 rounds, 228.9 bytes;
+    range_bits(f, bound + 12) = 32 for bound <= 4084 at f <= 19).
     """
-    return _evaluate(ctx, x, "silu", method, silu_spec)
+    return _evaluate(ctx, x, "silu", method, silu_spec, bound)
 
 
 __all__ = ["gelu", "gelu_spec", "sigmoid", "sigmoid_spec", "silu", "silu_spec", "tanh", "tanh_spec"]

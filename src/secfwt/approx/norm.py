@@ -21,6 +21,7 @@ from secfwt.approx.poly import mul_exact_many, to_scale, trunc_many
 from secfwt.approx.recip import rsqrt
 from secfwt.context import PartyContext
 from secfwt.protocols.arith import mul_aa, trunc
+from secfwt.protocols.compare import range_bits
 from secfwt.share import AShare, add, add_public, mul_public, sub
 
 # Range of the per-row variance handed to rsqrt: [2^-16, 2^16] covers eps = 1e-5 .. |x| ~ 256.
@@ -51,8 +52,11 @@ def _normalize(
     prods = mul_exact_many(ctx, pairs)  # scale 2f each, untruncated
     stats = trunc_many(ctx, [prods[0].sum(d, keepdim=True)] + prods[1:], f)
     s = add_public(ctx, stats[0], n * eps)
+    # Range of the thresholds' comparisons: S + n eps >= 0 and S < 2^(62 - 2f) for every sum of squares that
+    # did not wrap (s_hi_bits), so |S + n eps - 2^k| < 2^(63 - 2f): narrow comparisons on 64 - f bits (48 at
+    # f = 16) are exact there; a wrapped S was garbage before and stays garbage.
     r = rsqrt(ctx, s, lo=VAR_LO + math.floor(math.log2(n)), hi=s_hi_bits(f), factor=math.sqrt(n),
-              out_scale=f + r_extra_bits(f))
+              out_scale=f + r_extra_bits(f), compare_bits=range_bits(f, 2.0 ** s_hi_bits(f)))
     y = mul_aa(ctx, stats[1] if weight is not None else c, r, out_scale=f)
     return add(y, bias) if bias is not None else y
 

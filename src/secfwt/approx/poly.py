@@ -28,7 +28,7 @@ from secfwt import ring
 from secfwt.comm.base import SERVER0
 from secfwt.context import PartyContext
 from secfwt.protocols.arith import mul_aa, square_a, trunc
-from secfwt.protocols.compare import ltz
+from secfwt.protocols.compare import ltz, range_bits
 from secfwt.share import AShare, add, add_public, rescale_up, stack
 
 # Intermediates must stay below 2^61 in absolute value (one bit of margin below trunc's 2^62).
@@ -262,13 +262,15 @@ def fit_piecewise(
     return PiecewiseSpec(tuple(float(t) for t in breakpoints), tuple(pieces), math.ceil(math.log2(bound)) + 1)
 
 
-def interval_bits(ctx: PartyContext, x: AShare, thresholds: Sequence[float]) -> AShare:
+def interval_bits(ctx: PartyContext, x: AShare, thresholds: Sequence[float], bits: int = 64) -> AShare:
     """Bits [x < t_k] for all public thresholds at once: ONE ltz call on the stacked differences.
 
     Returns shape (K, *x.shape), scale 0. Cost: 6 rounds, 19.625 K bytes per element per server (ltz: 8 + 93 / 8).
+    ``bits`` < 64: a narrow :func:`~secfwt.protocols.compare.ltz` (exact only while every |x - t_k| < 2^(bits-1)
+    in ring units; the caller states why): log2(w) rounds, bits / 8 + (3 w / 2 - 3) / 8 bytes per threshold.
     """
     diffs = [add_public(ctx, x, -float(t)) for t in thresholds]
-    return ltz(ctx, stack(diffs, dim=0))
+    return ltz(ctx, stack(diffs, dim=0), bits)
 
 
 def one_hot(ctx: PartyContext, bits: AShare) -> list[AShare]:
@@ -281,7 +283,7 @@ def one_hot(ctx: PartyContext, bits: AShare) -> list[AShare]:
     return hs
 
 
-def piecewise(ctx: PartyContext, x: AShare, spec: PiecewiseSpec) -> AShare:
+def piecewise(ctx: PartyContext, x: AShare, spec: PiecewiseSpec, bound: float | None = None) -> AShare:
     """Evaluate a piecewise polynomial: y = sum_i [x in I_i] * piece_i(x), exactly selected.
 
     Steps:
@@ -294,11 +296,14 @@ def piecewise(ctx: PartyContext, x: AShare, spec: PiecewiseSpec) -> AShare:
     server: 19.625 K + S * poly bytes (72 for degree 7, untruncated) + 16 S (selection) + 8 (truncation)
     + 16 if any piece has a nonzero slope; S = number of polynomial pieces.
     Valid range: all x in the fixed-point range. Error: the fit error plus ~2^-f.
+    ``bound``: a public bound |x| < bound the caller guarantees: the comparisons of x - t_k (|.| < bound +
+    max |t_k|) run on range_bits(f, bound + max |t_k|) bits (:func:`interval_bits`); beyond it, garbage.
     """
     with ctx.cost.scope("piecewise"):
         f = ctx.f
         x = to_scale(ctx, x, f)
-        hs = one_hot(ctx, interval_bits(ctx, x, spec.breakpoints))
+        bits = 64 if bound is None else range_bits(f, bound + max(abs(t) for t in spec.breakpoints))
+        hs = one_hot(ctx, interval_bits(ctx, x, spec.breakpoints, bits))
         poly_idx = [i for i, pc in enumerate(spec.pieces) if pc.coeffs]
         pairs: list[tuple[AShare, AShare]] = []
         if poly_idx:

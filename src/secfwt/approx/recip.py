@@ -63,13 +63,15 @@ def _onehot_public(ctx: PartyContext, bits: AShare | None, values: list[float], 
 
 
 def _range_reduce(
-    ctx: PartyContext, x: AShare, lo: int, hi: int, guess: list[float], norm: list[float], bound_bits: int
+    ctx: PartyContext, x: AShare, lo: int, hi: int, guess: list[float], norm: list[float], bound_bits: int,
+    compare_bits: int = 64,
 ) -> tuple[AShare, AShare]:
     """Steps 1-3: returns (g at the working scale, e = 1 - x * norm at the working scale)."""
     if hi <= lo:
         raise ValueError(f"need lo < hi, got lo={lo}, hi={hi}")
     f = ctx.f
-    bits = interval_bits(ctx, x, [2.0**k for k in range(lo + 1, hi)]) if hi - lo > 1 else None
+    thresholds = [2.0**k for k in range(lo + 1, hi)]
+    bits = interval_bits(ctx, x, thresholds, compare_bits) if hi - lo > 1 else None
     p = work_scale(ctx, bound_bits)
     g = _onehot_public(ctx, bits, guess, p)
     # The largest normaliser (2/3) 2^-lo must encode below 2^62: for small f, fewer than 56 - f bits.
@@ -79,7 +81,8 @@ def _range_reduce(
 
 
 def reciprocal(
-    ctx: PartyContext, x: AShare, lo: int = -8, hi: int = 12, out_scale: int | None = None
+    ctx: PartyContext, x: AShare, lo: int = -8, hi: int = 12, out_scale: int | None = None,
+    compare_bits: int = 64,
 ) -> AShare:
     """1/x for x in [2^lo, 2^hi] (shared, positive); the result has ``out_scale`` bits (default f).
 
@@ -94,6 +97,10 @@ def reciprocal(
     Error: relative <= 2.3e-6 from the correction polynomial (:func:`series_error`), plus fixed point:
     absolute ~2^-f from the final truncation and 2^-p of the guess (p = working scale): measured
     |err| <= 1.2e-5 |1/x| + 3e-5 (2.8e-3 at 1/x = 256; docs/APPROXIMATIONS.md).
+    ``compare_bits`` < 64 (callers that know 0 <= x < 2^(hi+1), e.g. softmax's sum in [1, N]): the thresholds
+    use narrow comparisons (:func:`~secfwt.protocols.compare.ltz` with that many bits; exact while
+    |x - 2^k| < 2^(compare_bits - 1 - f), which :func:`~secfwt.protocols.compare.range_bits` (f, 2^(hi+1))
+    guarantees for 0 <= x < 2^(hi+1)); beyond that bound the interval bits are wrong and so is the result.
     Reference: one-hot range reduction as in SiRnn (Rathee et al., S&P 2021); series instead of Newton.
     """
     with ctx.cost.scope("reciprocal"):
@@ -101,13 +108,13 @@ def reciprocal(
         # |g P(e)| <= 2^(-lo+1) in range; +1 bit so that a saturated x < 2^lo (<= 5.7 2^-lo) cannot wrap.
         bound_bits = max(-lo, 0) + 2
         guess = [(2.0 / 3.0) * 2.0**-j for j in range(lo, hi)]
-        g, e = _range_reduce(ctx, x, lo, hi, guess, guess, bound_bits)
+        g, e = _range_reduce(ctx, x, lo, hi, guess, guess, bound_bits, compare_bits)
         return poly_eval(ctx, e, _series_coeffs(1.0), times=g, bound_bits=bound_bits, out_scale=out_scale)
 
 
 def rsqrt(
     ctx: PartyContext, x: AShare, lo: int = -12, hi: int = 16, factor: float = 1.0,
-    out_scale: int | None = None,
+    out_scale: int | None = None, compare_bits: int = 64,
 ) -> AShare:
     """factor/sqrt(x) for x in [2^lo, 2^hi] (shared, positive; ``factor`` public, folded into the guess).
 
@@ -122,6 +129,8 @@ def rsqrt(
     covers every sum of squares that did not wrap; the similarity head's norm range is the caller's, and its
     out-of-range cosines are caught by the owner's check of the revealed logits). Error: relative <= 5.2e-7 from the
     polynomial (:func:`series_error`) plus fixed point (~2^-f absolute); measured in docs/APPROXIMATIONS.md.
+    ``compare_bits``: narrow threshold comparisons, as in :func:`reciprocal` (exact for 0 <= x < 2^(hi+1) with
+    :func:`~secfwt.protocols.compare.range_bits` (f, 2^(hi+1))).
     Reference: one-hot range reduction (SiRnn, S&P 2021); PUMA/CrypTen use Newton iterations instead.
     """
     with ctx.cost.scope("rsqrt"):
@@ -131,7 +140,7 @@ def rsqrt(
         bound_bits = max(math.ceil(-lo / 2 + math.log2(factor)), 0) + 1
         guess = [factor * math.sqrt(2.0 / 3.0) * 2.0 ** (-j / 2) for j in range(lo, hi)]
         norm = [(2.0 / 3.0) * 2.0**-j for j in range(lo, hi)]
-        g, e = _range_reduce(ctx, x, lo, hi, guess, norm, bound_bits)
+        g, e = _range_reduce(ctx, x, lo, hi, guess, norm, bound_bits, compare_bits)
         return poly_eval(ctx, e, _series_coeffs(0.5), times=g, bound_bits=bound_bits, out_scale=out_scale)
 
 

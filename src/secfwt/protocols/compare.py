@@ -24,7 +24,30 @@ mono_k * r, and b x = b c - b r (c public). :func:`relu` / :func:`maximum` use i
 
 Cost of ltz: 6 rounds; bytes sent per server per element: 8 (c) + (3 * (16 + 8 + 4 + 2) + 3) / 8
 = 19.625 (plus one frame header per round); dealer -> server 1 per element: 8 + 4 + 7.5 + 56 = 75.5.
-The result is exact for every x in Z_2^64 (read as signed). Reference: dealer-aided comparison in the
+The result is exact for every x in Z_2^64 (read as signed).
+
+Narrow comparisons (``bits=l`` < 64, l a multiple of 8; other values are rounded up): when the caller knows
+|x| < 2^(l-1) in ring units (the value times 2^f), only c = (x + r) mod 2^l is opened (l / 8 bytes; r is
+uniform mod 2^l, so c is uniform) and the tree runs on w-bit fields, w = 8, 16, 32 or 64 the smallest power
+of two >= l, packed 64 / w per word from the start (step 3 as above, log2(w) - 2 packed levels).
+The dealer's mask sits at the top of the field: the tree sees c << (w - l) and r << (w - l) (the low w - l
+bits are 0 in both, so those pairs are neutral: G = 0, P = 1).
+Exactness for |x| < 2^(l-1): c - r = x (mod 2^l), so the tree's root, bit w - 1 of (c - r) << (w - l) mod
+2^w, is bit l - 1 of x mod 2^l. In two's complement on l bits, x mod 2^l = x for 0 <= x < 2^(l-1) (bit
+l - 1 clear) and 2^l + x in [2^(l-1), 2^l) for -2^(l-1) <= x < 0 (bit l - 1 set): the bit is [x < 0]. The
+root itself is computed exactly as for l = 64: with C, R the low l - 1 bits of c, r and B = [C < R], the
+low l - 1 bits of c - r are C - R + 2^(l-1) B (B is the borrow into bit l - 1), so bit l - 1 of c - r mod
+2^l is c_(l-1) XOR r_(l-1) XOR B, which is what the tree evaluates (carry direction: G = "r larger", i.e. a
+borrow; no wrap of x + r beyond 2^l matters, as only x + r mod 2^l enters).
+Outside the range the result is bit l - 1 of x mod 2^l, i.e. the sign of x read as a signed l-bit integer:
+WRONG whenever x mod 2^l wraps (e.g. x = 2^(l-1) gives 1, x = -2^(l-1) - 1 gives 0, x = 2^l gives 0 for
+every sign). Callers use it only where the range is guaranteed and state why (:func:`range_bits`).
+Cost with l bits: log2(w) rounds; bytes per server per element l / 8 + (3 (w / 2 - 2) + 3) / 8 (w = 64:
+8 + 93 / 8 = 19.625 at l = 64, 16.625 at l = 40; w = 32: 4 + 45 / 8 = 9.625 at l = 32, 8.625 at l = 24;
+w = 16: 2 + 21 / 8 = 4.625 at l = 16; w = 8: 1 + 9 / 8 = 2.125 at l = 8); dealer -> server 1 per element
+w / 8 + w / 16 + 16 (w / 64) (1 / 2 - 2 / w) + 56 (65.5 for w = 32), see secfwt.correlations.
+
+Reference: dealer-aided comparison in the
 style of ABY/CrypTen A2B, replaced by a mask-and-compare carry tree (Damgard et al. bit-decomposition;
 Kogge & Stone, 1973). The dealer-computed first level, the dense packing and the fused bit conversion
 (and ltz_select) are this package's own dealer-model simplifications, not taken from a paper.
@@ -32,17 +55,43 @@ Kogge & Stone, 1973). The dealer-computed first level, the dense packing and the
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from secfwt.comm.base import SERVER0
 from secfwt.context import PartyContext
+from secfwt.correlations import pack_fields, tree_width
 from secfwt.dealer import compare_words, even_bits, odd_bits, word_bits
 from secfwt.protocols.arith import mul_aa
 from secfwt.share import AShare, add, add_public, cat, open_, open_many, sub
 
 _M32 = (1 << 32) - 1
-_LOW31 = (1 << 31) - 1
+
+
+def range_bits(frac_bits: int, bound: float) -> int:
+    """The narrowest opening l (a multiple of 8, at most 64) for which every value |v| < ``bound`` at scale
+    ``frac_bits`` is in the exact range of ``ltz(..., bits=l)``: bound 2^frac_bits <= 2^(l-1)."""
+    need = math.ceil(math.log2(bound) + frac_bits) + 1 if bound > 0 else 1
+    return min(64, 8 * max(1, -(-need // 8)))
+
+
+def _check_bits(bits: int) -> int:
+    if type(bits) is not int or not 1 <= bits <= 64:
+        raise ValueError(f"ltz: bits must be an int in [1, 64], got {bits!r}")
+    return 8 * -(-bits // 8)
+
+
+def _open_low(ctx: PartyContext, v: Tensor, bits: int, tag: str) -> Tensor:
+    """Open v mod 2^bits (bits a multiple of 8 below 64), sending only its low bits / 8 bytes per element
+    (little-endian uint8): 1 round, the result in [0, 2^bits) as int64."""
+    shifts = torch.arange(bits // 8, dtype=torch.int64) * 8
+    mine = ((v.reshape(-1, 1) >> shifts) & 255).to(torch.uint8)
+    ctx.comm.send(ctx.peer, tag, mine)
+    other = ctx.comm.recv(ctx.peer, tag, shape=mine.shape, dtype=torch.uint8)
+    ctx.cost.add_round()
+    return (v + (other.to(torch.int64) << shifts).sum(-1)) & ((1 << bits) - 1)
 
 
 def _merge(x: Tensor) -> Tensor:
@@ -52,66 +101,90 @@ def _merge(x: Tensor) -> Tensor:
     return x[0::2] | (x[1::2] << 32)
 
 
-def ltz(ctx: PartyContext, x: AShare) -> AShare:
-    """Shares of the bit [x < 0] as an integer (scale 0). Exact. 6 rounds (see module docstring)."""
+def ltz(ctx: PartyContext, x: AShare, bits: int = 64) -> AShare:
+    """Shares of the bit [x < 0] as an integer (scale 0). Exact. 6 rounds (see module docstring).
+
+    ``bits`` = l < 64: exact only for |x| < 2^(l-1) in ring units (l rounded up to a multiple of 8), with
+    log2(w) rounds and l / 8 + (3 w / 2 - 3) / 8 bytes per element (module docstring); outside that range the
+    bit is the sign of x mod 2^l read on l bits (wrong where it wraps).
+    """
+    bits = _check_bits(bits)
     with ctx.cost.scope("ltz"):
         if x.numel() == 0:
             return AShare(torch.zeros(x.shape, dtype=torch.int64), 0)
-        bit, _ = _ltz(ctx, x.data.reshape(-1), 0)
+        bit, _ = _ltz(ctx, x.data.reshape(-1), 0, bits)
         return AShare(bit.reshape(x.shape), 0)
 
 
-def ltz_select(ctx: PartyContext, x: AShare, rows: int) -> tuple[AShare, AShare]:
+def ltz_select(ctx: PartyContext, x: AShare, rows: int, bits: int = 64) -> tuple[AShare, AShare]:
     """([x < 0], [x < 0] * x[:rows]): the comparison and, for the first ``rows`` slices along dim 0, the exact
     product of the bit with its own input, in the same 6 rounds and bytes as :func:`ltz`.
 
     The product needs no Beaver round: b x = b c - b r with c = x + r public, and b is a public combination
     of the dealer's monomials (step 4), so b r is the same combination of the dealer's shares of mono_k r
     (kind ``compare_sel``: 56 more dealer bytes per product element). The product has x's scale.
+
+    With ``bits`` = l < 64 (exact for |x| < 2^(l-1), as :func:`ltz`) only c mod 2^l is public, so x is not
+    c - r in Z_2^64. Write c_s = c - 2^l c_t (c read as a signed l-bit integer), r in [0, 2^l) with top bit
+    r_t, and C, R, B = [C < R] as in the module docstring. Then x = C - R + 2^(l-1) (B - b) for b = [x < 0]
+    (b = 0: x = (c - r) mod 2^l; b = 1: x = (c - r) mod 2^l - 2^l), and where b = 1, B = 1 XOR c_t XOR r_t, so
+    b (B - 1) = -b (c_t XOR r_t) = -b (c_t + (1 - 2 c_t) r_t). Collecting terms:
+        b x = b c_s - b r + 2^l c_t (b r_t),
+    where b r and b r_t are public combinations of the dealer's shares of r, mono_j r, r_t, mono_j r_t
+    (16 rows, 128 dealer bytes per product element instead of 56).
     """
+    bits = _check_bits(bits)
     with ctx.cost.scope("ltz"):
         if x.numel() == 0 or rows == 0:
-            return ltz(ctx, x), AShare(torch.zeros((0, *x.shape[1:]), dtype=torch.int64), x.scale)
+            return ltz(ctx, x, bits), AShare(torch.zeros((0, *x.shape[1:]), dtype=torch.int64), x.scale)
         k = rows * (x.numel() // x.shape[0])
-        bit, prod = _ltz(ctx, x.data.reshape(-1), k)
+        bit, prod = _ltz(ctx, x.data.reshape(-1), k, bits)
         assert prod is not None
         return AShare(bit.reshape(x.shape), 0), AShare(prod.reshape(rows, *x.shape[1:]), x.scale)
 
 
-def _ltz(ctx: PartyContext, xf: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
-    """Steps 1-4 on the flat ``xf``; with k > 0 also bit * x for the first k elements."""
+def _ltz(ctx: PartyContext, xf: Tensor, k: int, bits: int) -> tuple[Tensor, Tensor | None]:
+    """Steps 1-4 on the flat ``xf`` with an l = ``bits`` opening; with k > 0 also bit * x for the first k."""
     assert ctx.dealer is not None
     n = xf.numel()
     s0 = ctx.rank == SERVER0
-    pend = (ctx.dealer.request("compare_sel", shape=[n], prod_shape=[k]) if k
-            else ctx.dealer.request("compare", shape=[n]))
-    c = open_(ctx, xf + pend.material["r"], "ltz/c")
+    w = tree_width(bits)
+    extra = {} if bits == 64 else {"bits": bits}
+    pend = (ctx.dealer.request("compare_sel", shape=[n], prod_shape=[k], **extra) if k
+            else ctx.dealer.request("compare", shape=[n], **extra))
+    if bits == 64:
+        c = open_(ctx, xf + pend.material["r"], "ltz/c")
+        cw = c
+    else:
+        c = _open_low(ctx, xf + pend.material["r"], bits, "ltz/c")  # in [0, 2^l)
+        cw = pack_fields(c << (w - bits), w)  # w-bit fields, c at the top
     m = pend.get()
-    rb, t, fb = m["rb"], m["t"], m["fb"]
+    rb, t = m["rb"], m["t"]
     q = m["q"].to(torch.int64) & _M32
     tc = m["t"][3:] if s0 else m["tc"].to(torch.int64)
 
-    # Level 1 (local): pairs (2j+1, 2j) -> bit j of a 32-bit field per element.
-    ch, cl, rh, rl = odd_bits(c), even_bits(c), odd_bits(rb), even_bits(rb)
+    # Level 1 (local): pairs (2j+1, 2j) -> bit j of a (w/2)-bit field per element, 64 / w fields per 32 bits.
+    ch, cl, rh, rl = odd_bits(cw), even_bits(cw), odd_bits(rb), even_bits(rb)
     nch, ncl = ~ch & _M32, ~cl & _M32
     g = (nch & rh) ^ (ncl & ((nch & rl) ^ q))  # G_hi XOR P_hi G_lo
     p = (nch & rl) ^ (ncl & rh) ^ q  # P_hi P_lo, public term below
-    # Pair 31 holds bits (63, 62); bit 63 enters as (G, P) = (c_63 XOR r_63, 1).
-    g31 = ((rh ^ (ncl & rl)) >> 31) & 1
-    p31 = (rl >> 31) & 1
+    # The top pair of each field holds bits (w-1, w-2); bit w-1 enters as (G, P) = (c XOR r, 1).
+    top = sum(1 << (j * w // 2 + w // 2 - 1) for j in range(64 // w))
+    g_top = rh ^ (ncl & rl)
+    p_top = rl
     if s0:
         p = p ^ (nch & ncl)
-        g31 = g31 ^ ((ch >> 31) & 1)
-        p31 = p31 ^ ((ncl >> 31) & 1)
+        g_top = g_top ^ ch
+        p_top = p_top ^ ncl
     # Dense words from here on: word j holds consecutive elements' fields in order (2 x 32 bits now).
-    g = _merge((g & _LOW31) | (g31 << 31))
-    p = _merge((p & _LOW31) | (p31 << 31))
+    g = _merge((g & ~top & _M32) | (g_top & top))
+    p = _merge((p & ~top & _M32) | (p_top & top))
 
-    # Levels 2..5: split every field into hi/lo halves by bit compaction (the fields of a word stay in
+    # Levels 2..log2(w)-1: split every field into hi/lo halves by bit compaction (the fields of a word stay in
     # order), AND-pair (P_hi G_lo, P_hi P_lo) with one shared mask, 3 dense words per output word opened.
-    ws = compare_words(n)
+    ws = compare_words(n, w)
     off = 0
-    for lv in range(4):
+    for lv in range(len(ws) - 1):
         size = ws[lv + 1]
         ta, tb1, tb2 = (t[i, off : off + size] for i in range(3))
         tc1, tc2 = (tc[i, off : off + size] for i in range(2))
@@ -144,29 +217,37 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         out += const
     if not k:
         return out, None
-    # b x = b c - b r, b r = const r + sum_j coef_j (mono_j r) (dealer shares of mono_j r).
-    monor, r = m["monor"], pend.material["r"][:k]
-    br = const[:k] * r
+    monor = m["monor"]
+    if bits == 64:
+        # b x = b c - b r, b r = const r + sum_j coef_j (mono_j r) (dealer shares of mono_j r).
+        br = const[:k] * pend.material["r"][:k]
+        for j in range(7):
+            br += coef[j][:k] * monor[j]
+        return out, out[:k] * c[:k] - br
+    # b x = b c_s - b r + 2^l c_t (b r_t) (ltz_select's docstring); rows: r, mono r, r_t, mono r_t.
+    br, brt = const[:k] * monor[0], const[:k] * monor[8]
     for j in range(7):
-        br += coef[j][:k] * monor[j]
-    return out, out[:k] * c[:k] - br
+        br += coef[j][:k] * monor[1 + j]
+        brt += coef[j][:k] * monor[9 + j]
+    ct = c[:k] >> (bits - 1)
+    return out, out[:k] * (c[:k] - (ct << bits)) - br + ((ct << bits) * brt)
 
 
-def gez(ctx: PartyContext, x: AShare) -> AShare:
-    """Shares of [x >= 0] (scale 0) = 1 - ltz(x)."""
-    b = ltz(ctx, x)
+def gez(ctx: PartyContext, x: AShare, bits: int = 64) -> AShare:
+    """Shares of [x >= 0] (scale 0) = 1 - ltz(x) (``bits``: as :func:`ltz`)."""
+    b = ltz(ctx, x, bits)
     one = torch.ones_like(b.data) if ctx.rank == SERVER0 else torch.zeros_like(b.data)
     return AShare(one - b.data, 0)
 
 
-def less_than(ctx: PartyContext, x: AShare, y: AShare) -> AShare:
-    """Shares of [x < y] (scale 0)."""
-    return ltz(ctx, sub(x, y))
+def less_than(ctx: PartyContext, x: AShare, y: AShare, bits: int = 64) -> AShare:
+    """Shares of [x < y] (scale 0) (``bits``: as :func:`ltz`, on x - y)."""
+    return ltz(ctx, sub(x, y), bits)
 
 
-def less_than_public(ctx: PartyContext, x: AShare, value: torch.Tensor | float) -> AShare:
-    """Shares of [x < value] for public ``value`` (broadcast against x)."""
-    return ltz(ctx, add_public(ctx, x, -torch.as_tensor(value, dtype=torch.float64)))
+def less_than_public(ctx: PartyContext, x: AShare, value: torch.Tensor | float, bits: int = 64) -> AShare:
+    """Shares of [x < value] for public ``value`` (broadcast against x) (``bits``: as :func:`ltz`, on x - value)."""
+    return ltz(ctx, add_public(ctx, x, -torch.as_tensor(value, dtype=torch.float64)), bits)
 
 
 def select(ctx: PartyContext, bit: AShare, x: AShare) -> AShare:
@@ -174,20 +255,22 @@ def select(ctx: PartyContext, bit: AShare, x: AShare) -> AShare:
     return mul_aa(ctx, bit, x, out_scale=x.scale)
 
 
-def relu(ctx: PartyContext, x: AShare) -> AShare:
-    """max(x, 0) = x - [x < 0] x with the product from :func:`ltz_select`. Exact. 6 rounds, 19.625 bytes."""
+def relu(ctx: PartyContext, x: AShare, bits: int = 64) -> AShare:
+    """max(x, 0) = x - [x < 0] x with the product from :func:`ltz_select`. Exact. 6 rounds, 19.625 bytes.
+    ``bits``: as :func:`ltz` (exact for |x| < 2^(bits-1) in ring units)."""
     with ctx.cost.scope("relu"):
-        _, bx = ltz_select(ctx, x.unsqueeze(0), 1)
+        _, bx = ltz_select(ctx, x.unsqueeze(0), 1, bits)
         return sub(x, bx[0])
 
 
-def maximum(ctx: PartyContext, x: AShare, y: AShare) -> AShare:
-    """Elementwise max(x, y) = y + relu(x - y). Exact. 6 rounds."""
-    return add(y, relu(ctx, sub(x, y)))
+def maximum(ctx: PartyContext, x: AShare, y: AShare, bits: int = 64) -> AShare:
+    """Elementwise max(x, y) = y + relu(x - y). Exact. 6 rounds (``bits``: as :func:`ltz`, on x - y)."""
+    return add(y, relu(ctx, sub(x, y), bits))
 
 
-def max_(ctx: PartyContext, x: AShare, dim: int = -1, keepdim: bool = False) -> AShare:
-    """Maximum along ``dim`` by a pairwise tree: ceil(log2 n) levels of :func:`maximum` (6 rounds each)."""
+def max_(ctx: PartyContext, x: AShare, dim: int = -1, keepdim: bool = False, bits: int = 64) -> AShare:
+    """Maximum along ``dim`` by a pairwise tree: ceil(log2 n) levels of :func:`maximum` (6 rounds each).
+    ``bits``: as :func:`ltz`, exact while every |x_i - x_j| < 2^(bits-1) in ring units."""
     with ctx.cost.scope("max"):
         d = dim % x.dim()
         cur = x.transpose(d, -1)
@@ -195,7 +278,7 @@ def max_(ctx: PartyContext, x: AShare, dim: int = -1, keepdim: bool = False) -> 
             n = cur.shape[-1]
             half = n // 2
             a, b = cur[..., :half], cur[..., half : 2 * half]
-            m = maximum(ctx, a, b)
+            m = maximum(ctx, a, b, bits)
             if n % 2:
                 m = cat([m, cur[..., 2 * half :]], dim=-1)
             cur = m
