@@ -1,15 +1,23 @@
 """Engine benchmark: secfwt protocols at BERT-base sizes, per server: time, bytes, rounds, LAN/WAN projection.
 
 Run:  python benchmarks/engine_ops.py [--mode process|inprocess] [--ops matmul,softmax,...] [--repeats 3]
+                                      [--out results.json]
 
 Every op works on freshly secret-shared random inputs of the sizes below; the opened result is checked
 against plaintext torch before any number is printed. In ``process`` mode the two servers and the dealer
-are separate OS processes talking over TLS on loopback.
+are separate OS processes talking over TLS on loopback. Offline and online (:func:`secfwt.cost.offline_online`):
+``offline_bytes`` = what the dealer sent for the op, ``offline_time_s`` = the dealer's generation time,
+``online_time_s`` = the op's wall time less server 1's waits for the dealer; None where the engine under test
+does not measure them (``benchmarks/before_after.py`` runs this script on older commits too). ``--out`` writes
+the rows as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -22,9 +30,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from secfwt import ring  # noqa: E402
-from secfwt.comm.base import SERVER0, SERVER1  # noqa: E402
+from secfwt.comm.base import DEALER, SERVER0, SERVER1  # noqa: E402
 from secfwt.cost import LAN, WAN, CostTracker  # noqa: E402
 from secfwt.share import AShare, reveal  # noqa: E402
+
+try:
+    from secfwt.cost import cpu_model  # noqa: E402
+except ImportError:  # an engine from before cpu_model (benchmarks/before_after.py runs older commits)
+    def cpu_model() -> str:
+        return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 F = 16
 
@@ -131,7 +145,10 @@ def program(name: str) -> Callable[[Any], Any]:
         err = float((got - want).abs().max())
         bench = ctx.cost.by_top_level()["bench"]
         return {"err": err, "time_s": bench.time_s, "bytes": bench.bytes_sent, "rounds": bench.rounds,
-                "dealer_bytes": sum(c.dealer_bytes for k, c in ctx.cost.ops.items() if k.startswith("bench"))}
+                "dealer_bytes": sum(c.dealer_bytes for k, c in ctx.cost.ops.items() if k.startswith("bench")),
+                "dealer_wait_s": getattr(bench, "dealer_wait_s", None),
+                "dealer_recv_bytes": getattr(bench, "dealer_recv_bytes", None),
+                "torch_threads": torch.get_num_threads()}
 
     return prog
 
@@ -141,12 +158,22 @@ for _n in OPS:
     globals()[f"prog_{_n}"] = program(_n)
 
 
+def _merge(res: Any) -> dict[str, Any]:
+    """Server 0's row with server 1's dealer traffic and waits and the dealer's generation time."""
+    s0, s1 = res[SERVER0], res[SERVER1]
+    gen = getattr(res.costs.get(DEALER), "dealer_generation_s", None)
+    wait = s1.get("dealer_wait_s")
+    t = max(s0["time_s"], s1["time_s"])
+    return s0 | {"time_s": t, "dealer_bytes": s1["dealer_bytes"], "dealer_wait_s": wait,
+                 "online_time_s": None if wait is None else max(0.0, t - wait),
+                 "offline_time_s": gen() if gen is not None else None, "offline_bytes": s1.get("dealer_recv_bytes")}
+
+
 def run_once(name: str, mode: str) -> dict[str, Any]:
     if mode == "inprocess":
         from secfwt.runtime import run_in_process
 
-        res = run_in_process({SERVER0: program(name), SERVER1: program(name)}, timeout=600)
-        return res[SERVER0] | {"dealer_bytes": res[SERVER1]["dealer_bytes"]}
+        return _merge(run_in_process({SERVER0: program(name), SERVER1: program(name)}, timeout=600))
     import tempfile
 
     from secfwt.launch import run_processes, write_local_config
@@ -156,7 +183,12 @@ def run_once(name: str, mode: str) -> dict[str, Any]:
         # Children inherit this interpreter's sys.path (which holds benchmarks/), so they import engine_ops.
         res = run_processes({SERVER0: f"engine_ops:prog_{name}", SERVER1: f"engine_ops:prog_{name}"}, cfg,
                             timeout=900, threads_per_party=1)
-    return res[SERVER0] | {"dealer_bytes": res[SERVER1]["dealer_bytes"]}
+    return _merge(res)
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if len(vals) == len(runs) else None
 
 
 def main() -> None:
@@ -164,8 +196,10 @@ def main() -> None:
     ap.add_argument("--mode", choices=["process", "inprocess"], default="process")
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help="also write the rows (and the CPU model) as JSON here")
     args = ap.parse_args()
     rows = []
+    records: list[dict[str, Any]] = []
     for name in args.ops.split(","):
         if name not in OPS:
             raise SystemExit(f"unknown op '{name}' (known: {', '.join(OPS)})")
@@ -179,6 +213,13 @@ def main() -> None:
         r0 = runs[0]
         rows.append((name, OPS[name][0], t, r0["bytes"], r0["rounds"], r0["dealer_bytes"], worst,
                      LAN.project(t, r0["bytes"], r0["rounds"]), WAN.project(t, r0["bytes"], r0["rounds"])))
+        records.append({"op": name, "size": OPS[name][0], "time_s": t, "bytes_per_server": r0["bytes"],
+                        "rounds": r0["rounds"], "dealer_bytes": r0["dealer_bytes"], "max_err": worst,
+                        "online_time_s": _median(runs, "online_time_s"),
+                        "dealer_wait_s": _median(runs, "dealer_wait_s"),
+                        "offline_time_s": _median(runs, "offline_time_s"),
+                        "offline_bytes": r0.get("offline_bytes"),
+                        "torch_threads": r0.get("torch_threads")})
     print(f"\nsecfwt engine, mode={args.mode}, median of {args.repeats}, {time.strftime('%Y-%m-%d')}, "
           f"{torch.get_num_threads()} threads")
     hdr = ("op", "size", "time s", "MB sent/server", "rounds", "dealer MB", "max err", "LAN s", "WAN s")
@@ -186,6 +227,11 @@ def main() -> None:
     print("|" + "---|" * len(hdr))
     for n, size, t, b, rd, db, err, lan, wan in rows:
         print(f"| {n} | {size} | {t:.3f} | {b / 1e6:.2f} | {rd} | {db / 1e6:.2f} | {err:.2e} | {lan:.3f} | {wan:.2f} |")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
+                                   "mode": args.mode, "repeats": args.repeats, "rows": records}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

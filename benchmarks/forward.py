@@ -1,7 +1,7 @@
 """Full private forward of an encoder, real processes over TLS: time, bytes and rounds per server (issue 3).
 
 Run:  python benchmarks/forward.py [--models bert-base,minilm] [--attention softmax,rfa] [--seq 128] [--batch 1]
-                                   [--out benchmarks/results/forward.json]
+                                   [--preload] [--out benchmarks/results/forward.json]
 
 Models: ``bert-base`` = a BERT-base-sized encoder (``transformers.BertConfig()`` defaults: 12 layers, hidden
 768, 12 heads, FFN 3072, vocab 30522) with random weights built from the config (seeded, saved once under
@@ -17,6 +17,15 @@ and reveals the final hidden states to the owner only. Input: the first ``T`` to
 time, bytes sent, rounds, dealer bytes; the revealed output's max abs error vs the plaintext float64 forward
 of the same code and attention (checked before a time is printed); and the plaintext times: HuggingFace
 float32 (softmax only: it has no RFA) and the same code on PlainBackend float64.
+
+Offline and online (every row; :func:`secfwt.cost.offline_online`): ``time_s`` is the measured wall time of the
+forward (max of the servers), ``offline_bytes`` what the dealer sent, ``offline_time_s`` the dealer's generation
+time, ``dealer_wait_s`` the time server 1 was blocked on the dealer's answers and ``online_time_s`` = ``time_s``
+minus those waits (the online time a full preprocessing phase would give; with the dealer on the same cores it
+is an upper bound). ``--preload`` measures that phase for real: the servers run the forward once untimed while
+recording the dealer requests, preload them (:meth:`secfwt.dealer.DealerClient.preload`: the offline phase, its
+wall time is then ``offline_time_s``), and time the second, identical forward, which finds every correction at
+hand. Rows also name the CPU model and the servers' torch threads. Fields an older engine cannot give are None.
 """
 
 from __future__ import annotations
@@ -46,6 +55,12 @@ from secfwt.nn.config import AttentionConfig
 from secfwt.nn.encoder import Encoder
 from secfwt.nn.mpc import MpcBackend
 from secfwt.share import owner_share, receive_revealed, reveal_to
+
+try:
+    from secfwt.cost import cpu_model
+except ImportError:  # an engine from before cpu_model (benchmarks/before_after.py runs older commits)
+    def cpu_model() -> str:
+        return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 SPEC_ENV = "SECFWT_BENCH_FORWARD"
 ATTENTIONS: dict[str, dict[str, Any]] = {"softmax": {"kind": "softmax"}, "rfa": {"kind": "rfa"}}
@@ -131,12 +146,26 @@ def server(ctx: PartyContext) -> dict[str, Any]:
     b, t, h = spec["B"], spec["T"], enc.config.hidden
     x = be.from_owner((b, t, h))
     mask = torch.ones(b, t)
+    dealer = ctx.dealer
+    preload = bool(spec.get("preload")) and hasattr(dealer, "preload")
+    if preload:  # the offline phase: record one forward's requests, then preload them for the timed one
+        assert dealer is not None
+        dealer.record()
+        with ctx.cost.scope("record"):
+            enc.forward(be, x, mask)
+        requests = dealer.recorded()
+        with ctx.cost.scope("offline"):
+            dealer.preload(requests)
     with ctx.cost.scope("forward"):
         out = enc.forward(be, x, mask).hidden  # (B, T, H)
     reveal_to(ctx, out, OWNER, tag="hidden")
-    fwd = ctx.cost.by_top_level()["forward"]
+    tops = ctx.cost.by_top_level()
+    fwd = tops["forward"]
     return {"time_s": fwd.time_s, "bytes": fwd.bytes_sent, "rounds": fwd.rounds, "dealer_bytes": fwd.dealer_bytes,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "dealer_wait_s": getattr(fwd, "dealer_wait_s", None),
+            "dealer_recv_bytes": getattr(fwd, "dealer_recv_bytes", None),
+            "offline_s": tops["offline"].time_s if preload else None, "torch_threads": torch.get_num_threads()}
 
 
 def _owner(embeds: Tensor) -> Any:
@@ -147,14 +176,16 @@ def _owner(embeds: Tensor) -> Any:
     return prog
 
 
-def run_private(shares: Path, attention: dict[str, Any], embeds: Tensor, timeout: float) -> tuple[Any, Tensor, float]:
-    """One private forward with server0, server1 and the dealer as processes; returns (server results, output,
-    owner wall seconds)."""
+def run_private(shares: Path, attention: dict[str, Any], embeds: Tensor, timeout: float,
+                preload: bool = False) -> tuple[Any, Tensor, float]:
+    """One private forward with server0, server1 and the dealer as processes; returns (results and cost
+    ledgers of the processes, output, owner wall seconds)."""
     from secfwt.launch import PartyProcesses, load_parties_config, write_local_config
     from secfwt.runtime import run_party
 
     b, t, _ = embeds.shape
-    env = {SPEC_ENV: json.dumps({"shares": str(shares), "attention": attention, "B": b, "T": t})}
+    env = {SPEC_ENV: json.dumps({"shares": str(shares), "attention": attention, "B": b, "T": t,
+                                 "preload": preload})}
     with tempfile.TemporaryDirectory(prefix="secfwt-forward-") as tmp:
         config = write_local_config(Path(tmp), timeout=timeout)
         progs = {SERVER0: "forward:server", SERVER1: "forward:server"}
@@ -188,8 +219,26 @@ def plain_times(model_dir: Path, enc: Encoder[Tensor], ids: Tensor, embeds: Tens
     return {"hf_fp32_s": statistics.median(ts), "plain_vs_hf_max_abs": float((ours - ref.double()).abs().max())}
 
 
+def split_fields(s0: dict[str, Any], s1: dict[str, Any], dealer_cost: Any) -> dict[str, Any]:
+    """The offline/online fields of a row (module docstring) from the servers' results and the dealer's
+    ledger; None where the engine under test does not measure them (an older commit)."""
+    t = max(s0["time_s"], s1["time_s"])
+    wait = s1.get("dealer_wait_s")
+    gen = getattr(dealer_cost, "dealer_generation_s", None)
+    offline = max(s0.get("offline_s") or 0.0, s1.get("offline_s") or 0.0) if s1.get("offline_s") is not None else None
+    return {
+        "online_time_s": None if wait is None else max(0.0, t - wait),
+        "dealer_wait_s": wait,
+        "offline_time_s": offline if offline is not None else (gen() if gen is not None else None),
+        "offline_bytes": s1.get("dealer_recv_bytes"),
+        "preload": offline is not None,
+        "cpu": cpu_model(),
+        "torch_threads": s1.get("torch_threads"),
+    }
+
+
 def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeats: int, timeout: float,
-              on_row: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+              on_row: Callable[[dict[str, Any]], None], preload: bool = False) -> list[dict[str, Any]]:
     model_dir = MODELS[name]()
     enc = Encoder.from_pretrained(model_dir)
     ids = input_ids(batch, seq, enc.config.vocab_size)
@@ -208,7 +257,7 @@ def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeat
         ref = e.forward(PlainBackend(), embeds, mask).hidden
         plain64 = time.perf_counter() - s
         print(f"  {att}: private forward ...", file=sys.stderr, flush=True)
-        res, out, wall = run_private(shares, ATTENTIONS[att], embeds, timeout)
+        res, out, wall = run_private(shares, ATTENTIONS[att], embeds, timeout, preload)
         err = float((out - ref).abs().max())
         if err > TOLERANCE[att]:
             raise SystemExit(f"forward: {name}/{att}: max abs error {err:.3g} exceeds {TOLERANCE[att]}; "
@@ -225,6 +274,7 @@ def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeat
             "plain_vs_hf_max_abs": plain["plain_vs_hf_max_abs"],
             "lan_s": LAN.project(t, max(s0["bytes"], s1["bytes"]), max(s0["rounds"], s1["rounds"])),
             "wan_s": WAN.project(t, max(s0["bytes"], s1["bytes"]), max(s0["rounds"], s1["rounds"])),
+            **split_fields(s0, s1, res.costs.get(DEALER)),
         })
         print(f"  {att}: {t:.1f} s, {rows[-1]['bytes_per_server'] / 1e9:.2f} GB/server, {rows[-1]['rounds']} "
               f"rounds, err {err:.1e}", file=sys.stderr, flush=True)
@@ -232,17 +282,24 @@ def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeat
     return rows
 
 
+def _num(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    hdr = ("model", "attention", "B x T", "time s", "GB sent / server", "rounds", "dealer GB", "max abs err",
-           "LAN s", "WAN s", "plaintext HF fp32 s", "plaintext fp64 (same code) s", "server peak RSS GB")
+    hdr = ("model", "attention", "B x T", "time s", "online s", "offline s", "offline GB", "GB sent / server",
+           "rounds", "dealer GB", "max abs err", "LAN s", "WAN s", "plaintext HF fp32 s",
+           "plaintext fp64 (same code) s", "server peak RSS GB")
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         hf = "-" if r["hf_fp32_s"] is None else f"{r['hf_fp32_s']:.3f}"
+        off_gb = None if r.get("offline_bytes") is None else r["offline_bytes"] / 1e9
         lines.append(
             f"| {r['model']} ({r['layers']}x{r['hidden']}) | {r['attention']} | {r['batch']} x {r['seq']} | "
-            f"{r['time_s']:.1f} | {r['bytes_per_server'] / 1e9:.2f} | {r['rounds']} | {r['dealer_bytes'] / 1e9:.2f} | "
-            f"{r['max_abs_err']:.1e} | {r['lan_s']:.1f} | {r['wan_s']:.1f} | {hf} | {r['plain_fp64_s']:.3f} | "
-            f"{r['server_peak_rss_mb'] / 1024:.2f} |")
+            f"{r['time_s']:.1f} | {_num(r.get('online_time_s'), '.1f')} | {_num(r.get('offline_time_s'), '.1f')} | "
+            f"{_num(off_gb, '.2f')} | {r['bytes_per_server'] / 1e9:.2f} | {r['rounds']} | "
+            f"{r['dealer_bytes'] / 1e9:.2f} | {r['max_abs_err']:.1e} | {r['lan_s']:.1f} | {r['wan_s']:.1f} | {hf} | "
+            f"{r['plain_fp64_s']:.3f} | {r['server_peak_rss_mb'] / 1024:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the plaintext HF timing")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--out", default="benchmarks/results/forward.json")
+    ap.add_argument("--preload", action="store_true",
+                    help="time a second forward whose dealer material was preloaded (a real offline phase)")
     a = ap.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     atts = [x.strip() for x in a.attention.split(",") if x.strip()]
@@ -284,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         header: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per party",
+            "cpu": cpu_model(),
             "load_average": [load0, load1], "mode": "processes (TLS, loopback)",
             "owner_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "command": "python benchmarks/forward.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -294,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"`{header['command']}`\n\n" + markdown(rows))
 
     for m in models:
-        run_model(m, atts, a.batch, a.seq, a.repeats, a.timeout, save)
+        run_model(m, atts, a.batch, a.seq, a.repeats, a.timeout, save, a.preload)
     print(markdown(rows))
     print(f"results: {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0

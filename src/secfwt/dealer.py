@@ -52,6 +52,23 @@ known kind, parameters of the right types and ranges (shapes: lists of at most
 request implies (:func:`~secfwt.correlations.correction_layout`), so a wrong tensor from the dealer is
 rejected naming the request, the tensor, the expected and the received shape or dtype.
 
+Offline and online (timing). Server 1 times every blocking read of the dealer's answers
+(:meth:`Pending.get`, the reads at a checkpoint and at close) into its cost ledger's ``dealer_wait_s``; the
+dealer's ``dealer/<kind>`` scopes time its generation (drawing, correcting, sending). See
+:func:`secfwt.cost.offline_online` for the split every report shows.
+
+Preprocessing (the dealer ahead of the servers). The request sequence of a computation depends only on public
+shapes, so a computation repeated with the same shapes (every generation of a tuning run, a benchmark's
+forward) makes the same requests again. :meth:`DealerClient.record` logs the ``(kind, params)`` a server asks
+for; :meth:`DealerClient.preload` takes such a list before the next run of the same computation: server 0 derives
+its material for all of them, server 1 derives its parts, sends the requests and reads every answer (the offline
+phase); :meth:`DealerClient.request` then hands out the preloaded material in order, after checking that each
+request is the one preloaded at its index (else :class:`~secfwt.errors.ProtocolMismatchError`: the dealer
+already served the preloaded one, so the session cannot go on). Nothing new is sent: the same request and answer
+frames in the same order, only earlier; the request log and its checkpoints advance when a request is *used*,
+exactly as without preloading, so the binding and the log check are unchanged. A preloaded request never used
+fails the final log check; :meth:`DealerClient.close` names it first.
+
 The kinds, their parameters and the layout of their corrections: :mod:`secfwt.correlations`.
 """
 
@@ -60,7 +77,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from secfwt.comm.base import DEALER, PARTY_NAMES, SERVER0, SERVER1, Communicator
@@ -152,6 +171,7 @@ class Pending:
 
     def _fill(self) -> None:
         c = self._client
+        start = time.perf_counter()
         try:
             for name, (shape, dtype) in self._layout.items():
                 self.material[name] = c.comm.recv(DEALER, f"dealer/{self._kind}/{name}", shape=shape, dtype=dtype)
@@ -160,6 +180,7 @@ class Pending:
                 f"{c.comm.name}: dealer answer to request #{self.index} ({self._kind}): {e}") from e
         if (self.index + 1) % c.check_every == 0:
             c._take_tag(self.index + 1)
+        c.comm.cost.on_dealer_wait(time.perf_counter() - start)
         self._done = True
 
     def get(self) -> Material:
@@ -183,22 +204,63 @@ class DealerClient:
         self._queue: deque[Pending] = deque()
         self._unconfirmed: dict[int, bytes] = {}  # server 0: own log digests the dealer has not confirmed yet
         self._tags: dict[int, str] = {}  # server 1: the dealer's log tags, not yet forwarded to server 0
+        self._record: list[tuple[str, dict[str, Any]]] | None = None  # requests made while recording
+        self._ahead: deque[tuple[bytes, Pending]] = deque()  # preloaded requests, not used yet
 
     def request(self, kind: str, **params: Any) -> Pending:
         """Ask for one correlation; returns at once (server 1's corrections are read on ``get()``)."""
         index = self.index
         canon, layout = check_request(kind, params, index, self.comm.name)
         line = canonical_request(index, kind, canon)
+        if self._record is not None:
+            self._record.append((kind, canon))
+        if self._ahead:
+            want, pend = self._ahead.popleft()
+            if want != line:
+                raise ProtocolMismatchError(
+                    f"{self.comm.name}: request #{index} is {kind} {brief(canon)}, but the preloaded request "
+                    f"#{index} is {brief(json.loads(want))}; preload only a computation with the same shapes")
+        else:
+            pend = self._issue(index, kind, canon, layout, line)
+        self._advance(line)
+        return pend
+
+    def _issue(self, index: int, kind: str, canon: dict[str, Any], layout: Layout, line: bytes) -> Pending:
+        """Draw this server's material of one request (server 1: and send the request to the dealer)."""
         draw0, draw1 = draws(kind)
         st = request_stream(self.prg, line)
         if self.rank == SERVER0:
-            pend = Pending(self, index, kind, draw0(canon, st), {}, done=True)
-        else:
-            self.comm.send_json(DEALER, "dealer/req", {"kind": kind, "params": canon, "index": index})
-            pend = Pending(self, index, kind, draw1(canon, st), layout, done=False)
-            self._queue.append(pend)
-        self._advance(line)
+            return Pending(self, index, kind, draw0(canon, st), {}, done=True)
+        self.comm.send_json(DEALER, "dealer/req", {"kind": kind, "params": canon, "index": index})
+        pend = Pending(self, index, kind, draw1(canon, st), layout, done=False)
+        self._queue.append(pend)
         return pend
+
+    def record(self) -> None:
+        """Start logging the ``(kind, params)`` of every request (for :meth:`preload`); see :meth:`recorded`."""
+        self._record = []
+
+    def recorded(self) -> list[tuple[str, dict[str, Any]]]:
+        """Stop logging; the requests made since :meth:`record` (canonical parameters), in order."""
+        if self._record is None:
+            raise RuntimeError("DealerClient.recorded() without record()")
+        out, self._record = self._record, None
+        return out
+
+    def preload(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """The offline phase for the next ``len(requests)`` requests (see module docstring): derive this
+        server's material and (server 1) read every dealer answer now. Both servers must preload the same list
+        at the same point; the following requests must be exactly these, in order."""
+        if self._ahead:
+            raise RuntimeError(f"{self.comm.name}: preload() while {len(self._ahead)} preloaded requests are unused")
+        index = self.index
+        for kind, params in requests:
+            canon, layout = check_request(kind, params, index, self.comm.name)
+            line = canonical_request(index, kind, canon)
+            self._ahead.append((line, self._issue(index, kind, canon, layout, line)))
+            index += 1
+        while self._queue:
+            self._queue.popleft()._fill()
 
     def _advance(self, line: bytes) -> None:
         """Log one request; at every ``check_every``-th, run the checkpoint exchange with the other server."""
@@ -266,6 +328,10 @@ class DealerClient:
     def close(self) -> None:
         """End of the session: the final, synchronous request-log check (see module docstring), then stop."""
         n = self.index
+        if self._ahead:
+            raise ProtocolMismatchError(
+                f"{self.comm.name}: {len(self._ahead)} preloaded dealer requests (from #{n}) were never used; "
+                "the request logs cannot match")
         with self.comm.cost.scope("dealer_check"):
             if self.rank == SERVER1:
                 while self._queue:

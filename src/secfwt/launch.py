@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from secfwt.alloc import configure_malloc, malloc_env
 from secfwt.comm.base import DEALER, OWNER, PARTY_NAMES, PARTY_RANKS, SERVER0, SERVER1
 from secfwt.comm.certs import TlsFiles, write_party_certs
 from secfwt.comm.tcp import TcpCommunicator
@@ -289,6 +290,7 @@ def run_party_process(
     Raises ConfigError (config, program), AuthError / PeerTimeoutError (set-up) and every error of the
     program or its peers (PeerClosedError, PeerAbortedError, ...).
     """
+    configure_malloc()  # glibc malloc settings for this party process (secfwt.alloc)
     cfg = load_parties_config(config_path)
     if party_name not in PARTY_RANKS:
         raise ConfigError(f"unknown role '{party_name}' (expected: {', '.join(PARTY_RANKS)})")
@@ -345,7 +347,9 @@ class PartyProcesses:
         config: the parties file, or a directory holding ``parties.toml``.
         out_dir: where results, cost ledgers and per-party logs go (default: ``<config dir>/run``).
         env: extra environment variables for the children. Children get this interpreter's ``sys.path``
-            as PYTHONPATH, so any program importable here is importable there.
+            as PYTHONPATH, so any program importable here is importable there, and glibc's malloc settings of
+            :func:`secfwt.alloc.malloc_env` (less page-fault churn; ``SECFWT_MALLOC=default`` turns them off).
+            This process gets the same settings through ``mallopt`` (:func:`secfwt.alloc.configure_malloc`).
         threads_per_party: torch/OpenMP threads per child (OMP_NUM_THREADS); ``None`` keeps the default.
             All parties share this host's cores, so 1 avoids oversubscription on small machines.
         external: ranks that take part in the run but are run by the caller (for example the data owner in
@@ -382,6 +386,8 @@ class PartyProcesses:
         if threads_per_party is not None:
             child_env["OMP_NUM_THREADS"] = child_env["MKL_NUM_THREADS"] = str(threads_per_party)
         child_env.update(env or {})
+        child_env.update(malloc_env(child_env))
+        configure_malloc()  # the launching process (often the data owner) too
         names = ",".join(PARTY_NAMES[r] for r in sorted(all_ranks))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.started = time.monotonic()

@@ -19,7 +19,7 @@ from secfwt.files import write_private
 from secfwt.tuning.decoder_encode import PROMPT_POSITIONS
 from secfwt.tuning.fot import TuneConfig, TuneResult
 from secfwt.tuning.prompt_file import PromptFile
-from secfwt.tuning.report import plot_history, print_summary, report_dict
+from secfwt.tuning.report import plot_history, print_summary, report_dict, split_table
 from secfwt.tuning.runner import RunSpec, run
 
 
@@ -214,11 +214,12 @@ def tune_and_report(a: argparse.Namespace, console: Console | None = None) -> Tu
     print_summary(result, console)
     if costs:
         console.print(cost_table(costs, result.time_s))
+        console.print(split_table(costs, result.time_s))
         console.print(op_table(costs))
     if a.out and not a.report:
         a.report = str(Path(a.out) / "report.json")
     if a.report:
-        rep = report_dict(result)
+        rep = report_dict(result, costs)
         if spec.mode == "mpc":
             rep["attention"] = a.attention
         write_private(a.report, json.dumps(rep, indent=2) + "\n")

@@ -11,7 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from secfwt.cost import LAN, WAN
+from secfwt.comm.base import SERVER1
+from secfwt.cost import LAN, WAN, CostTracker, cpu_model, offline_online
 from secfwt.files import write_private
 from secfwt.tuning.fot import IterRecord, TuneResult
 
@@ -19,10 +20,26 @@ REPORT_KEYS = (
     "task", "model", "attention", "mode", "k", "seed", "iterations", "accuracy", "zero_shot_accuracy",
     "time_s", "bytes_per_server", "rounds", "n_eval",
 )
+# Added after REPORT_KEYS when the servers' cost ledgers are given (secfwt.cost.offline_online): the run's wall
+# time less server 1's waits for the dealer, those waits, the dealer's generation time (None: the owner does
+# not get the dealer's ledger), the bytes the dealer sent, and this host's CPU model.
+SPLIT_KEYS = ("online_time_s", "dealer_wait_s", "offline_time_s", "offline_bytes", "cpu")
 
 
-def report_dict(result: TuneResult) -> dict[str, Any]:
-    """The JSON report: exactly :data:`REPORT_KEYS`. Plaintext runs report 0 bytes and 0 rounds."""
+def split_dict(costs: dict[int, dict[str, Any]], time_s: float) -> dict[str, Any]:
+    """:data:`SPLIT_KEYS` of a run from the servers' cost ledgers (as dicts, keyed by rank)."""
+    s1 = CostTracker.from_dict(costs[SERVER1]).total() if SERVER1 in costs else CostTracker().total()
+    split = offline_online(time_s, s1)
+    out: dict[str, Any] = {k: split[k] for k in SPLIT_KEYS[:-1]}
+    out["online_time_s"] = round(float(out["online_time_s"] or 0.0), 3)
+    out["dealer_wait_s"] = round(float(out["dealer_wait_s"] or 0.0), 3)
+    out["cpu"] = cpu_model()
+    return out
+
+
+def report_dict(result: TuneResult, costs: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON report: :data:`REPORT_KEYS`, then :data:`SPLIT_KEYS` when the servers' cost ledgers ``costs``
+    are given (an MPC run). Plaintext runs report 0 bytes and 0 rounds."""
     cost = result.cost
     out: dict[str, Any] = {
         "task": result.task,
@@ -40,6 +57,8 @@ def report_dict(result: TuneResult) -> dict[str, Any]:
         "n_eval": result.n_eval,
     }
     assert tuple(out) == REPORT_KEYS
+    if costs:
+        out.update(split_dict(costs, result.time_s))
     return out
 
 
@@ -68,6 +87,18 @@ def summary_table(result: TuneResult) -> Table:
         for link in (LAN, WAN):
             proj = link.project(cost.compute_s, cost.bytes_per_server, cost.rounds)
             t.add_row(f"projected time on {link.name}", f"{proj:.1f} s")
+    return t
+
+
+def split_table(costs: dict[int, dict[str, Any]], time_s: float) -> Table:
+    """Offline (dealer) and online (servers) of the whole run, from the servers' cost ledgers."""
+    d = split_dict(costs, time_s)
+    t = Table(title=f"offline / online (whole run; {d['cpu']})")
+    t.add_column("phase")
+    t.add_column("value", justify="right")
+    t.add_row("offline: dealer -> server1", f"{d['offline_bytes'] / 1e6:.1f} MB")
+    t.add_row("offline: server1 waiting for the dealer", f"{d['dealer_wait_s']:.1f} s")
+    t.add_row("online: wall time less those waits", f"{d['online_time_s']:.1f} s (wall {time_s:.1f} s)")
     return t
 
 
