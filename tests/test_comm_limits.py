@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -13,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-from secfwt.comm.base import DEALER, MAX_JSON_BYTES, SERVER0, SERVER1, Frame, FrameReader, tensor_frame
+from secfwt.comm.base import DEALER, MAX_JSON_BYTES, OWNER, SERVER0, SERVER1, Frame, FrameReader, tensor_frame
 from secfwt.comm.certs import TlsFiles, write_party_certs
 from secfwt.comm.local import LocalHub
 from secfwt.comm.tcp import TcpCommunicator
-from secfwt.errors import CommError, PeerAbortedError, PeerClosedError, ProtocolMismatchError
+from secfwt.errors import AuthError, CommError, PeerAbortedError, PeerClosedError, ProtocolMismatchError
 from secfwt.launch import free_ports
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -323,3 +324,90 @@ def test_stalled_connections_do_not_block_set_up(certs: dict[str, TlsFiles]) -> 
         for c in comms.values():
             c.close(flush_timeout=0.0)
     assert [t.name for t in threading.enumerate() if t.name.startswith("secfwt-")] == []
+
+
+def test_a_service_whose_owner_handshake_fails_serves_the_next_owner(tmp_path, monkeypatch):
+    """A service adopts the first owner's session id during set-up; if that owner's handshake then fails, the id is
+    dropped and the next owner is served (before, every later owner was told "busy" forever)."""
+    import secfwt.comm.tcp as tcp
+    from secfwt.comm.tls import open_listener
+
+    files = {name: f for name, f in write_party_certs(tmp_path / "certs").items()}
+    ports = free_ports(2)
+    addrs = {SERVER0: ("127.0.0.1", ports[0]), OWNER: ("127.0.0.1", ports[1])}
+    listener = open_listener("127.0.0.1", ports[0])
+    fail = {"left": 1}
+    real = tcp.cert_sha256
+
+    def flaky(sock):  # the first owner's connection breaks right after the service took its session id
+        if fail["left"] and "handshake" in threading.current_thread().name:
+            fail["left"] -= 1
+            raise OSError("connection reset by the owner")
+        return real(sock)
+
+    monkeypatch.setattr(tcp, "cert_sha256", flaky)
+    out: dict[str, Any] = {}
+
+    def service() -> None:
+        out["svc"] = TcpCommunicator(SERVER0, addrs, files["server0"], [SERVER0, OWNER], listener=listener,
+                                     await_owner=True, connect_timeout=5.0)
+
+    t = threading.Thread(target=service)
+    t.start()
+    with pytest.raises(AuthError):
+        TcpCommunicator(OWNER, addrs, files["owner"], [SERVER0, OWNER], sid="first", connect_timeout=5.0)
+    owner = TcpCommunicator(OWNER, addrs, files["owner"], [SERVER0, OWNER], sid="second", connect_timeout=5.0,
+                            queue_timeout=5.0)
+    t.join(10)
+    try:
+        assert out["svc"].sid == "second"
+        owner.send_json(SERVER0, "x", {"ok": 1})
+        assert out["svc"].recv_json(OWNER, "x") == {"ok": 1}
+    finally:
+        owner.close()
+        out["svc"].close()
+        listener.close()
+
+
+def test_a_hello_that_overflows_the_decoder_is_refused_not_fatal(tmp_path):
+    """A header field that cannot be decoded (seq = 1e999 overflows int()) from an authenticated peer is a refused
+    connection: the set-up goes on and the real peer connects."""
+    import ssl as _ssl
+
+    from secfwt.comm.base import MAGIC
+    from secfwt.comm.tls import make_ssl_context
+
+    with pytest.raises(ProtocolMismatchError, match="malformed message header"):
+        Frame.decode_header(b'{"seq":1e999,"tag":"hello","kind":"json","dtype":"","shape":[]}')
+    with pytest.raises(ProtocolMismatchError):
+        Frame(seq=0, tag="t", kind="tensor", dtype="int64", shape=(0, 10**30)).attach_payload(bytearray())
+    files = write_party_certs(tmp_path / "certs")
+    ports = free_ports(2)
+    addrs = {SERVER0: ("127.0.0.1", ports[0]), SERVER1: ("127.0.0.1", ports[1])}
+    out: dict[str, Any] = {}
+
+    def listen() -> None:
+        out["s0"] = TcpCommunicator(SERVER0, addrs, files["server0"], [SERVER0, SERVER1], connect_timeout=10.0)
+
+    t = threading.Thread(target=listen)
+    t.start()
+    header = b'{"seq":1e999,"tag":"hello","kind":"json","dtype":"","shape":[]}'
+    ctx = make_ssl_context(files["server1"], server_side=False)
+    for _ in range(100):  # the listener may not be up yet
+        try:
+            raw = socket.create_connection(addrs[SERVER0], timeout=5.0)
+            break
+        except OSError:
+            time.sleep(0.05)
+    with ctx.wrap_socket(raw) as rogue:
+        rogue.sendall(MAGIC + struct.pack("!I", len(header)) + header + struct.pack("!Q", 0))
+        with contextlib.suppress(OSError, _ssl.SSLError):
+            rogue.recv(1024)
+    s1 = TcpCommunicator(SERVER1, addrs, files["server1"], [SERVER0, SERVER1], connect_timeout=10.0)
+    t.join(15)
+    try:
+        s1.send_json(SERVER0, "x", {"ok": 1})
+        assert out["s0"].recv_json(SERVER1, "x") == {"ok": 1}
+    finally:
+        s1.close()
+        out["s0"].close()

@@ -300,3 +300,18 @@ def test_decoded_values_still_match_plaintext_after_binding():
 
     got = run_in_process({SERVER0: prog, SERVER1: prog}, fxp=FixedPoint(F))[SERVER0]
     assert torch.equal(got, torch.tensor([3.0, -9.0, -1.5], dtype=torch.float64))
+
+
+def test_the_data_owner_gets_no_result_when_the_final_check_fails():
+    """The owner returns only once both servers report that the dealer's final request-log check passed: a
+    lie caught at close reaches the owner as an error, not as results."""
+    from secfwt.comm.base import OWNER
+    from secfwt.runtime import run_in_process
+
+    box: dict[str, Any] = {}
+    prog = _muls(3)
+    with pytest.raises(ProtocolMismatchError, match="request logs first differ"):
+        run_in_process({SERVER0: prog, SERVER1: forging(prog, 1, "bit2a", {"shape": [4]}, box),
+                        OWNER: lambda ctx: "results"}, FixedPoint(F), timeout=20)
+    honest = run_in_process({SERVER0: prog, SERVER1: prog, OWNER: lambda ctx: "results"}, FixedPoint(F), timeout=20)
+    assert honest[OWNER] == "results"

@@ -40,7 +40,7 @@ import torch
 from secfwt.comm.base import DEALER, OWNER, PARTY_NAMES, PARTY_RANKS, SERVER0, SERVER1
 from secfwt.comm.tcp import TcpCommunicator, open_listener, refuse_while_busy
 from secfwt.context import PartyContext
-from secfwt.errors import ConfigError, SecfwtError, StopRequested
+from secfwt.errors import ConfigError, StopRequested
 from secfwt.files import open_private_append
 from secfwt.launch import PartiesConfig, load_parties_config
 from secfwt.runtime import run_party
@@ -135,9 +135,13 @@ class PartyService:
                                                           await_owner=True, stop=self.stop)
         except StopRequested:
             return None
-        except (SecfwtError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - any failed set-up is logged; the service waits for the next owner
             self.log.warning(f"session set-up failed: {type(e).__name__}: {e}")
             return SessionRecord("-", "-", 0, 0, 0, 0.0, "setup-failed")
+        if self.stop.is_set():  # a signal arrived during the set-up: no session is started
+            comm.abort("the service is stopping", [SERVER0, SERVER1, DEALER, OWNER])
+            comm.close(flush_timeout=1.0)
+            return None
         sid, start = comm.sid or "-", time.perf_counter()
         owner = f"{PARTY_NAMES[OWNER]} cert_sha256={comm.peer_certs.get(OWNER, '?')[:16]}"
         self.log.info(f"session {sid} start: owner {owner}")
@@ -148,12 +152,12 @@ class PartyService:
                                 daemon=True)
         busy.start()
         outcome = "ok"
-        self._serving = True
         try:
+            self._serving = True
             run_party(self.rank, comm, self._program(stats), self.cfg.fxp, with_owner=True)
         except StopRequested:
             outcome = "aborted: stop requested"
-        except SecfwtError as e:
+        except Exception as e:  # noqa: BLE001 - a session's failure (peer, owner, bad command, memory) ends it only
             outcome = f"failed: {type(e).__name__}: {e}"
         finally:
             self._serving = False

@@ -104,7 +104,7 @@ class Frame:
                 seq=int(h["seq"]), tag=str(h["tag"]), kind=str(h["kind"]), dtype=str(h["dtype"]),
                 shape=tuple(int(s) for s in h["shape"]),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as e:
             raise ProtocolMismatchError(f"malformed message header: {e}") from e
 
     def check_payload_length(self, plen: int, max_payload: int = MAX_PAYLOAD_BYTES) -> None:
@@ -149,7 +149,7 @@ class Frame:
                                         dtype=torch.uint8)
             try:
                 self.tensor = flat.view(dt).reshape(self.shape)
-            except RuntimeError as e:
+            except (RuntimeError, TypeError, ValueError, OverflowError) as e:
                 raise ProtocolMismatchError(
                     f"message '{self.tag}': header shape {self.shape} is not a valid tensor shape: {e}"
                 ) from None
@@ -157,7 +157,7 @@ class Frame:
             raw = payload.numpy().tobytes() if isinstance(payload, Tensor) else payload
             try:
                 self.obj = json.loads(raw) if raw else None
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise ProtocolMismatchError(f"message '{self.tag}': malformed JSON payload: {e}") from e
 
 

@@ -295,28 +295,46 @@ class TcpCommunicator(Communicator):
                 f"{self.name}: {names} did not connect to {host}:{port} within {self.connect_timeout:g} s"
             )
 
-    def _check_sid(self, peer: int, sid: Any) -> None:
-        """The service set-up's session rule (``await_owner``): the data owner's id is adopted, a peer must
-        carry it. Raises Busy (the connector retries) or ProtocolMismatchError."""
+    def _check_sid(self, peer: int, sid: Any) -> bool:
+        """The service set-up's session rule (``await_owner``): the data owner's id is adopted (True is returned
+        then), a peer must carry it. Raises Busy (the connector retries) or ProtocolMismatchError."""
         with self._sid_lock:
             if peer == OWNER_RANK:
                 if not isinstance(sid, str) or not sid:
                     raise ProtocolMismatchError(f"{self.name}: the data owner sent no session id")
                 if self.sid is None:
                     self.sid = sid
-                elif sid != self.sid:
+                    return True
+                if sid != self.sid:
                     raise Busy(f"{self.name} is setting up another session")
             elif self.sid is None:
                 raise Busy(f"{self.name} is waiting for the data owner")
             elif sid != self.sid:
                 raise ProtocolMismatchError(f"{self.name}: {party_name(peer)} belongs to another session "
                                             f"({sid!r}, this one is {self.sid!r})")
+            return False
 
     def _handshake_incoming(
         self, raw: socket.socket, where: str, incoming: Incoming, deadline: float
     ) -> tuple[int, ssl.SSLSocket]:
         """Authenticate one incoming connection (in its own thread); raises AuthError (and closes it) if it is
-        refused, ProtocolMismatchError if the peer runs with other session parameters."""
+        refused, ProtocolMismatchError if the peer runs with other session parameters (a service waiting for
+        owners refuses such a peer instead: a stray caller must not end another owner's set-up). Whatever a
+        malformed peer makes the decoding raise is a refusal, never the end of the set-up."""
+        try:
+            return self._authenticate(raw, where, incoming, deadline)
+        except AuthError:
+            raise
+        except ProtocolMismatchError as e:
+            if self._await_owner:
+                raise AuthError(str(e)) from e
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a header that overflows int(): refused, the set-up goes on
+            raise AuthError(f"{self.name}: refused connection from {where}: {type(e).__name__}: {e}") from e
+
+    def _authenticate(
+        self, raw: socket.socket, where: str, incoming: Incoming, deadline: float
+    ) -> tuple[int, ssl.SSLSocket]:
         try:  # a client that is gone already must not end the set-up: every failure here is a refusal
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(min(max(deadline - time.monotonic(), 0.5), HANDSHAKE_S))
@@ -324,7 +342,7 @@ class TcpCommunicator(Communicator):
         except (ssl.SSLError, OSError) as e:
             raw.close()
             raise AuthError(f"{self.name}: refused connection from {where}: {ssl_reason(e)}") from e
-        claimed = -1
+        claimed, adopted = -1, False
         try:
             if not incoming.track(sock):  # from now on, stop() can wake this thread through ``sock``
                 raise AuthError(f"{self.name}: refused connection from {where}: set-up is over")
@@ -357,7 +375,7 @@ class TcpCommunicator(Communicator):
                 raise ProtocolMismatchError(msg)
             if self._await_owner:
                 try:
-                    self._check_sid(peer, hello.obj.get("sid"))
+                    adopted = self._check_sid(peer, hello.obj.get("sid"))
                 except Busy as e:
                     refuse(sock, {"busy": str(e)})
                     raise AuthError(f"{self.name}: told {cn} at {where} to retry: {e}") from None
@@ -378,6 +396,10 @@ class TcpCommunicator(Communicator):
         except BaseException:
             if claimed >= 0:
                 incoming.claim(claimed, release=True)
+            if adopted:  # the owner whose session id this set-up took is gone: wait for the next one
+                with self._sid_lock:
+                    if OWNER_RANK not in self._links:
+                        self.sid = None
             sock.close()
             raise
         sock.settimeout(None)

@@ -21,6 +21,7 @@ from secfwt.errors import AuthError, CommError
 HELLO = "hello"
 HANDSHAKE_S = 10.0  # at most this long per TLS handshake (each runs in its own thread)
 _POLL_S = 0.2
+_MAX_BUSY_ANSWERS = 32  # "busy" answers in progress at once
 
 
 class Busy(Exception):
@@ -204,11 +205,21 @@ def refuse_while_busy(listener: socket.socket, tls: TlsFiles, name: str, stop: t
             except (ssl.SSLError, OSError, CommError):
                 pass
 
+    threads: list[threading.Thread] = []
     while not stop.is_set():
         listener.settimeout(_POLL_S)
         try:
             raw, _ = listener.accept()
-        except (TimeoutError, OSError):
+        except TimeoutError:
             continue
-        threading.Thread(target=answer, args=(raw,), name=f"secfwt-{name}-busy", daemon=True).start()
+        except OSError:  # e.g. out of file descriptors: do not spin
+            time.sleep(_POLL_S)
+            continue
+        threads = [t for t in threads if t.is_alive()]
+        if len(threads) >= _MAX_BUSY_ANSWERS:  # callers beyond this are dropped unanswered (they retry)
+            raw.close()
+            continue
+        t = threading.Thread(target=answer, args=(raw,), name=f"secfwt-{name}-busy", daemon=True)
+        threads.append(t)
+        t.start()
 
