@@ -26,7 +26,6 @@ from secfwt.runtime import run_in_process
 from secfwt.share import (
     AShare,
     check_revealed,
-    clamp_input,
     input_bound,
     owner_share,
     receive_revealed,
@@ -190,17 +189,11 @@ def test_owner_input_nan_inf_rejected(bad: float) -> None:
         _owner_run(owner, servers)
 
 
-def test_input_bound_and_clamp() -> None:
+def test_input_bound() -> None:
     assert input_bound(16) == 2.0**15 and input_bound(24) == 128.0 and input_bound(0) == 2.0**31
     # Two inputs at the bound multiply exactly: |x y| 2^(2 scale) = 2^62 - (just below with strict <).
     for s in (4, 16, 24):
         assert (input_bound(s) * 2**s) ** 2 <= 2.0**62
-    v, n = clamp_input(torch.tensor([1.0, -500.0, 200.0, 3.0]), 24)
-    assert n == 2 and v.tolist() == [1.0, -128.0, 128.0, 3.0]
-    v, n = clamp_input(torch.tensor([1.0, -5.0]), 16, bound=4.0)
-    assert n == 1 and v.tolist() == [1.0, -4.0]
-    with pytest.raises(FixedPointRangeError, match="NaN or infinite"):
-        clamp_input(torch.tensor([1.0, math.nan]), 16)
 
 
 def test_honest_reveal_passes_and_wrapped_product_is_flagged() -> None:

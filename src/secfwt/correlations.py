@@ -47,7 +47,9 @@ Material = dict[str, Tensor]
 Shape = tuple[int, ...]
 Layout = dict[str, tuple[Shape, torch.dtype]]
 
-# Per request: elements of its parameter shapes plus its corrections (16 GiB of int64). The largest honest
+# Per request: elements of its parameter shapes plus its corrections (2^31 counted int64 elements = 16 GiB; the
+# dealer's peak for a comparison is about 3x the counted elements: both servers' draws, corrections, temporaries).
+# The largest honest
 # requests are comparisons of whole activation chunks: ltz_select on the 3 stacked copies of GELU's input for
 # 64 rows x 128 tokens x 3072 (BERT-base) is n = 75.5M elements, 10 n + 8 k <= 1.4e9 counted elements.
 MAX_ELEMENTS = 2**31

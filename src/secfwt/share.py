@@ -200,21 +200,6 @@ def input_bound(scale: int) -> float:
     return 2.0 ** (31 - scale)
 
 
-def clamp_input(value: Tensor, scale: int, bound: float | None = None) -> tuple[Tensor, int]:
-    """``value`` clamped to [-bound, bound] (default :func:`input_bound`), and how many entries were clamped.
-
-    For candidate prompts, where a rare far-out candidate should saturate instead of stopping a tuning run
-    (the owner sees the count, nobody else does). NaN or infinity is not clamped: it raises
-    :class:`~secfwt.errors.FixedPointRangeError` (it means a bug upstream, not a large candidate).
-    """
-    v = torch.as_tensor(value, dtype=torch.float64)
-    b = input_bound(scale) if bound is None else float(bound)
-    if not torch.isfinite(v).all():
-        raise FixedPointRangeError(f"clamp_input: {int((~torch.isfinite(v)).sum())} entries are NaN or infinite")
-    n = int((v.abs() > b).sum())
-    return (v.clamp(-b, b) if n else v), n
-
-
 def check_input(value: Tensor, scale: int, tag: str = "input", bound: float | None = None) -> None:
     """The check of :func:`owner_share`, callable before announcing a command to the servers."""
     v = torch.as_tensor(value, dtype=torch.float64)
@@ -231,7 +216,7 @@ def check_input(value: Tensor, scale: int, tag: str = "input", bound: float | No
         raise FixedPointRangeError(
             f"owner input {tag!r}: max |value| = {v.abs().max().item():.6g} (first at index {i}, {int(big.sum())} "
             f"entries) exceeds the allowed bound {b:.6g} (scale {scale}: products of two inputs must stay below "
-            f"2^62 in the ring); nothing was sent (clamp candidates with share.clamp_input)")
+            f"2^62 in the ring); nothing was sent")
 
 
 def owner_share(ctx: PartyContext, value: Tensor, scale: int | None = None, tag: str = "input",
@@ -307,7 +292,7 @@ def reveal_ring(ctx: PartyContext, x: AShare, tag: str = "reveal") -> Tensor:
 
 
 __all__ = [
-    "AShare", "SERVER1", "add", "add_public", "cat", "check_input", "check_revealed", "clamp_input", "from_public",
+    "AShare", "SERVER1", "add", "add_public", "cat", "check_input", "check_revealed", "from_public",
     "input_bound", "mul_public", "mul_public_int", "open_", "open_many", "owner_share", "receive_revealed",
     "rescale_up", "reveal", "reveal_bound", "reveal_ring", "reveal_to", "share_from_owner", "stack", "sub", "zeros",
 ]
