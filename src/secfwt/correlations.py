@@ -313,7 +313,7 @@ def _wmatmul_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[
     b = store[wid]
     if tuple(b.shape) != _shape(p, "w"):
         raise ProtocolMismatchError(f"dealer: weight mask #{wid} has shape {tuple(b.shape)}, request says {p['w']}")
-    key = (wid, bool(p.get("transpose")))  # B split into limbs once per direction (ring.RightOperand)
+    key = (wid, bool(p.get("transpose")))  # B prepared once per direction (ring.RightOperand)
     if key not in store:
         store[key] = ring.RightOperand(b.t() if key[1] else b)
     a = m0["a"] + m1["a"]

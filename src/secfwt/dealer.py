@@ -358,7 +358,7 @@ def serve(comm: Communicator, prg0: PRG, prg1: PRG, idle_timeout: float | None =
           check_every: int = CHECK_EVERY) -> int:
     """The dealer's loop: answer server 1's requests until it says stop. Returns the number served."""
     served = 0
-    store: dict[Any, Any] = {}  # the stateful kinds' fixed weight masks (by request index) and their limbs
+    store: dict[Any, Any] = {}  # the stateful kinds' fixed weight masks (by request index), prepared
     log = RequestLog()
     old_timeout = comm.timeout
     if idle_timeout is not None:

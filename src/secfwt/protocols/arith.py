@@ -97,7 +97,7 @@ def matmul_aa(ctx: PartyContext, x: AShare, y: AShare, out_scale: int | None = N
     Steps: dealer gives (a, b, c = a @ b); open e = x - a, f = y - b (one message);
     z = c + e @ (b + f on server 0) + a @ f; truncate to ``out_scale``.
     Cost: 1 round (+1 for truncation); 8(|x| + |y|) bytes sent per server; dealer -> server 1: 8|z|.
-    Local compute: 2 exact ring matmuls per server (float64 limb BLAS, see :func:`secfwt.ring.matmul`).
+    Local compute: 2 exact ring matmuls per server (:func:`secfwt.ring.matmul`: int64 or float64 limbs, chosen per machine).
     Valid range: as :func:`mul_aa`, for the accumulated sums.
     """
     with ctx.cost.scope("matmul"):
@@ -154,8 +154,9 @@ def matmul_fixed(ctx: PartyContext, x: AShare, w: FixedShare, transpose: bool = 
     Steps: the dealer gives fresh (A, C = A @ B^T) for W's stored mask B; open E = X - A;
     Z_i = E @ W_i^T + A_i @ F^T + C_i, so Z_0 + Z_1 = E W^T + A (W - B)^T + A B^T = X W^T; truncate.
     Cost: 1 round (+1 truncation); 8|x| bytes per server (the weight is not re-opened); dealer -> server 1:
-    8|z|. Local compute: 2 exact ring matmuls per server, as :func:`matmul_aa`, with W_i and F split into
-    limbs once (:class:`secfwt.ring.RightOperand`, 24 bytes per weight per server, kept for the session).
+    8|z|. Local compute: 2 exact ring matmuls per server, as :func:`matmul_aa`, with W_i and F prepared once
+    for the session (:class:`secfwt.ring.RightOperand`: the int64 matrix, its limbs only where the limb kernel
+    is the faster one on the machine).
     Exact on the ring; valid range as :func:`mul_aa`.
     """
     with ctx.cost.scope("matmul"):
