@@ -97,7 +97,8 @@ def matmul_aa(ctx: PartyContext, x: AShare, y: AShare, out_scale: int | None = N
     Steps: dealer gives (a, b, c = a @ b); open e = x - a, f = y - b (one message);
     z = c + e @ (b + f on server 0) + a @ f; truncate to ``out_scale``.
     Cost: 1 round (+1 for truncation); 8(|x| + |y|) bytes sent per server; dealer -> server 1: 8|z|.
-    Local compute: 2 exact ring matmuls per server (:func:`secfwt.ring.matmul`: int64 or float64 limbs, chosen per machine).
+    Local compute: 2 exact ring matmuls per server (:func:`secfwt.ring.matmul`: int64 or float64 limbs, chosen
+    per machine).
     Valid range: as :func:`mul_aa`, for the accumulated sums.
     """
     with ctx.cost.scope("matmul"):
