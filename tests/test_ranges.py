@@ -249,7 +249,9 @@ def test_layernorm_outside_variance_range() -> None:
     y = run_f(f, approx.layernorm, x, None, None, eps=1e-12)
     ref = F.layer_norm(x, (n,), None, None, 1e-12)
     assert (y[0] == 0).all()
-    assert (y[1].abs() <= ref[1].abs() + 1e-3).all() and y[1].abs().max() < math.sqrt(n)
+    # |y| <= |exact| up to the truncation error of x - mean (<= 2 ulp = 2^(1-f)) times the saturated 1/sqrt
+    # (<= 2.65 * 2^8 at the range floor 2^-16): 0.021; the masks are fresh each run, so this is the bound
+    assert (y[1].abs() <= ref[1].abs() + 2 * 2.0**-f * 2.65 * 2**8).all() and y[1].abs().max() < math.sqrt(n)
     rel = ((y[2:] - ref[2:]).abs() / (1 + ref[2:].abs())).max()
     assert rel < 0.05, f"large-variance rows: relative error {rel:.3g}"
 
