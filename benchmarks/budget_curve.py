@@ -128,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows: list[dict] = []
     start = time.time()
+    out = Path(a.out)
     for task_name in a.tasks.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
             data = load_task_data(get_task(task_name), a.data_root, k=a.k, seed=seed, max_eval=a.max_eval)
@@ -145,21 +146,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for pt in pts:
                         rows.append({"task": task_name, "seed": seed, "strategy": strategy, "template_test": zs[1],
                                      "template_dev": zs[0], "n_test": len(data.eval), **pt})
+                    save(out, rows, meta(a, argv, start))  # after every run: a long sweep keeps what it measured
                     last = pts[-1] if pts else {}
                     print(f"{task_name} seed {seed} {strategy}: template {zs[1]:.3f} -> {last.get('test_acc', 0):.3f} "
                           f"at {last.get('forwards', 0)} forwards ({time.time() - t0:.0f} s)", flush=True)
 
             run_job(spec, data.task, job)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or
-            platform.machine(), "command": "python benchmarks/budget_curve.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                           else argv),
-            "wall_s": time.time() - start, "k": a.k, "max_eval": a.max_eval, "strategies": STRATEGIES}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save(out, rows, meta(a, argv, start))
     print(summary(rows))
     plot(rows, out.with_suffix(".png"))
     return 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def meta(a: argparse.Namespace, argv: Sequence[str] | None, start: float) -> dict[str, Any]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
+            "command": "python benchmarks/budget_curve.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "wall_s": time.time() - start, "k": a.k, "max_eval": a.max_eval, "max_forwards": a.max_forwards,
+            "strategies": STRATEGIES}
+
+
+def save(out: Path, rows: list[dict], info: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": info, "rows": rows}, indent=1))
 
 
 def summary(rows: list[dict]) -> str:
