@@ -81,9 +81,6 @@ def write_private(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
-__all__ = ["DIR_MODE", "FILE_MODE", "private_dir", "private_output", "write_private"]
-
-
 def open_private_append(path: str | Path) -> TextIO:
     """``path`` opened for appending text (a log), created 0600 (its directory 0700 when new); an existing
     file is set to 0600 too."""
@@ -92,3 +89,6 @@ def open_private_append(path: str | Path) -> TextIO:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
     os.fchmod(fd, FILE_MODE)
     return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+
+
+__all__ = ["DIR_MODE", "FILE_MODE", "open_private_append", "private_dir", "private_output", "write_private"]

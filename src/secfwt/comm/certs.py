@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from secfwt import files
 from secfwt.comm.base import PARTY_NAMES
 from secfwt.errors import ConfigError
 
@@ -300,9 +301,7 @@ def private_dir(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output path exists and is not a directory: {path}")
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=0o700)
+    files.private_dir(path)  # missing directories are made 0700 (explicitly, whatever the umask)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise ConfigError(f"directory {path} for private keys is accessible by group or others (mode "
