@@ -20,11 +20,16 @@ cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
 bit2a         random bit s as XOR share and arithmetic share               8 * n
 wmask         a fixed mask B for one weight, kept by the dealer (stateful) 0
 wmatmul       c = a @ B^T (or a @ B) with the stored mask B of ``wid``     8 * numel(c)
+mtrunc        l-bit r; q = (r mod 2^l) >> s, m = bit l - 1 of r; with     16 n (+ 16 n ``square``, + 16 n ``fid``)
+              ``square``: q^2, q m; with ``fid``: q B, m B (B the
+              stored mask of request ``fid``, broadcast)
 ============  ==========================================================  ========================================
 
-``wmask`` and ``wmatmul`` are the dealer's only stateful kinds: the mask B = B0 + B1 of a weight is drawn once
-(request ``wid``) and kept for the session, so the servers open W - B once and every later product with that
-weight costs only its activation's opening (:func:`secfwt.protocols.arith.fix_weight`).
+``wmask``, ``wmatmul`` and ``mtrunc`` are the dealer's only stateful kinds: the mask B = B0 + B1 of a weight is
+drawn once (request ``wid``) and kept for the session, so the servers open W - B once and every later product with
+that weight costs only its activation's opening (:func:`secfwt.protocols.arith.fix_weight`). ``mtrunc`` with
+``fid`` reads such a mask (a per-forward operand's, :func:`secfwt.protocols.masked.fixed_mask`) and, with
+``release``, drops it after its last use.
 
 Adding a kind: its (draw0, draw1, correct) in :data:`KINDS` (or :data:`STATEFUL`), its parameters in
 ``_FIELDS`` and the layout of its corrections in ``_LAYOUTS``; :func:`check_request` validates requests with them.
@@ -320,6 +325,52 @@ def _wmatmul_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[
     return {"c": ring.matmul(a, store[key]) - m0["c"]}
 
 
+def _mtrunc_names(p: dict[str, Any]) -> list[str]:
+    """The dealer-corrected components of an ``mtrunc`` request, in sending order."""
+    return ["q", "m"] + (["q2", "qm"] if p.get("square") else []) + (["qb", "mb"] if p.get("fid", -1) >= 0 else [])
+
+
+def _mtrunc_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    shape = _shape(p, "shape")
+    return {"r": st.ring(shape), **{k: st.ring(shape) for k in _mtrunc_names(p)}}
+
+
+def _mtrunc_draw1(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"r": st.ring(_shape(p, "shape"))}
+
+
+def _mtrunc_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[Any, Any],
+                    index: int) -> Material:
+    """Masked truncation (:func:`secfwt.protocols.masked.trunc_masked`): r uniform mod 2^l, its top l - s bits
+    q and its bit l - 1 m as ring shares, and the products the result's later local squares / products need."""
+    width, bits = int(p["width"]), int(p["bits"])
+    r = m0["r"] + m1["r"]
+    if width == 64:
+        q, m = ring.logical_rshift(r, bits), ring.msb(r)
+    else:
+        rl = r & ((1 << width) - 1)
+        q, m = rl >> bits, rl >> (width - 1)
+    full = {"q": q, "m": m}
+    if p.get("square"):
+        full["q2"], full["qm"] = q * q, q * m
+    fid = int(p.get("fid", -1))
+    if fid >= 0:
+        b = store.get(fid)
+        if b is None or not isinstance(b, Tensor):
+            raise ProtocolMismatchError(f"dealer: mtrunc #{index} names mask #{fid}, which was never drawn")
+        try:
+            full["qb"], full["mb"] = q * b, m * b
+        except RuntimeError:
+            raise ProtocolMismatchError(f"dealer: mask #{fid} of shape {tuple(b.shape)} does not broadcast to "
+                                        f"{list(q.shape)}") from None
+        if tuple(full["qb"].shape) != tuple(q.shape):
+            raise ProtocolMismatchError(f"dealer: mask #{fid} of shape {tuple(b.shape)} does not broadcast to "
+                                        f"{list(q.shape)}")
+        if p.get("release"):  # the mask's last use: the dealer forgets it (per-forward operands)
+            del store[fid]
+    return {k: full[k] - m0[k] for k in _mtrunc_names(p)}
+
+
 _Draw = Callable[[dict[str, Any], PRGStream], Material]
 _Correct = Callable[[dict[str, Any], Material, Material], Material]
 _StatefulCorrect = Callable[[dict[str, Any], Material, Material, dict[Any, Any], int], Material]
@@ -328,6 +379,7 @@ _StatefulCorrect = Callable[[dict[str, Any], Material, Material, dict[Any, Any],
 STATEFUL: dict[str, tuple[_Draw, _Draw, _StatefulCorrect]] = {
     "wmask": (_wmask_draw, _wmask_draw, _wmask_correct),
     "wmatmul": (_wmatmul_draw0, _wmatmul_draw1, _wmatmul_correct),
+    "mtrunc": (_mtrunc_draw0, _mtrunc_draw1, _mtrunc_correct),
 }
 
 KINDS: dict[str, tuple[_Draw, _Draw, _Correct]] = {
@@ -393,6 +445,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "bit2a": {"shape": _SHAPE},
     "wmask": {"shape": _SHAPE},
     "wmatmul": {"a": _SHAPE, "w": _SHAPE, "wid": (_as_int(0, 2**62), None), "transpose": (_as_bool, False)},
+    "mtrunc": {"shape": _SHAPE, "bits": (_as_int(1, 62), None), "width": (_as_bytes_bits, 64),
+               "square": (_as_bool, False), "fid": (_as_int(-1, 2**62), -1), "release": (_as_bool, False)},
 }
 _I64 = torch.int64
 
@@ -422,6 +476,12 @@ def _wmatmul_layout(p: dict[str, Any]) -> Layout:
     return {"c": (_wmatmul_out(p), _I64)}
 
 
+def _mtrunc_layout(p: dict[str, Any]) -> Layout:
+    if p["bits"] >= p["width"] - 1:
+        raise ValueError(f"bits {p['bits']} must be below width - 1 = {p['width'] - 1}")
+    return {k: (_shape(p, "shape"), _I64) for k in _mtrunc_names(p)}
+
+
 _LAYOUTS: dict[str, Callable[[dict[str, Any]], Layout]] = {
     "mul": lambda p: {"c": (_mul_out(p), _I64)},
     "square": lambda p: {"c": (_shape(p, "a"), _I64)},
@@ -432,6 +492,7 @@ _LAYOUTS: dict[str, Callable[[dict[str, Any]], Layout]] = {
     "bit2a": lambda p: {"sa": (_shape(p, "shape"), _I64)},
     "wmask": lambda p: {},
     "wmatmul": _wmatmul_layout,
+    "mtrunc": _mtrunc_layout,
 }
 
 

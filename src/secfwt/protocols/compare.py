@@ -83,7 +83,7 @@ def _check_bits(bits: int) -> int:
     return 8 * -(-bits // 8)
 
 
-def _open_low(ctx: PartyContext, v: Tensor, bits: int, tag: str) -> Tensor:
+def open_low(ctx: PartyContext, v: Tensor, bits: int, tag: str) -> Tensor:
     """Open v mod 2^bits (bits a multiple of 8 below 64), sending only its low bits / 8 bytes per element
     (little-endian uint8): 1 round, the result in [0, 2^bits) as int64."""
     shifts = torch.arange(bits // 8, dtype=torch.int64) * 8
@@ -156,7 +156,7 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int, bits: int) -> tuple[Tensor, Tens
         c = open_(ctx, xf + pend.material["r"], "ltz/c")
         cw = c
     else:
-        c = _open_low(ctx, xf + pend.material["r"], bits, "ltz/c")  # in [0, 2^l)
+        c = open_low(ctx, xf + pend.material["r"], bits, "ltz/c")  # in [0, 2^l)
         cw = pack_fields(c << (w - bits), w)  # w-bit fields, c at the top
     m = pend.get()
     rb, t = m["rb"], m["t"]

@@ -216,13 +216,17 @@ class ModelServer(BaseServer):
         super().__init__(ctx, shares.frac_bits, cfg.hidden, cfg.vocab_size, shares.params.get("emb.word"))
         self.shares = shares
         self.encoder: Encoder[AShare] | None = None
+        self._body: dict[str, AShare] | None = None
         self.head: MaskedLMHead[AShare] | SimilarityHead[AShare] | None = None
 
     def setup(self, msg: dict[str, Any]) -> None:
         p = self.shares.params
         self._setup_inputs(msg)
-        body = {k: v for k, v in p.items() if not k.startswith("mlm.") and k != "emb.word"}
-        self.encoder = Encoder(self.shares.config, body, attention_from_json(msg["attention"]))
+        if self._body is None:  # every weight matrix's Beaver mask is fixed once per session (opened once)
+            with self.be.scope("fix_weights"):
+                self._body = {k: self.be.fix_matrix(k, v) for k, v in p.items()
+                              if not k.startswith("mlm.") and k != "emb.word"}
+        self.encoder = Encoder(self.shares.config, self._body, attention_from_json(msg["attention"]))
         head = msg["head"]
         n_labels = int(head["n_labels"])
         if head["kind"] == "mlm":
