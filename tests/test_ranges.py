@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from secfwt import approx, ring
+from secfwt.approx.exp import LOGIT_BOUND
 from secfwt.context import FRAC_BITS_MAX, FRAC_BITS_MIN, OWNER, FixedPoint, PartyContext
 from secfwt.errors import ConfigError, FixedPointRangeError
 from secfwt.protocols.arith import mul_aa
@@ -274,8 +275,10 @@ def test_reciprocal_and_rsqrt_outside_range() -> None:
 
 
 def test_softmax_wide_logits_stay_probabilities() -> None:
-    """Logit spreads far beyond exp's clamp (-128) and up to 2^18: max-subtracted inputs stay in range."""
-    x = torch.tensor([[0.0, -1e3, 2.0**18, 2.0**18 - 1.0], [-2.0**18, 5.0, 4.0, -3.0]], dtype=torch.float64)
+    """Logit spreads far beyond exp's clamp (-128) and up to the documented bound 2^13 (approx.exp.LOGIT_BOUND):
+    max-subtracted inputs stay in range."""
+    b = LOGIT_BOUND - 1.0
+    x = torch.tensor([[0.0, -1e3, b, b - 1.0], [-b, 5.0, 4.0, -3.0]], dtype=torch.float64)
     y = run_f(16, approx.softmax, x)
     assert (y >= 0).all() and (y <= 1 + 1e-4).all()
     assert (y - torch.softmax(x, -1)).abs().max() < 3e-4

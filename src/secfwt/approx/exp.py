@@ -22,68 +22,91 @@ from secfwt.approx.poly import to_scale
 from secfwt.approx.recip import reciprocal
 from secfwt.comm.base import SERVER0
 from secfwt.context import PartyContext
-from secfwt.protocols.arith import mul_aa, square_a
-from secfwt.protocols.compare import gez, max_, range_bits
+from secfwt.protocols.compare import ltz_select, max_, range_bits
+from secfwt.protocols.masked import Masked, fixed_mask, open_fixed, trunc_masked, width_for
 from secfwt.share import AShare, add_public, mul_public_int
 
 SQUARINGS = 7  # n
-_EXP_SCALE = 28  # working scale of the squarings: base in [1/2, 1], squares at scale 56 < 62
-_W_MAX_SCALE = 30  # w = 1 + x / 2^n in [0, 1] is squared: its scale s needs 2 s <= 61 - 1
+_BASE_SCALE = 22  # working scale of the squarings: base in [1/2, 1], squares < 2^45 fit a 48-bit opening
 _R_EXTRA_BITS = 8  # 1/sum(e) in [1/N, 1] is kept with f + 8 bits
-_MASK_FILL = 2.0**20  # masked logits are replaced by -2^20 before the max
-_DIFF_BOUND = 2.0**21  # |x - y| < 2^20 + 2^19 < 2^21 for any two logits or fills: the max tree's comparisons
+LOGIT_BOUND = 2.0**13  # softmax's valid range: |logit| < 2^13
+_MASK_FILL = 2.0**14  # masked logits are replaced by -2^14 before the max
+_DIFF_BOUND = 3 * 2.0**13  # |x - y| <= 2^14 + 2^13 for any two logits or fills: the max tree's comparisons
+
+
+def _exp_masked(ctx: PartyContext, x: AShare, bound: float | None, fid: int = -1) -> Masked:
+    """exp(x) as a :class:`~secfwt.protocols.masked.Masked` value at scale f (:func:`exp`); ``fid``: the last
+    truncation also prepares the product with the operand of that mask (softmax's 1 / sum)."""
+    f, n, sb = ctx.f, SQUARINGS, _BASE_SCALE
+    x = to_scale(ctx, x, f)
+    bits = 64 if bound is None else range_bits(f, bound + 2.0**n)  # |x + 2^n| < bound + 2^n
+    v = add_public(ctx, x, float(2**n))
+    _, lt_v = ltz_select(ctx, v.reshape(-1), v.numel(), bits)
+    # b v = v - [v < 0] v with b = [x >= -2^n]; read at scale f + n it is b w, w = 1 + x / 2^n, exactly.
+    bw = AShare(v.data - lt_v.data.reshape(v.shape), f + n)
+    # b w in [0, 1]: a masked truncation to scale <= sb (at least one bit) makes its square local.
+    bwm = trunc_masked(ctx, bw, max(1, bw.scale - sb), width_for(bw.scale + 1), square=True, tag="w")
+    sq = bwm.square()  # (b w)^2 in [0, 1] at scale 2 s_w <= 2 sb
+    # base = (1 + (b w)^2) / 2: truncate to scale sb - 1 and read it at scale sb (the halving), plus 1/2.
+    sb = min(sb, sq.scale)
+    base = trunc_masked(ctx, sq, sq.scale - (sb - 1), width_for(sq.scale + 1), square=True, tag="base")
+    base = base.with_scale(sb).add_public_int(1 << (sb - 1))
+    for i in range(n):
+        last = i == n - 1
+        base = trunc_masked(ctx, base.square(), 2 * sb - (f if last else sb), width_for(2 * sb + 1),
+                            square=not last, fid=fid if last else -1, release=last and fid >= 0, tag="square")
+    return base
 
 
 def exp(ctx: PartyContext, x: AShare, bound: float | None = None) -> AShare:
     """exp(x) for shared x <= 0 (any such x in the fixed-point range).
 
-    Steps: (1) b = [x + 2^n >= 0] (one ltz); w = 1 + x / 2^n exactly at scale f + n (local);
-    (2) b w (exact bit product, 1 round); (3) base = (1 + (b w)^2) / 2 (square + truncation, 2 rounds);
-    (4) n squarings at scale 28 (2 rounds each; the last one truncates to f).
-    Cost: 9 + 2n = 23 rounds; bytes per element per server: 19.6 (ltz) + 16 + 16 + 16 n = 163.6 (f = 7..23;
-    f <= 6: the base square needs no truncation, 22 rounds; f >= 24: the bit product truncates to scale 30,
-    24 rounds, +8 bytes).
+    Steps: (1) [x + 2^n < 0] and its product with x + 2^n in one :func:`~secfwt.protocols.compare.ltz_select`,
+    so b w = (1 - [x + 2^n < 0]) (x + 2^n) read at scale f + n, with b = [x >= -2^n] and w = 1 + x / 2^n,
+    costs no round of its own; (2) b w in [0, 1] by a masked truncation to scale 22
+    (:func:`~secfwt.protocols.masked.trunc_masked`, a 32-bit opening at f = 16), which leaves it as P - R with P
+    public, so (b w)^2 is local; (3) base = (1 + (b w)^2) / 2 by a masked truncation of that square to scale 21
+    read at scale 22, plus 1/2; (4) n = 7 squarings, each the LOCAL square of the previous masked value and one
+    masked truncation on a 48-bit opening (the last one to scale f).
+    Cost: R(l) + 9 rounds, R(l) the comparison's (6 at l = 64, 5 at l = 32); bytes per element per server:
+    ltz(l) + w1 / 8 + 6 (n + 1), w1 = width_for(f + n + 1) (32 at f = 16): 19.6 + 4 + 48 = 71.6 at l = 64,
+    61.6 at l = 32 (was 163.6 with Beaver squares and separate truncations). Dealer -> server 1 per element:
+    the comparison's + 128 (select) + 32 per masked truncation (the last one 16, or 32 with ``fid``).
     Valid range: x <= 0 (also accurate for 0 < x <= 1, error growing like x^3 / 4^n beyond); x > 1 is
     wrong (the base exceeds 1 and 2^n squarings grow without bound; softmax never passes x > 0).
-    Error: <= 1.4e-5 (approximation, see module docstring) + ~2^-f (fixed point): ~3e-5 absolute at f = 16.
-    ``bound``: a public bound on |x| the caller guarantees (softmax: 2^21); the clamp's comparison of x + 2^n
-    then runs on :func:`~secfwt.protocols.compare.range_bits` (f, bound + 2^n) bits (40 at f = 16 for 2^21:
-    16.6 instead of 19.6 bytes, same rounds; fewer for small f). Beyond the bound the clamp bit, hence the
-    result, is wrong.
+    Error: <= 1.4e-5 (approximation, see module docstring) + the truncations: each squaring at scale 22 adds
+    at most 2^-22 to a base in [1/2, 1], doubled by every later squaring (<= 2^-14 = 6e-5 in all), + 2^-f.
+    ``bound``: a public bound on |x| the caller guarantees (softmax: 3 2^13); the clamp's comparison of x + 2^n
+    then runs on :func:`~secfwt.protocols.compare.range_bits` (f, bound + 2^n) bits (32 at f = 16 for 3 2^13).
+    Beyond the bound the clamp bit, hence the result, is wrong.
     """
     with ctx.cost.scope("exp"):
-        f, n = ctx.f, SQUARINGS
-        x = to_scale(ctx, x, f)
-        bits = 64 if bound is None else range_bits(f, bound + 2.0**n)  # |x + 2^n| < bound + 2^n
-        b = gez(ctx, add_public(ctx, x, float(2**n)), bits)
-        w = add_public(ctx, AShare(x.data, f + n), 1.0)  # x / 2^n exactly, plus 1
-        # f + n <= 30 (f <= 23): exact bit product; above, one truncation keeps (b w)^2 below 2^62.
-        bw = mul_aa(ctx, b, w, out_scale=min(w.scale, _W_MAX_SCALE))
-        sq = to_scale(ctx, square_a(ctx, bw, out_scale=_EXP_SCALE - 1), _EXP_SCALE - 1)
-        base = add_public(ctx, AShare(sq.data, _EXP_SCALE), 0.5)  # reinterpretation divides by 2
-        for i in range(n):
-            base = square_a(ctx, base, out_scale=f if i == n - 1 else _EXP_SCALE)
-        return base
+        return _exp_masked(ctx, x, bound).share()
 
 
 def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | None = None) -> AShare:
     """softmax(x) along ``dim``; ``mask`` (PUBLIC 0/1, broadcastable to x) gives masked positions 0.
 
-    Steps: (1) masked logits replaced by -2^20 (local: public 0/1 multiply); (2) m = max_(x, dim) (tree of
-    ceil(log2 N) comparisons); (3) e = exp(x - m) (x - m <= 0), times the mask (local); (4) s = sum(e) in
-    [1, N]; (5) r = reciprocal(s, lo=0, hi=ceil(log2 N)) (range known: s >= e(max) = 1); (6) y = e r.
+    Steps: (1) masked logits replaced by -2^14 (local: public 0/1 multiply); (2) m = max_(x, dim) (tree of
+    ceil(log2 N) comparisons); (3) a mask B for 1 / sum is drawn (nothing sent) and e = exp(x - m) (x - m <= 0)
+    is computed as a masked value whose last truncation prepares the product with B; e times the mask (local);
+    (4) s = sum(e) in [1, N]; (5) r = reciprocal(s, lo=0, hi=ceil(log2 N)) (range known: s >= e(max) = 1);
+    (6) open r - B (one value per row) and y = e r is local, then one masked truncation to scale f
+    (:mod:`secfwt.protocols.masked`).
     Cost (N = size of ``dim``, K = max(ceil(log2 N) - 1, 0)), with narrow comparisons on l1 =
-    range_bits(f, 2^21) bits (max tree and exp's clamp; 40 at f = 16) and l2 = range_bits(f, 2^(hi+1)) bits
-    (the reciprocal's thresholds; 32 at f = 16, N = 128), ``ltz(l)`` = l / 8 + (3 w / 2 - 3) / 8 bytes and
-    log2(w) rounds (protocols/compare.py): rounds R(l1) ceil(log2 N) + 17 + R(l1) + (R(l2) + 8 if K else 8)
-    + 2 (80 for N = 128 at f = 16); bytes per element per server ~ ltz(l1) (max tree: one ltz_select per
-    comparison, N - 1 per row) + ltz(l1) + 144 (exp) + 24 (final product) + (ltz(l2) K + 160) / N
-    (reciprocal, once per row): ~195 at f = 16, N = 128.
-    Valid range: any logits with |x| < 2^19 (x - max >= -2^20 never wraps; masked entries become -2^20);
-    rows must have at least one unmasked position (a fully masked row returns zeros, where torch returns
-    NaN). The max-subtracted inputs are <= 0 by construction and the sum lies in [1, N] (reciprocal's range),
-    so no op inside leaves its range; logits beyond 2^19 (a blown earlier op) make garbage that the owner's
-    check flags. Output: every probability in [0, 1 + 1e-4].
+    range_bits(f, 3 2^13 + 2^7) bits (max tree and exp's clamp; 32 at f = 16) and l2 = range_bits(f, 2^(hi+1))
+    bits (the reciprocal's thresholds; 32 at f = 16, N = 128), ``ltz(l)`` = l / 8 + (3 w / 2 - 3) / 8 bytes and
+    log2(w) rounds (protocols/compare.py): rounds R(l1) (ceil(log2 N) + 1) + 9 + (R(l2) + 8 if K else 8) + 2
+    (64 for N = 128 at f = 16); bytes per element per server ~ ltz(l1) (max tree: one ltz_select per
+    comparison, N - 1 per row) + ltz(l1) + 52 (exp's truncations) + 6 (final masked truncation, 48 bits)
+    + (ltz(l2) K + 168) / N (reciprocal and the opening of r - B, once per row): ~79 at f = 16, N = 128
+    (195 before the masked truncations and the narrower logit range).
+    Valid range: logits with |x| < 2^13 (x - max >= -(2^14 + 2^13) never wraps; masked entries become -2^14;
+    attention logits of the models here stay below ~10^2); rows must have at least one unmasked position (a
+    fully masked row returns zeros, where torch returns NaN). The max-subtracted inputs are <= 0 by
+    construction and the sum lies in [1, N] (reciprocal's range), so no op inside leaves its range; logits
+    beyond 2^13 (a blown earlier op) make garbage that the owner's check flags. Output: every probability in
+    [0, 1 + 1e-4].
     Error: <= ~1e-4 absolute per probability (exp error, reciprocal ~2e-6 relative, truncations).
     Reference: max-subtracted softmax as in CrypTen/PUMA; exp and reciprocal from this package.
     """
@@ -98,10 +121,15 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
             x = mul_public_int(x, mask_int)
             if ctx.rank == SERVER0:
                 x = AShare(x.data + fill, f)
-        # Range: logits |x| < 2^19 (documented) and fills -2^20, so every difference the max tree compares and
-        # every x - m (in [-(2^20 + 2^19), 0]) has |.| < 2^21: narrow comparisons on range_bits(f, 2^21) bits.
-        m = max_(ctx, x, dim=d, keepdim=True, bits=range_bits(f, _DIFF_BOUND))
-        e = exp(ctx, AShare(x.data - m.data, f), bound=_DIFF_BOUND)
+        # Range: logits |x| < 2^13 (documented) and fills -2^14, so every difference the max tree compares and
+        # every x - m has |.| <= 2^14 + 2^13: narrow comparisons on range_bits(f, that + 2^7) bits.
+        m = max_(ctx, x, dim=d, keepdim=True, bits=range_bits(f, _DIFF_BOUND + 2.0**SQUARINGS))
+        # 1 / sum(e) is an operand of the final product with a mask fixed now, so that exp's last masked
+        # truncation prepares that product and y = e r costs one masked truncation, no Beaver opening.
+        handle = fixed_mask(ctx, m.shape)
+        with ctx.cost.scope("exp"):
+            em = _exp_masked(ctx, AShare(x.data - m.data, f), _DIFF_BOUND, fid=handle.fid)
+        e = em.share()
         if mask_int is not None:
             e = mul_public_int(e, mask_int)
         s = e.sum(d, keepdim=True)
@@ -111,7 +139,9 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
         # s in [1, N (1 + 1e-4)] < 2^(hi + 1): the thresholds' comparisons are exact on range_bits(f, 2^(hi+1)).
         r = reciprocal(ctx, s, lo=0, hi=hi, out_scale=f + _R_EXTRA_BITS,
                        compare_bits=range_bits(f, 2.0 ** (hi + 1)))
-        return mul_aa(ctx, e, r, out_scale=f)
+        y = em.mul_fixed(open_fixed(ctx, r, handle))  # e r at scale 2 f + 8, in [0, 1 + 1e-4]
+        y = trunc_masked(ctx, y, y.scale - f, width_for(y.scale + 1), tag="product").share()
+        return y if mask_int is None else mul_public_int(y, mask_int)
 
 
 __all__ = ["SQUARINGS", "exp", "softmax"]
