@@ -103,6 +103,24 @@ def test_activation_all_reals(name: str, method: str) -> None:
     check(name if method in ("symmetric", "two-stage") else f"{name}/{method}", y, ref(x))  # same pieces
 
 
+def test_gelu_masked_within_its_bound() -> None:
+    """method="masked" (what MpcBackend runs, bound 1024): dense over [-24, 24], the clip points 4 +- 1 ulp and
+    inputs near the bound; same tolerance as the default."""
+    extra = [s * (b + d) for b in (0.0, 4.0, 8.0, 100.0, 1023.0) for s in (1, -1) for d in (0, 2.0**-16)]
+    x = _wide(-24, 24, 4001, extra)
+    y, costs = run_op(approx.gelu, x, method="masked", bound=1024.0)
+    check("gelu", y, F.gelu(x))
+    (top,) = costs.values()
+    per_elem = 2 * (4 + 45 / 8) + 3 + 5 + 5 + 5 + 7  # two 32-bit ltz, masked truncations on 24, 40 x 3, 56 bits
+    assert top.rounds == 10
+    assert per_elem * x.numel() <= top.bytes_sent <= per_elem * x.numel() + 120 * 2 * top.rounds
+
+
+def test_gelu_masked_needs_a_bound() -> None:
+    with pytest.raises(ValueError, match="with a bound only"):
+        run_op(approx.gelu, torch.zeros(4, dtype=torch.float64), method="masked")
+
+
 def test_symmetric_specs_fit_errors() -> None:
     """The stored coefficients reproduce the documented float64 fit errors (pieces + tail on [0, 64])."""
     documented = {"gelu": 1.95e-4, "silu": 7.4e-5, "tanh": 9.1e-5, "sigmoid": 4.6e-5}
@@ -221,6 +239,10 @@ def measure() -> None:
         x = _wide(-24, 24, n_act, [-2.0**40, -1e6, 1e6, 2.0**40])
         for method in ("symmetric", "piecewise"):
             cases.append((f"{name} ({method})", "[-24, 24] + |x| up to 2^40", fn, x, ref(x), {"method": method}))
+        if name == "gelu":
+            xb = _wide(-24, 24, n_act, [-1000.0, 1000.0])
+            cases.append(("gelu (masked, bound 1024)", "[-24, 24] + |x| up to 1000", fn, xb, ref(xb),
+                          {"method": "masked", "bound": 1024.0}))
     x = _wide(-30, 0, n_act, [-1e6])
     cases.append(("exp", "x <= 0", approx.exp, x, torch.exp(x), {}))
     x = _quantize(2.0 ** torch.linspace(-8, 12, n_act, dtype=torch.float64))

@@ -112,3 +112,28 @@ def test_width_for() -> None:
 def test_dealer_rejects_bad_requests(params: dict, msg: str) -> None:
     with pytest.raises(ProtocolMismatchError, match=msg):
         check_request("mtrunc", params, 0)
+
+
+def test_cross_products_exact_and_released() -> None:
+    """y1 y2 of two kept truncations is exact on the ring; after ``release`` the dealer refuses the mask."""
+    z1, z2 = _values(40, 2000, 7), _values(40, 2000, 8)
+    s1, s2 = split(z1, encoded=True, seed=5), split(z2, encoded=True, seed=6)
+
+    def prog(ctx):
+        a = trunc_masked(ctx, AShare(s1[ctx.rank].clone(), 0), 9, 40, keep=True)
+        b = trunc_masked(ctx, AShare(s2[ctx.rank].clone(), 0), 11, 40, square=True, keep=True, cross=(a,))
+        c = trunc_masked(ctx, b.square(), 20, 64, cross=(a, b), release=True)
+        return (reveal_ring(ctx, a.share()), reveal_ring(ctx, b.share()), reveal_ring(ctx, b.mul(a)),
+                reveal_ring(ctx, c.mul(a)), reveal_ring(ctx, c.mul(b)), reveal_ring(ctx, c.share()))
+
+    a, b, ba, ca, cb, c = run_in_process({SERVER0: prog, SERVER1: prog})[SERVER0]
+    assert torch.equal(ba, b * a) and torch.equal(ca, c * a) and torch.equal(cb, c * b)
+    assert set((c - _floor_div(b * b, 20)).unique().tolist()) <= {0, 1}
+
+    def reuse(ctx):
+        a = trunc_masked(ctx, AShare(s1[ctx.rank].clone(), 0), 9, 40, keep=True)
+        trunc_masked(ctx, AShare(s2[ctx.rank].clone(), 0), 11, 40, cross=(a,), release=True)
+        trunc_masked(ctx, AShare(s2[ctx.rank].clone(), 0), 11, 40, cross=(a,))
+
+    with pytest.raises(Exception, match="not kept"):
+        run_in_process({SERVER0: reuse, SERVER1: reuse})

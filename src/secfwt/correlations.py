@@ -20,9 +20,11 @@ cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
 bit2a         random bit s as XOR share and arithmetic share               8 * n
 wmask         a fixed mask B for one weight, kept by the dealer (stateful) 0
 wmatmul       c = a @ B^T (or a @ B) with the stored mask B of ``wid``     8 * numel(c)
-mtrunc        l-bit r; q = (r mod 2^l) >> s, m = bit l - 1 of r; with     16 n (+ 16 n ``square``, + 16 n ``fid``)
-              ``square``: q^2, q m; with ``fid``: q B, m B (B the
-              stored mask of request ``fid``, broadcast)
+mtrunc        l-bit r; q = (r mod 2^l) >> s, m = bit l - 1 of r; with     16 n (+ 16 n ``square``, + 16 n ``fid``,
+              ``square``: q^2, q m; with ``fid``: q B, m B (B the          + 32 n per ``cross`` entry)
+              stored mask of request ``fid``, broadcast); with
+              ``cross``: q q', q m', m q', m m' for each earlier
+              ``keep`` truncation (q', m'); ``release``: forget them
 ============  ==========================================================  ========================================
 
 ``wmask``, ``wmatmul`` and ``mtrunc`` are the dealer's only stateful kinds: the mask B = B0 + B1 of a weight is
@@ -327,7 +329,9 @@ def _wmatmul_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[
 
 def _mtrunc_names(p: dict[str, Any]) -> list[str]:
     """The dealer-corrected components of an ``mtrunc`` request, in sending order."""
-    return ["q", "m"] + (["q2", "qm"] if p.get("square") else []) + (["qb", "mb"] if p.get("fid", -1) >= 0 else [])
+    cross = [f"x{j}{k}" for j in range(len(p.get("cross", []))) for k in ("qq", "qm", "mq", "mm")]
+    return ["q", "m"] + (["q2", "qm"] if p.get("square") else []) + (["qb", "mb"] if p.get("fid", -1) >= 0 else []) \
+        + cross
 
 
 def _mtrunc_draw0(p: dict[str, Any], st: PRGStream) -> Material:
@@ -368,6 +372,19 @@ def _mtrunc_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[A
                                         f"{list(q.shape)}")
         if p.get("release"):  # the mask's last use: the dealer forgets it (per-forward operands)
             del store[fid]
+    for j, other in enumerate(p.get("cross", [])):
+        kept = store.get(("mt", other))
+        if kept is None:
+            raise ProtocolMismatchError(f"dealer: mtrunc #{index} names truncation #{other}, which was not kept")
+        oq, om = kept
+        if tuple(oq.shape) != tuple(q.shape):
+            raise ProtocolMismatchError(f"dealer: mtrunc #{index} has shape {list(q.shape)}, truncation #{other} "
+                                        f"{list(oq.shape)}")
+        full[f"x{j}qq"], full[f"x{j}qm"], full[f"x{j}mq"], full[f"x{j}mm"] = q * oq, q * om, m * oq, m * om
+        if p.get("release"):
+            del store[("mt", other)]
+    if p.get("keep"):  # a later truncation's cross products read q and m
+        store[("mt", index)] = (q, m)
     return {k: full[k] - m0[k] for k in _mtrunc_names(p)}
 
 
@@ -434,6 +451,13 @@ def _as_bytes_bits(v: Any) -> int:
     return v
 
 
+def _as_ids(v: Any) -> tuple[int, ...]:
+    """Request indices (a tuple, so :func:`check_request` does not count them as a shape's elements)."""
+    if not isinstance(v, list | tuple) or len(v) > 4 or not all(type(i) is int and 0 <= i <= 2**62 for i in v):
+        raise ValueError("expected a list of at most 4 request indices")
+    return tuple(v)
+
+
 _SHAPE = (_as_shape, None)  # (converter, default); default None: required
 _FIELDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "mul": {"a": _SHAPE, "b": _SHAPE, "op": (_as_op, "mul")},
@@ -446,7 +470,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "wmask": {"shape": _SHAPE},
     "wmatmul": {"a": _SHAPE, "w": _SHAPE, "wid": (_as_int(0, 2**62), None), "transpose": (_as_bool, False)},
     "mtrunc": {"shape": _SHAPE, "bits": (_as_int(1, 62), None), "width": (_as_bytes_bits, 64),
-               "square": (_as_bool, False), "fid": (_as_int(-1, 2**62), -1), "release": (_as_bool, False)},
+               "square": (_as_bool, False), "fid": (_as_int(-1, 2**62), -1), "release": (_as_bool, False),
+               "keep": (_as_bool, False), "cross": (_as_ids, ())},
 }
 _I64 = torch.int64
 

@@ -38,14 +38,23 @@ def _log2_ceil(v: float) -> int:
     return math.ceil(math.log2(v))
 
 
+# The feed-forward activation's input range every secret-shared model here is assumed to respect: |x| < 2^10.
+# The models measured (MiniLM, BERT-base-sized random, tiny test models) stay below ~20 (benchmarks/forward.py
+# and tests/test_nn_mpc.py compare whole forwards to plaintext). Beyond the bound GELU's comparisons are wrong.
+ACT_BOUND = 1024.0
+
+
 class MpcBackend:
     """Backend over additive shares for one server's context."""
 
     name = "mpc"
 
-    def __init__(self, ctx: PartyContext, silu_method: str = "two-stage") -> None:
+    def __init__(self, ctx: PartyContext, silu_method: str = "two-stage", act_bound: float | None = ACT_BOUND) -> None:
         """``silu_method``: :func:`secfwt.approx.silu`'s construction ("two-stage": 3 comparisons per element,
-        19 rounds; "symmetric": 5 comparisons, 13 rounds: fewer rounds for a slow WAN)."""
+        19 rounds; "symmetric": 5 comparisons, 13 rounds: fewer rounds for a slow WAN). ``act_bound``: the
+        valid range |x| < act_bound of the feed-forward activation's input (:data:`ACT_BOUND`); GELU then
+        runs :func:`secfwt.approx.masked_gelu.gelu_masked` (narrow comparisons, masked truncations). None:
+        no bound (the exact-on-every-input symmetric construction, 3.5x the bytes)."""
         if not ctx.is_server:
             raise ValueError(f"MpcBackend: {ctx.name} is not a server")
         from secfwt.approx.nonlinear import METHODS
@@ -53,8 +62,11 @@ class MpcBackend:
         if silu_method not in METHODS:
             raise ValueError(f"MpcBackend: silu_method must be 'two-stage', 'symmetric' or 'piecewise', "
                              f"got {silu_method!r}")
+        if act_bound is not None and not act_bound > 0:
+            raise ValueError(f"MpcBackend: act_bound must be a positive number or None, got {act_bound!r}")
         self.ctx = ctx
         self.silu_method = silu_method
+        self.act_bound = act_bound
         self._share_stream = _SHARE_STREAM_BASE
 
     # -- inputs and outputs ----------------------------------------------------------------------
@@ -160,7 +172,9 @@ class MpcBackend:
     def gelu(self, x: AShare) -> AShare:
         from secfwt.approx import gelu
 
-        return gelu(self.ctx, x)
+        if self.act_bound is None:
+            return gelu(self.ctx, x)
+        return gelu(self.ctx, x, method="masked", bound=self.act_bound)
 
     def tanh(self, x: AShare) -> AShare:
         from secfwt.approx import tanh

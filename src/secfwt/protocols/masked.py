@@ -89,6 +89,8 @@ class Masked:
     scale: int
     rank: int
     fid: int = -1
+    index: int = -1  # the dealer request that made it (a later truncation's ``cross`` names it)
+    cross: tuple[int, ...] = ()
 
     @property
     def shape(self) -> torch.Size:
@@ -121,6 +123,20 @@ class Masked:
             z = z + self.p * self.p
         return AShare(z, 2 * self.scale)
 
+    def mul(self, other: Masked) -> AShare:
+        """Shares of y * y' at scale + other.scale, exact in Z_2^64, no communication: this truncation must have
+        been requested with ``cross`` naming ``other`` (requested with ``keep``)."""
+        if other.index not in self.cross:
+            raise ValueError(f"Masked.mul: truncation #{self.index} has no cross products with #{other.index}")
+        j = self.cross.index(other.index)
+        c, k1, k2, u1, u2 = self.comp, self.shift, other.shift, self.u, other.u
+        r12 = (c[f"x{j}qq"] - _shl(u2 * c[f"x{j}qm"], k2) - _shl(u1 * c[f"x{j}mq"], k1)
+               + _shl(u1 * u2 * c[f"x{j}mm"], k1 + k2))
+        z = r12 - self.p * other._r() - other.p * self._r()
+        if self.rank == SERVER0:
+            z = z + self.p * other.p
+        return AShare(z, self.scale + other.scale)
+
     def mul_fixed(self, w: FixedOperand) -> AShare:
         """Shares of y * w at scale + w.scale, exact in Z_2^64, no communication (w's mask must be the one the
         truncation was requested with: ``fid``)."""
@@ -137,10 +153,14 @@ def width_for(bound_bits: int) -> int:
 
 
 def trunc_masked(ctx: PartyContext, z: AShare, bits: int, width: int = 64, square: bool = False,
-                 fid: int = -1, release: bool = False, tag: str = "mtrunc") -> Masked:
+                 fid: int = -1, release: bool = False, tag: str = "mtrunc", keep: bool = False,
+                 cross: tuple[Masked, ...] = ()) -> Masked:
     """floor(z / 2^bits) (or one more) as a :class:`Masked` value (module docstring), opening l = ``width``
     bits. Valid for |z| < 2^(width - 2) in ring units. ``square``: also the components for :meth:`Masked.square`;
-    ``fid``: for :meth:`Masked.mul_fixed` with the operand masked by that mask (``release``: its last use).
+    ``fid``: for :meth:`Masked.mul_fixed` with the operand masked by that mask; ``keep``: the dealer keeps this
+    mask for a later ``cross``; ``cross``: earlier kept truncations of the same shape whose products with this
+    one (:meth:`Masked.mul`) are to be local (dealer -> server 1: 32 more bytes per element each);
+    ``release``: the last use of ``fid`` and of the ``cross`` masks (the dealer forgets them).
     Cost: 1 round, width / 8 bytes per element per server."""
     if type(width) is not int or width % 8 or not 8 <= width <= 64:
         raise ValueError(f"trunc_masked: width must be a multiple of 8 in [8, 64], got {width!r}")
@@ -148,8 +168,10 @@ def trunc_masked(ctx: PartyContext, z: AShare, bits: int, width: int = 64, squar
         raise ValueError(f"trunc_masked: bits must be an int in [1, {width - 2}], got {bits!r}")
     with ctx.cost.scope(tag):
         assert ctx.dealer is not None
+        ids = tuple(m.index for m in cross)
         pend = ctx.dealer.request("mtrunc", shape=list(z.shape), bits=bits, width=width, square=square, fid=fid,
-                                  release=release)
+                                  release=release, keep=keep, cross=list(ids))
+        index = ctx.dealer.index - 1
         r = pend.material["r"]
         v = z.data + r + ((1 << (width - 2)) if ctx.rank == SERVER0 else 0)
         if width == 64:
@@ -161,7 +183,7 @@ def trunc_masked(ctx: PartyContext, z: AShare, bits: int, width: int = 64, squar
         full = pend.get()
         comp = {k: t for k, t in full.items() if k != "r"}
         p = high - _wrap(1 << (width - 2 - bits))
-        return Masked(p, 1 - top, comp, width - bits, z.scale - bits, ctx.rank, fid)
+        return Masked(p, 1 - top, comp, width - bits, z.scale - bits, ctx.rank, fid, index, ids)
 
 
 def fixed_mask(ctx: PartyContext, shape: list[int] | torch.Size) -> MaskHandle:
