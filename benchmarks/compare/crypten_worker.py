@@ -101,8 +101,27 @@ def ct_gelu(x):
     return x * (inner.tanh() + 1.0) * 0.5
 
 
-def ct_encoder_layer(x, p: dict, prefix: str, d: W.BertDims):
-    """x: [batch, seq, hidden] CrypTensor -> same shape (post-LN BERT layer, softmax attention)."""
+def ct_rfa(q, k, v, w: np.ndarray, rfa: W.RfaParams = W.RFA):
+    """Random feature attention on CrypTen, as SecFwT built it on CrypTen: phi(x) = [cos(W x), sin(W x)] with
+    CrypTen's own ``cossin`` (exp(i x) by repeated squaring), the same function as workloads.ref_rfa and secfwt's
+    RFA (l2-normalised q, k via CrypTen's inv_sqrt, temperature tau, normaliser floor via CrypTen's relu,
+    CrypTen's reciprocal). q, k, v: [b, nh, t, hs]; w: public (m, hs)."""
+    t, m = q.size(2), w.shape[0]
+    qk = crypten.cat([q, k], dim=2)  # queries and keys share every round
+    # |q|^2 ~ hs * var(q): scaled by 1/hs into the range where CrypTen's inv_sqrt initial guess converges
+    hs = q.size(-1)
+    qk = qk * (qk.square().sum(-1, keepdim=True) * (1.0 / hs)).inv_sqrt() * (1.0 / (rfa.tau * math.sqrt(hs)))
+    c, s = qk.matmul(torch.tensor(w.T, dtype=torch.float32)).cossin()
+    phi = crypten.cat([c, s], dim=-1)  # [b, nh, 2t, 2m]
+    pq, pk = phi[:, :, :t], phi[:, :, t:]
+    num = pq.matmul(pk.transpose(2, 3).matmul(v))  # [b, nh, t, hs]
+    den = pq.matmul(pk.sum(2, keepdim=True).transpose(2, 3)) * (1.0 / (t * m))  # [b, nh, t, 1]
+    den = (den - rfa.floor).relu() + rfa.floor
+    return num * (1.0 / (t * m)) * den.reciprocal()
+
+
+def ct_encoder_layer(x, p: dict, prefix: str, d: W.BertDims, rfa_w: np.ndarray | None = None):
+    """x: [batch, seq, hidden] CrypTensor -> same shape (post-LN BERT layer, softmax attention or RFA)."""
     bsz, s, h = x.size()
 
     def heads(t):
@@ -111,18 +130,22 @@ def ct_encoder_layer(x, p: dict, prefix: str, d: W.BertDims):
     q = heads(x.matmul(p[prefix + "wq"]) + p[prefix + "bq"])
     k = heads(x.matmul(p[prefix + "wk"]) + p[prefix + "bk"])
     v = heads(x.matmul(p[prefix + "wv"]) + p[prefix + "bv"])
-    scores = q.matmul(k.transpose(2, 3)) * (1.0 / math.sqrt(d.head_dim))
-    att = scores.softmax(-1)
-    ctx = att.matmul(v).transpose(1, 2).reshape(bsz, s, h)
+    if rfa_w is None:
+        scores = q.matmul(k.transpose(2, 3)) * (1.0 / math.sqrt(d.head_dim))
+        att = scores.softmax(-1)
+        ctx = att.matmul(v).transpose(1, 2).reshape(bsz, s, h)
+    else:
+        ctx = ct_rfa(q, k, v, rfa_w).transpose(1, 2).reshape(bsz, s, h)
     a = ct_layernorm(ctx.matmul(p[prefix + "wo"]) + p[prefix + "bo"] + x, p[prefix + "ln1_g"],
                      p[prefix + "ln1_b"])
     f = ct_gelu(a.matmul(p[prefix + "w1"]) + p[prefix + "b1"]).matmul(p[prefix + "w2"]) + p[prefix + "b2"]
     return ct_layernorm(f + a, p[prefix + "ln2_g"], p[prefix + "ln2_b"])
 
 
-def ct_small_model(x, p: dict, d: W.BertDims = W.MINILM):
+def ct_small_model(x, p: dict, d: W.BertDims = W.MINILM, rfa: bool = False):
     for i in range(d.layers):
-        x = ct_encoder_layer(x, p, f"l{i}.", d)
+        w = W.rfa_frequencies(W.RFA.m, d.head_dim, W.RFA.seed + i) if rfa else None
+        x = ct_encoder_layer(x, p, f"l{i}.", d, w)
     logits = x.mean(1).matmul(p["head_w"]) + p["head_b"]
     return x, logits
 
@@ -249,6 +272,117 @@ def party_main(case: W.Case, ref, repeats: int, warmup: int, threads: int, lr: f
             "dealer_bytes": dealer_bytes, "dealer_rounds": dealer_rounds, "errors": errors}
 
 
+# --------------------------------------------------------------------------- paper_iteration (issue 18)
+
+
+def paper_party(case: W.Case, method: str, ref, repeats: int, threads: int, lr: float, gelu: str) -> dict:
+    """One party's program for a ``paper_iteration`` method: sft (forward, cross-entropy, backward, SGD on all
+    weights), prompt_tuning (the same with only the soft prompt trainable; CrypTen's autograd still computes
+    every matmul's both gradients, as it does in any CrypTen prompt tuning), fot (forward) or fot_rfa (forward
+    with RFA). Inputs are shared before the timed region; outputs opened after it and checked by party 0."""
+    import paper_ref
+
+    torch.set_num_threads(threads)
+    GELU_IMPL["name"] = gelu
+    if crypten.mpc.ttp_required():
+        _patch_ttp_accounting()
+    rank = comm.get().get_rank()
+    d = W.BertDims(**case.meta["dims"])
+    n = case.meta["n_prompt"]
+    train = method in ("sft", "prompt_tuning")
+    times, nbytes, rounds, dealer_bytes = [], [], [], []
+    for _ in range(repeats):
+        p = {k: _enc(v, src=1, requires_grad=method == "sft") for k, v in case.params.items()}
+        if method == "prompt_tuning":
+            prompt = _enc(case.x[:, :n], src=0, requires_grad=True)
+            x = crypten.cat([prompt, _enc(case.x[:, n:], src=0)], dim=1)
+        else:
+            x = _enc(case.x, src=0)
+        target = _enc(np.eye(W.N_CLASSES)[case.labels], src=0) if train else None
+        comm.get().barrier()
+        _reset_stats()
+        t0 = time.perf_counter()
+        hidden, logits = ct_small_model(x, p, d, rfa=method == "fot_rfa")
+        if train:
+            loss = logits.cross_entropy(target)
+            loss.backward()
+            with crypten.no_grad():
+                if method == "sft":
+                    new = {k: t.detach() - t.grad * lr for k, t in p.items()}
+                else:
+                    new = {"prompt": prompt.detach() - prompt.grad * lr}
+        elapsed = time.perf_counter() - t0
+        stats = comm.get().get_communication_stats()
+        times.append(elapsed)
+        nbytes.append(stats["bytes"])
+        rounds.append(stats["rounds"])
+        dealer_bytes.append(DEALER["bytes"])
+    errors: dict[str, float] = {}
+    if train:
+        got = {"loss": loss.get_plain_text()}
+        if method == "sft":
+            got.update({"grad:" + k: t.grad.get_plain_text() for k, t in p.items()})
+            got["update:head_w"] = new["head_w"].get_plain_text()
+        else:
+            got["grad:prompt"] = prompt.grad.get_plain_text()
+            got["update:prompt"] = new["prompt"].get_plain_text()
+        if rank == 0:
+            want = paper_ref.grad_reference(case, method, lr)
+            errors["loss"] = _max_err(got["loss"], want["loss"])
+            errors["grad"] = max(_max_err(v, want[k]) for k, v in got.items() if k.startswith("grad:"))
+            errors["grad_abs_max_ref"] = max(float(np.max(np.abs(v))) for k, v in want.items()
+                                             if k.startswith("grad:"))
+            errors["update"] = max(_max_err(v, want[k]) for k, v in got.items() if k.startswith("update:"))
+    else:
+        h, lg = hidden.get_plain_text(), logits.get_plain_text()
+        if rank == 0:
+            ref = W.ref_small_model(case.x, case.params, d, rfa=method == "fot_rfa")
+            errors["hidden"] = _max_err(h, ref[0])
+            errors["logits"] = _max_err(lg, ref[1])
+    return {"rank": rank, "times": times, "bytes": nbytes, "rounds": rounds, "dealer_bytes": dealer_bytes,
+            "errors": errors}
+
+
+def run_paper(method: str, args) -> dict:
+    case = W.make_paper_case(args.seq, args.layers, method, batch=args.batch, seed=args.seed)
+    d = W.BertDims(**case.meta["dims"])
+    # Every reference is computed by party 0 after the secure run: torch in this process before the fork (RFA's
+    # frequencies come from torch's generator and QR; the training steps need autograd) makes the parties hang.
+    ref = None
+    crypten.cfg.communicator.verbose = True
+    crypten.cfg.mpc.provider = args.provider
+    crypten.cfg.encoder.precision_bits = args.precision_bits
+    launcher = crypten.mpc.run_multiprocess(world_size=2)(paper_party)
+    t0 = time.perf_counter()
+    res = launcher(case, method, ref, args.repeats, args.threads, args.lr, args.gelu)
+    wall = time.perf_counter() - t0
+    att = W.METHOD_ATTENTION[method]
+    if not res or len(res) != 2 or any(r is None for r in res):
+        rec = W.result_record("paper_iteration", ENGINE, [], None, None, None, args.repeats, status="failed",
+                              method=method, seq=args.seq, layers=args.layers, wall_s=round(wall, 2),
+                              error="a CrypTen party failed (see the log)")
+        rec["attention"] = att
+        return rec
+    per_rep = [max(r["times"][i] for r in res) for i in range(args.repeats)]
+    b = [statistics.median(r["bytes"]) for r in res]
+    errs = res[0]["errors"]
+    rec = W.result_record(
+        "paper_iteration", ENGINE, per_rep, statistics.mean(b), max(statistics.median(r["rounds"]) for r in res),
+        max(v for k, v in errs.items() if k != "grad_abs_max_ref"), args.repeats, status="ok", method=method,
+        seq=args.seq, layers=args.layers, positions=case.meta["positions"], n_prompt=case.meta["n_prompt"],
+        provider=args.provider, precision_bits=args.precision_bits, threads_per_party=args.threads, gelu=args.gelu,
+        protocol="CrypTen 0.4.1 arithmetic/binary sharing over Z_2^64, beaver triples",
+        times_s=[round(t, 4) for t in per_rep], bytes_per_party=b, total_bytes=sum(b) / 2,
+        dealer_bytes=statistics.median(res[0]["dealer_bytes"]) if args.provider == "TTP" else 0,
+        errors=errs, lr=args.lr, wall_s=round(wall, 2), dims=d.__dict__, init="random",
+        note={"sft": "forward, cross-entropy, backward, SGD on every weight",
+              "prompt_tuning": "forward, cross-entropy, backward to the soft prompt, SGD on it",
+              "fot": "one candidate's forward (softmax attention)",
+              "fot_rfa": "one candidate's forward, RFA with CrypTen's cossin"}[method])
+    rec["attention"] = att
+    return rec
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -312,9 +446,19 @@ def main(argv=None) -> int:
                     help="GELU in CrypTen: tanh approximation (default) or erf form via CrypTen's erf")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also append the JSON lines to this file")
+    ap.add_argument("--method", default=",".join(W.PAPER_METHODS), help="paper_iteration: comma list of methods")
+    ap.add_argument("--layers", type=int, default=1, help="paper_iteration: RoBERTa-large-sized layers")
     args = ap.parse_args(argv)
     status = 0
     for name in W.parse_workloads(args.workload):
+        if name == "paper_iteration":
+            for method in [m.strip() for m in args.method.split(",") if m.strip()]:
+                if method not in W.PAPER_METHODS:
+                    sys.exit(f"--method: unknown {method!r}; choose from {W.PAPER_METHODS}")
+                rec = run_paper(method, args)
+                W.emit(rec, args.out)
+                status |= rec.get("status") != "ok"
+            continue
         rec = run_workload(name, args)
         W.emit(rec, args.out)
         status |= rec.get("status") != "ok"

@@ -53,10 +53,28 @@ CONTRACT_KEYS = ("workload", "engine", "attention", "time_s", "bytes_per_server"
 # small model end in a LayerNorm (|y| up to ~10 for MiniLM's real weights); tuning_step: secfwt's label logits
 # (20 x cosine), CrypTen's / SPU's loss, gradients and updated weights.
 TOLERANCE = {"matmul": 1e-2, "softmax": 2e-2, "gelu": 2e-2, "layernorm": 5e-2, "encoder_layer": 5e-2,
-             "small_model_forward": 0.25, "tuning_step": 0.1}
+             "small_model_forward": 0.25, "tuning_step": 0.1, "paper_iteration": 0.25}
+# paper_iteration (issue 18) rows carry these keys too; engines that run it and the methods each runs
+PAPER_KEYS = ("method", "seq", "layers")
+PAPER_ENGINE_METHODS = {"secfwt": ("fot", "fot_rfa"), "crypten": W.PAPER_METHODS}
 
 
-def _worker_cmd(engine: str, workload: str, args: argparse.Namespace) -> list[str]:
+def _paper_cmd(engine: str, seq: int, args: argparse.Namespace) -> list[str]:
+    """The engine call of paper_iteration at one sequence length: every method of that engine, one process."""
+    methods = [m for m in PAPER_ENGINE_METHODS[engine] if m in args.methods]
+    common = ["--workload", "paper_iteration", "--repeats", "1", "--batch", str(args.batch), "--seq", str(seq),
+              "--layers", str(args.layers)]
+    if engine == "secfwt":
+        atts = ",".join(W.METHOD_ATTENTION[m] for m in methods)
+        return [sys.executable, str(HERE / "secfwt_runner.py"), *common, "--attention", atts] + (
+            ["--tiny"] if args.tiny else [])
+    venv = args.cache_dir.expanduser().resolve() / setup_envs.ENGINES[engine][0]
+    return [str(setup_envs.venv_python(venv)), str(HERE / "crypten_worker.py"), *common, "--method", ",".join(methods)]
+
+
+def _worker_cmd(engine: str, workload: str, args: argparse.Namespace, seq: int | None = None) -> list[str]:
+    if workload == "paper_iteration":
+        return _paper_cmd(engine, seq if seq is not None else args.seq, args)
     shape = ["--batch", str(args.batch), "--seq", str(args.seq)]
     if engine in ("secfwt", "plaintext"):
         script = HERE / ("secfwt_runner.py" if engine == "secfwt" else "plaintext_runner.py")
@@ -72,9 +90,10 @@ def _worker_cmd(engine: str, workload: str, args: argparse.Namespace) -> list[st
     return [str(setup_envs.venv_python(venv)), str(script), "--workload", workload, "--repeats", "1", *shape]
 
 
-def run_engine(engine: str, workload: str, args: argparse.Namespace, log: Path) -> list[dict[str, Any]]:
+def run_engine(engine: str, workload: str, args: argparse.Namespace, log: Path,
+               seq: int | None = None) -> list[dict[str, Any]]:
     """One engine, one workload, one repeat, in a fresh process; returns its JSON rows (failed rows on error)."""
-    cmd = _worker_cmd(engine, workload, args)
+    cmd = _worker_cmd(engine, workload, args, seq)
     t0 = time.perf_counter()
     with open(log, "a") as fh:
         fh.write(f"\n+ {shlex.join(cmd)}\n")
@@ -90,7 +109,8 @@ def run_engine(engine: str, workload: str, args: argparse.Namespace, log: Path) 
                 continue
     if proc.returncode != 0 and not any(r.get("status") == "failed" for r in rows):
         rows.append({"workload": workload, "engine": engine, "attention": W.ATTENTION.get(workload),
-                     "status": "failed", "error": f"exit code {proc.returncode}; see {log}"})
+                     "status": "failed", "error": f"exit code {proc.returncode}; see {log}"}
+                    | ({"seq": seq, "layers": args.layers, "method": "all"} if workload == "paper_iteration" else {}))
     for r in rows:
         r["wall_s_call"] = round(time.perf_counter() - t0, 2)
         r.setdefault("host", {"loadavg_1m": round(os.getloadavg()[0], 2)})
@@ -107,22 +127,24 @@ def _sent_bytes(row: dict[str, Any]) -> int | None:
 
 def aggregate(raw: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """Per-repeat rows -> (contract rows that passed the check, details of every row, failure messages)."""
-    groups: dict[tuple[str, str, str | None], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in raw:
-        groups[(r["workload"], r["engine"], r.get("attention"))].append(r)
+        groups[(r["workload"], r["engine"], r.get("attention"), *(r.get(k) for k in PAPER_KEYS))].append(r)
     rows, details, failures = [], [], []
-    for (wl, eng, att), rs in groups.items():
+    for (wl, eng, att, *paper), rs in groups.items():
         ok = [r for r in rs if r.get("status") == "ok" and r.get("time_s") is not None]
         tol = TOLERANCE[wl]
         errs = [float(r["max_abs_error"]) for r in ok]
         detail: dict[str, Any] = {"workload": wl, "engine": eng, "attention": att, "tolerance": tol,
                                   "calls": len(rs), "ok_calls": len(ok)}
+        if wl == "paper_iteration":
+            detail.update(zip(PAPER_KEYS, paper, strict=True))
         problems = [f"{r.get('error', 'failed')}" for r in rs if r not in ok]
         if ok and max(errs) > tol:
             problems.append(f"max_abs_error {max(errs):.3g} > tolerance {tol:g}")
         if not ok:
             problems.append("no successful run")
-        row = {
+        row: dict[str, Any] = {
             "workload": wl, "engine": eng, "attention": att,
             "time_s": statistics.median(float(r["time_s"]) for r in ok) if ok else None,
             "bytes_per_server": int(statistics.median(_sent_bytes(r) or 0 for r in ok)) if ok else None,
@@ -130,16 +152,23 @@ def aggregate(raw: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
             "max_abs_error": max(errs) if ok else None,
             "repeats": len(ok),
         }
+        if wl == "paper_iteration":
+            row = {"workload": wl, "engine": eng, **dict(zip(PAPER_KEYS, paper, strict=True)),
+                   **{k: v for k, v in row.items() if k not in ("workload", "engine")}}
         detail.update(contract=row, per_repeat=rs, check="failed" if problems else "ok", problems=problems)
         details.append(detail)
         if problems:
-            failures.append(f"{eng} {wl} ({att}): " + "; ".join(problems))
+            where = f"{att}" if wl != "paper_iteration" else f"{paper[0]}, seq {paper[1]}"
+            failures.append(f"{eng} {wl} ({where}): " + "; ".join(problems))
         else:
             rows.append(row)
     order = {w: i for i, w in enumerate(W.WORKLOADS)}
 
-    def key(r: dict[str, Any]) -> tuple[int, str, int]:
-        return order[r["workload"]], str(r["attention"]), ENGINES.index(r["engine"])
+    def key(r: dict[str, Any]) -> tuple[int, int, int, str, int]:
+        m = r.get("method")
+        return (order[r["workload"]], int(r.get("seq") or 0),
+                W.PAPER_METHODS.index(m) if m in W.PAPER_METHODS else 9, str(r["attention"]),
+                ENGINES.index(r["engine"]))
 
     rows.sort(key=key)
     details.sort(key=key)
@@ -214,13 +243,31 @@ def write_results(raw: list[dict[str, Any]], args: argparse.Namespace, engines: 
     return rows, details, failures, text
 
 
+def calls(workloads: list[str], engines: list[str],
+          args: argparse.Namespace) -> list[tuple[str, int | None, str]]:
+    """The engine calls of one repeat, in order: (workload, paper_iteration's seq or None, engine)."""
+    out: list[tuple[str, int | None, str]] = []
+    for wl in workloads:
+        if wl != "paper_iteration":
+            out += [(wl, None, e) for e in engines]
+            continue
+        for seq in args.seqs:
+            out += [(wl, seq, e) for e in engines
+                    if any(m in args.methods for m in PAPER_ENGINE_METHODS.get(e, ()))]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=HERE.parent / "results" / "compare.json")
     ap.add_argument("--md", type=Path, help="markdown tables (default: the --out path with .md)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of engines to leave out (crypten, spu, ...)")
-    ap.add_argument("--workload", default="all", help=f"comma list of {W.WORKLOADS} or 'all'")
+    ap.add_argument("--workload", "--workloads", dest="workload", default="all",
+                    help=f"comma list of {W.WORKLOADS} or 'all' (all = every workload but paper_iteration)")
+    ap.add_argument("--seqs", default="128,512", help="paper_iteration: comma list of input lengths (tokens)")
+    ap.add_argument("--layers", type=int, default=1, help="paper_iteration: RoBERTa-large-sized layers")
+    ap.add_argument("--methods", default=",".join(W.PAPER_METHODS), help="paper_iteration: comma list of methods")
     ap.add_argument("--attention", default="softmax,rfa", help="secfwt attention kinds (encoder_layer, tuning_step)")
     ap.add_argument("--forward-attention", default="softmax,rfa", help="secfwt attention kinds, small_model_forward")
     ap.add_argument("--batch", type=int, default=1)
@@ -248,6 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny and {"crypten", "spu"} & set(engines):
         sys.exit("--tiny shapes exist for secfwt and plaintext only: add --skip crypten,spu")
     workloads = W.parse_workloads(args.workload)
+    if args.workload == "all":
+        workloads = [w for w in workloads if w != "paper_iteration"]  # its own command (issue 18), hours long
+    try:
+        args.seqs = [int(v) for v in args.seqs.split(",") if v.strip()]
+    except ValueError:
+        sys.exit(f"--seqs: expected a comma list of integers, got {args.seqs!r}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad_m = [m for m in args.methods if m not in W.PAPER_METHODS]
+    if bad_m or not args.methods or not args.seqs or args.layers < 1 or min(args.seqs) < 1:
+        sys.exit(f"paper_iteration: expected methods from {list(W.PAPER_METHODS)}, seqs >= 1 and layers >= 1; "
+                 f"got methods {args.methods}, seqs {args.seqs}, layers {args.layers}")
     md_path = args.md or args.out.with_suffix(".md")
     log = args.log or args.out.with_suffix(".log")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,21 +317,27 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     raw = [r for f in args.rows_from for r in earlier_rows(f) if r["workload"] in workloads or args.merge_all]
     for rep in range(args.repeats):
-        for wl in workloads:
-            for eng in engines:
-                print(f"[repeat {rep + 1}/{args.repeats}] {wl:20s} {eng:9s} ...", end=" ", flush=True)
-                try:
-                    rows = run_engine(eng, wl, args, log)
-                except subprocess.TimeoutExpired:
-                    rows = [{"workload": wl, "engine": eng, "attention": W.ATTENTION.get(wl), "status": "failed",
-                             "error": f"timed out after {args.timeout:g} s"}]
-                for r in rows:
-                    r["repeat"] = rep
-                raw += rows
-                print(", ".join(f"{r.get('attention') or '-'}: {r['time_s']:.3f} s" if r.get("status") == "ok"
-                                else f"FAILED ({r.get('error', '')[:80]})" for r in rows), flush=True)
+        for wl, seq, eng in calls(workloads, engines, args):
+            label = wl if seq is None else f"{wl} {seq}"
+            print(f"[repeat {rep + 1}/{args.repeats}] {label:20s} {eng:9s} ...", end=" ", flush=True)
+            try:
+                rows = run_engine(eng, wl, args, log, seq)
+            except subprocess.TimeoutExpired:
+                rows = [{"workload": wl, "engine": eng, "attention": W.ATTENTION.get(wl), "status": "failed",
+                         "error": f"timed out after {args.timeout:g} s"}
+                        | ({"seq": seq, "layers": args.layers, "method": "all"} if seq is not None else {})]
+            for r in rows:
+                r["repeat"] = rep
+            raw += rows
+            print(", ".join(f"{r.get('method') or r.get('attention') or '-'}: {r['time_s']:.3f} s"
+                            if r.get("status") == "ok"
+                            else f"FAILED ({r.get('error', '')[:80]})" for r in rows), flush=True)
         # Files are rewritten after every repeat: a run stopped early leaves the medians of the repeats it finished.
         rows, details, failures, text = write_results(raw, args, engines, started, load_start, rep + 1, argv, md_path)
+    if "paper_iteration" in workloads:
+        import paper_report  # the paper's table (issue 18), the plot, and the LAN/WAN projections
+
+        text = paper_report.write(args.out, md_path)
     print("\n" + text)
     for line in headline(rows):
         print(line)

@@ -131,6 +131,63 @@ def plain_op(case: OpCase, be: PlainBackend) -> Tensor:
     raise ValueError(n)
 
 
+# ---------------------------------------------------------------------------------------- paper_iteration
+
+
+@dataclass
+class PaperCase:
+    """``paper_iteration`` (issue 18) for secfwt: one FoT candidate's forward, ``layers`` RoBERTa-large-sized
+    layers (random init, workloads.make_paper_case) + mean pooling + the 2-class head, over the ``n_prompt``
+    soft-prompt positions followed by the ``seq`` input tokens."""
+
+    attention: str
+    x: Tensor  # (B, n_prompt + seq, H), the prompt first
+    layers: list[dict[str, Tensor]]  # per layer, EncoderLayer's canonical names
+    head_w: Tensor  # (2, H), linear layout
+    head_b: Tensor
+    dims: W.BertDims
+    seq: int
+    n_prompt: int
+
+
+def paper_case(seq: int, layers: int, attention: str, tiny: bool = False) -> PaperCase:
+    c = W.make_paper_case(seq, layers, "fot" if attention == "softmax" else "fot_rfa", tiny=tiny)
+    params = [layer_params(c.params, f"l{i}.") for i in range(layers)]
+    return PaperCase(attention, torch.from_numpy(c.x), params, torch.from_numpy(c.params["head_w"]).T.contiguous(),
+                     torch.from_numpy(c.params["head_b"]), W.BertDims(**c.meta["dims"]), seq, c.meta["n_prompt"])
+
+
+def paper_attention(attention: str) -> AttentionConfig:
+    """secfwt's attention for the paper rows; RFA with workloads.RFA's parameters (secfwt's defaults)."""
+    if attention == "softmax":
+        return AttentionConfig("softmax")
+    r = W.RFA
+    return AttentionConfig("rfa", n_features=r.m, seed=r.seed, rfa_tau=r.tau, rfa_floor=r.floor)
+
+
+def paper_forward(case: PaperCase, be, x, layers: list[dict], head_w, head_b) -> list:
+    """[last hidden state (B, T, H), logits (B, 2)] of one candidate's forward, on any backend."""
+    cfg = encoder_config(case.dims)
+    mask = torch.ones(case.x.shape[0], case.x.shape[1], dtype=torch.float64)
+    att = paper_attention(case.attention)
+    h = x
+    for i, p in enumerate(layers):
+        h = EncoderLayer(cfg, att, i, p).forward(be, h, mask)
+    return [h, be.linear(mean_pool(be, h, mask), head_w, head_b)]
+
+
+def paper_reference(case: PaperCase) -> list[Tensor]:
+    """float64: workloads.py's NumPy model for softmax; secfwt's PlainBackend (float64) for RFA, whose agreement
+    with workloads.ref_rfa (the CrypTen rows' reference) tests/test_compare_paper.py checks."""
+    if case.attention == "softmax":
+        c = W.make_paper_case(case.seq, len(case.layers), "fot", tiny=case.dims.hidden != W.ROBERTA_LARGE.hidden)
+        hid, logits = W.ref_small_model(c.x, c.params, case.dims)
+        return [torch.from_numpy(hid), torch.from_numpy(logits)]
+    be = PlainBackend(torch.float64)
+    return paper_forward(case, be, be.tensor(case.x), [{k: be.tensor(v) for k, v in p.items()} for p in case.layers],
+                         be.tensor(case.head_w), be.tensor(case.head_b))
+
+
 # ---------------------------------------------------------------------------------------- the small model
 
 

@@ -52,6 +52,9 @@ from secfwt_cases import (  # noqa: E402
     model_case,
     op_case,
     op_reference,
+    paper_case,
+    paper_forward,
+    paper_reference,
     plain_model,
     tuning_texts,
 )
@@ -84,6 +87,7 @@ class Job:
     n_prompt: int = 50
     d: int = 500
     max_rows: int = 64
+    layers: int = 1  # paper_iteration: RoBERTa-large-sized layers
     seed: int = 42
     timeout: float = 3600.0
 
@@ -107,6 +111,12 @@ def _server_work(ctx: PartyContext, job: Job) -> Callable[[], list[Any]]:
             return [out.hidden, mean_pool(be, out.hidden, out.mask)]
 
         return forward
+    if job.workload == "paper_iteration":
+        pc = paper_case(job.seq, job.layers, job.attention or "softmax", job.tiny)
+        xs = be.share_plain("x", pc.x)
+        lp = [{k: be.share_plain(f"l{i}.{k}", v) for k, v in p.items()} for i, p in enumerate(pc.layers)]
+        hw, hb = be.share_plain("head_w", pc.head_w), be.share_plain("head_b", pc.head_b)
+        return lambda: paper_forward(pc, be, xs, lp, hw, hb)
     from secfwt.nn.config import AttentionConfig
     from secfwt.nn.encoder import EncoderLayer
 
@@ -212,6 +222,16 @@ def run_server_job(job: Job) -> dict[str, Any]:
         errors = {"hidden": max(max_abs(o[0], hid) for o in outs), "pooled": max(max_abs(o[1], pooled) for o in outs)}
         extra: dict[str, Any] = {"batch": job.batch, "seq": job.seq, "model": mc.encoder.config.source,
                                  "init": "pretrained", "output": "last hidden state + mean pooling"}
+    elif job.workload == "paper_iteration":
+        pc = paper_case(job.seq, job.layers, job.attention or "softmax", job.tiny)
+        want = paper_reference(pc)
+        errors = {"hidden": max(max_abs(o[0], want[0]) for o in outs),
+                  "logits": max(max_abs(o[1], want[1]) for o in outs)}
+        extra = {"method": "fot" if job.attention == "softmax" else "fot_rfa", "batch": job.batch, "seq": job.seq,
+                 "layers": job.layers, "n_prompt": pc.n_prompt, "dims": pc.dims.__dict__, "init": "random",
+                 "output": "last hidden state + logits (mean pooling -> 2-class head)",
+                 "note": "one FoT candidate's forward over the batch (the paper's FoT iteration); the first "
+                         "n_prompt positions are the soft prompt"}
     else:
         case = op_case(job.workload, job.attention, job.tiny)
         ref = op_reference(case)
@@ -340,14 +360,14 @@ def run_job(job: Job) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-ATTENTION_WORKLOADS = ("encoder_layer",) + MODEL_WORKLOADS
+ATTENTION_WORKLOADS = ("encoder_layer", "paper_iteration") + MODEL_WORKLOADS
 
 
 def jobs_for(workloads: list[str], attentions: list[str], **kw: Any) -> list[Job]:
     """One job per workload, and per attention for the layer and model workloads."""
     out = []
     for w in workloads:
-        if w not in OP_WORKLOADS + MODEL_WORKLOADS:
+        if w not in OP_WORKLOADS + MODEL_WORKLOADS + ("paper_iteration",):
             raise SystemExit(f"unknown workload {w!r}; choose from {W.WORKLOADS}")
         atts: list[str | None] = list(attentions) if w in ATTENTION_WORKLOADS else [W.ATTENTION.get(w)]
         out += [Job(w, a, **kw) for a in atts]
@@ -363,11 +383,12 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-rows", type=int, default=64, help="sequences per private forward chunk")
     ap.add_argument("--model", default="", help="model directory (default: the bundled all-MiniLM-L6-v2)")
     ap.add_argument("--tiny", action="store_true", help="toy shapes for the op workloads (tests)")
+    ap.add_argument("--layers", type=int, default=1, help="paper_iteration: RoBERTa-large-sized layers")
 
 
 def job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch": args.batch, "seq": args.seq, "popsize": args.popsize, "n_prompt": args.n_prompt, "d": args.d,
-            "max_rows": args.max_rows, "model": args.model, "tiny": args.tiny}
+            "max_rows": args.max_rows, "model": args.model, "tiny": args.tiny, "layers": args.layers}
 
 
 def main(argv: list[str] | None = None) -> int:

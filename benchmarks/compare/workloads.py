@@ -36,6 +36,7 @@ WORKLOADS = [
     "encoder_layer",
     "small_model_forward",
     "tuning_step",
+    "paper_iteration",
 ]
 ATTENTION = {"softmax": "softmax", "encoder_layer": "softmax", "small_model_forward": "softmax",
              "tuning_step": "softmax"}
@@ -61,6 +62,47 @@ N_CLASSES = 2
 TINY_LAYER = BertDims(hidden=32, heads=2, ffn=64, layers=1)
 TINY_MODEL = BertDims(hidden=32, heads=2, ffn=64, layers=2)
 TINY_SEQ = 8
+
+# ``paper_iteration`` (issue 18): the per-iteration measure of SecP-Tuning (arXiv 2506.15307) at RoBERTa-large
+# sizes. An iteration of SFT / prompt tuning = forward + cross-entropy + backward + SGD update; an iteration of
+# FoT = ONE candidate's forward over the training batch (no backward). ``seq`` counts every position of a
+# sequence: for prompt_tuning, fot and fot_rfa the first N_PROMPT positions are the soft prompt.
+ROBERTA_LARGE = BertDims(hidden=1024, heads=16, ffn=4096, layers=1)
+TINY_PAPER = BertDims(hidden=64, heads=2, ffn=128, layers=1)
+PAPER_METHODS = ("sft", "prompt_tuning", "fot", "fot_rfa")
+METHOD_ATTENTION = {"sft": "softmax", "prompt_tuning": "softmax", "fot": "softmax", "fot_rfa": "rfa"}
+PAPER_LAYERS_FULL = 24  # RoBERTa-large
+N_PROMPT = 50
+TINY_N_PROMPT = 2
+
+
+@dataclass(frozen=True)
+class RfaParams:
+    """Random feature attention as secfwt's default AttentionConfig(kind="rfa") computes it (docs/ATTENTION.md):
+    q, k l2-normalised and divided by ``tau``, phi(x) = [cos(W x), sin(W x)] with W (m, head_dim) orthogonal
+    random features from ``seed + layer``, out = phi(q) phi(K)^T V / max(phi(q) phi(K)^T 1 / (T m), floor) / (T m)."""
+
+    m: int = 64
+    tau: float = 0.8
+    floor: float = 0.02
+    seed: int = 0
+
+
+RFA = RfaParams()
+
+
+def rfa_frequencies(m: int, d: int, seed: int) -> np.ndarray:
+    """W (m, d): the same public frequencies as secfwt.nn.attention.rfa_frequencies(m, d, seed, orthogonal=True)
+    (torch's generator, so this needs torch: secfwt's and CrypTen's venvs have it, SPU's does not)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(math.ceil(m / d)):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        norms = torch.randn(d, d, generator=g, dtype=torch.float64).norm(dim=1)
+        blocks.append(q.T * norms.unsqueeze(1))
+    return torch.cat(blocks)[:m].numpy()
 
 
 @dataclass
@@ -131,6 +173,30 @@ def make_case(name: str, batch: int = 1, seq: int = 128, seed: int = 0, tiny: bo
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
 
 
+def make_paper_case(seq: int, layers: int = 1, method: str = "fot", batch: int = 1, seed: int = 0,
+                    tiny: bool = False) -> Case:
+    """``paper_iteration`` inputs: ``layers`` RoBERTa-large-sized layers (random init) + mean pooling + a 2-class
+    head. ``seq`` input tokens ~ N(0, 1); prompt_tuning, fot and fot_rfa PREPEND ``n_prompt`` soft-prompt
+    positions (x then has seq + n_prompt positions), sft has none. The weights, tokens and labels do not depend
+    on the method."""
+    if method not in PAPER_METHODS:
+        raise ValueError(f"paper_iteration: unknown method {method!r}; choose from {PAPER_METHODS}")
+    if seq < 1 or layers < 1:
+        raise ValueError(f"paper_iteration: seq and layers must be >= 1, got seq {seq}, layers {layers}")
+    d = TINY_PAPER if tiny else ROBERTA_LARGE
+    d = BertDims(d.hidden, d.heads, d.ffn, layers)
+    n_prompt = 0 if method == "sft" else TINY_N_PROMPT if tiny else N_PROMPT
+    rng = _rng("paper_iteration", seed)
+    params = model_params(rng, d)
+    x = rng.normal(0, 1, (batch, seq, d.hidden))
+    labels = rng.integers(0, N_CLASSES, batch)
+    prompt = rng.normal(0, 1, (batch, TINY_N_PROMPT if tiny else N_PROMPT, d.hidden))[:, :n_prompt]
+    return Case("paper_iteration", np.concatenate([prompt, x], 1), params, labels=labels,
+                meta={"batch": batch, "seq": seq, "positions": seq + n_prompt, "n_prompt": n_prompt,
+                      "layers": layers, "method": method, "dims": d.__dict__, "init": "random",
+                      "size": "tiny" if tiny else "RoBERTa-large"})
+
+
 # ----------------------------------------------------------------- float64 plaintext references
 
 
@@ -166,8 +232,26 @@ def ref_layernorm(x, g, b, ops=NumpyOps):
     return d * ops.rsqrt(var + LN_EPS) * g + b
 
 
-def ref_encoder_layer(x, p: dict, prefix: str, d: BertDims, ops=NumpyOps, gelu: str = "erf"):
-    """x: [..., seq, hidden] -> same shape."""
+def ref_rfa(q, k, v, w, rfa: RfaParams = RFA, ops=NumpyOps):
+    """Random feature attention (RfaParams) of q, k, v [..., seq, head_dim] with frequencies w (m, head_dim)."""
+    def unit(t):
+        return t * ops.rsqrt((t * t).sum(-1, keepdims=True)) * (1.0 / rfa.tau)
+
+    def phi(t):
+        u = t @ w.T
+        return np.concatenate([np.cos(u), np.sin(u)], -1)
+
+    t, m = q.shape[-2], w.shape[0]
+    pq, pk = phi(unit(q)), phi(unit(k))
+    kv = pk.swapaxes(-1, -2) @ v
+    num = pq @ kv
+    den = (pq @ pk.sum(-2)[..., None]) * (1.0 / (t * m))
+    den = rfa.floor + (den - rfa.floor) * (den > rfa.floor)  # max(den, floor)
+    return num * (1.0 / (t * m)) / den
+
+
+def ref_encoder_layer(x, p: dict, prefix: str, d: BertDims, ops=NumpyOps, gelu: str = "erf", rfa_w=None):
+    """x: [..., seq, hidden] -> same shape. ``rfa_w``: RFA frequencies (m, head_dim) instead of softmax."""
     lead, (s, h) = x.shape[:-2], x.shape[-2:]
 
     def heads(t):
@@ -176,18 +260,22 @@ def ref_encoder_layer(x, p: dict, prefix: str, d: BertDims, ops=NumpyOps, gelu: 
     q = heads(x @ p[prefix + "wq"] + p[prefix + "bq"])
     k = heads(x @ p[prefix + "wk"] + p[prefix + "bk"])
     v = heads(x @ p[prefix + "wv"] + p[prefix + "bv"])
-    att = ref_softmax((q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(d.head_dim)), ops=ops)
-    ctx = (att @ v).swapaxes(-2, -3).reshape(*lead, s, h)
+    if rfa_w is None:
+        att = ref_softmax((q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(d.head_dim)), ops=ops)
+        ctx = (att @ v).swapaxes(-2, -3).reshape(*lead, s, h)
+    else:
+        ctx = ref_rfa(q, k, v, rfa_w, ops=ops).swapaxes(-2, -3).reshape(*lead, s, h)
     a = ref_layernorm(ctx @ p[prefix + "wo"] + p[prefix + "bo"] + x, p[prefix + "ln1_g"],
                       p[prefix + "ln1_b"], ops)
     f = ref_gelu(a @ p[prefix + "w1"] + p[prefix + "b1"], ops, gelu) @ p[prefix + "w2"] + p[prefix + "b2"]
     return ref_layernorm(f + a, p[prefix + "ln2_g"], p[prefix + "ln2_b"], ops)
 
 
-def ref_small_model(x, p: dict, d: BertDims = MINILM, ops=NumpyOps, gelu: str = "erf"):
-    """Returns (last hidden state, logits)."""
+def ref_small_model(x, p: dict, d: BertDims = MINILM, ops=NumpyOps, gelu: str = "erf", rfa: bool = False):
+    """Returns (last hidden state, logits). ``rfa``: RFA attention (RFA params, layer i seeded RFA.seed + i)."""
     for i in range(d.layers):
-        x = ref_encoder_layer(x, p, f"l{i}.", d, ops, gelu)
+        w = rfa_frequencies(RFA.m, d.head_dim, RFA.seed + i) if rfa else None
+        x = ref_encoder_layer(x, p, f"l{i}.", d, ops, gelu, rfa_w=w)
     logits = x.mean(-2) @ p["head_w"] + p["head_b"]
     return x, logits
 
