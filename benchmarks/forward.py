@@ -148,6 +148,8 @@ def server(ctx: PartyContext) -> dict[str, Any]:
     body = {k: v for k, v in shares.params.items() if not k.startswith("mlm.") and k != "emb.word"}
     if hasattr(be, "fix_matrix"):  # once per session, as the model server does: not part of a forward
         with ctx.cost.scope("setup"):
+            if hasattr(Encoder, "fuse_qkv"):
+                body = Encoder(shares.config, body).fuse_qkv(be).params
             body = {k: be.fix_matrix(k, v) for k, v in body.items()}
     enc = Encoder(shares.config, body, AttentionConfig(**spec["attention"]))
     del shares

@@ -10,6 +10,7 @@ kind          secret relation                                             bytes 
 mul           c = a * b  (elementwise, broadcasting)                      8 * numel(c)
 matmul        c = a @ b  (kind ``mul`` with ``op="matmul"``)              8 * numel(c)
 square        c = a * a                                                   8 * numel(a)
+sqmul         c = a * b (broadcast), aa = a * a: x^2 and x y, one opening  8 * (numel(c) + numel(a))
 trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
 compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 7.5 + 7 * 8) ~ 75.5 n
               final masks s, a, b and their 7 monomials (arith);         (bits = 32: ~65.5 n, 16: ~60.5 n,
@@ -109,6 +110,20 @@ def _square_draw1(p: dict[str, Any], st: PRGStream) -> Material:
 def _square_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     a = m0["a"] + m1["a"]
     return {"c": a * a - m0["c"]}
+
+
+def _sqmul_out(p: dict[str, Any]) -> Shape:
+    return tuple(torch.broadcast_shapes(_shape(p, "a"), _shape(p, "b")))
+
+
+def _sqmul_draw0(p: dict[str, Any], st: PRGStream) -> Material:
+    return {"a": st.ring(_shape(p, "a")), "b": st.ring(_shape(p, "b")), "c": st.ring(_sqmul_out(p)),
+            "aa": st.ring(_shape(p, "a"))}
+
+
+def _sqmul_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
+    a, b = m0["a"] + m1["a"], m0["b"] + m1["b"]
+    return {"c": a * b - m0["c"], "aa": a * a - m0["aa"]}
 
 
 def _trunc_draw0(p: dict[str, Any], st: PRGStream) -> Material:
@@ -402,6 +417,7 @@ STATEFUL: dict[str, tuple[_Draw, _Draw, _StatefulCorrect]] = {
 KINDS: dict[str, tuple[_Draw, _Draw, _Correct]] = {
     "mul": (_mul_draw0, _mul_draw1, _mul_correct),
     "square": (_square_draw0, _square_draw1, _square_correct),
+    "sqmul": (_sqmul_draw0, _mul_draw1, _sqmul_correct),
     "trunc": (_trunc_draw0, _trunc_draw1, _trunc_correct),
     "compare": (_compare_draw0, _compare_draw1, _compare_correct),
     "compare_sel": (_compare_sel_draw0, _compare_draw1, _compare_sel_correct),
@@ -462,6 +478,7 @@ _SHAPE = (_as_shape, None)  # (converter, default); default None: required
 _FIELDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "mul": {"a": _SHAPE, "b": _SHAPE, "op": (_as_op, "mul")},
     "square": {"a": _SHAPE},
+    "sqmul": {"a": _SHAPE, "b": _SHAPE},
     "trunc": {"shape": _SHAPE, "bits": (_as_int(1, 63), None)},
     "compare": {"shape": _SHAPE, "bits": (_as_bytes_bits, 64)},
     "compare_sel": {"shape": _SHAPE, "prod_shape": _SHAPE, "bits": (_as_bytes_bits, 64)},
@@ -510,6 +527,7 @@ def _mtrunc_layout(p: dict[str, Any]) -> Layout:
 _LAYOUTS: dict[str, Callable[[dict[str, Any]], Layout]] = {
     "mul": lambda p: {"c": (_mul_out(p), _I64)},
     "square": lambda p: {"c": (_shape(p, "a"), _I64)},
+    "sqmul": lambda p: {"c": (_sqmul_out(p), _I64), "aa": (_shape(p, "a"), _I64)},
     "trunc": lambda p: {"rq": (_shape(p, "shape"), _I64), "rm": (_shape(p, "shape"), _I64)},
     "compare": _compare_layout,
     "compare_sel": _compare_sel_layout,

@@ -2,11 +2,16 @@
 
 LayerNorm over a dim of size n (gamma = weight, beta = bias, both shared):
   1. mu = sum(x) * (1/n)  (1/n encoded with 24 bits, then one truncation)          1 round
-  2. c = x - mu; batch [c * c, c * gamma] in one Beaver round, untruncated          1 round
-  3. S = sum(c^2) and c gamma brought to scale f by ONE truncation call             1 round
-  4. r = sqrt(n) / sqrt(S + n eps) = 1 / sqrt(var + eps): rsqrt with sqrt(n) folded into its public
+  2. c = x - mu; c * c and c * gamma from ONE opening of c (and of gamma's row),
+     untruncated (:func:`~secfwt.protocols.arith.square_mul`)                      1 round
+  3. S = sum(c^2) truncated to scale f (one value per row)                         1 round
+  4. a mask B for r is drawn (nothing sent); c gamma masked-truncated to scale f on a 56-bit opening
+     with the products with B prepared (:mod:`secfwt.protocols.masked`)            1 round
+  5. r = sqrt(n) / sqrt(S + n eps) = 1 / sqrt(var + eps): rsqrt with sqrt(n) folded into its public
      initial guess, on the range n [2^-16, 2^16]                                    14 rounds
-  5. y = (c gamma) * r + beta                                                       2 rounds
+  6. open r - B (per row); y = (c gamma) * r is local; one truncation; + beta       2 rounds
+(Without a weight -- RMSNorm's or LayerNorm's None -- steps 2-4 and 6 are a square, a truncation and a
+Beaver product as before.)
 Dividing S by n is never done: it is folded into rsqrt, which also keeps eps (e.g. 1e-5, below the 2^-16
 resolution) accurate as n eps. RMSNorm is the same without the mean.
 All internal scales follow f (tests/test_ranges.py runs f = 4..24): rsqrt's range reaches 2^(63 - 2f) (every
@@ -20,8 +25,9 @@ import math
 from secfwt.approx.poly import mul_exact_many, to_scale, trunc_many
 from secfwt.approx.recip import rsqrt
 from secfwt.context import PartyContext
-from secfwt.protocols.arith import mul_aa, trunc
+from secfwt.protocols.arith import mul_aa, square_mul, trunc
 from secfwt.protocols.compare import range_bits
+from secfwt.protocols.masked import fixed_mask, open_fixed, trunc_masked, width_for
 from secfwt.share import AShare, add, add_public, mul_public, sub
 
 # Range of the per-row variance handed to rsqrt: [2^-16, 2^16] covers eps = 1e-5 .. |x| ~ 256.
@@ -29,6 +35,7 @@ VAR_LO, VAR_HI = -16, 16
 _MEAN_BITS = 24  # fractional bits of the public 1/n in the mean
 _R_EXTRA_BITS = 12  # 1/sqrt(var + eps) is kept with f + 12 bits: small for large-variance rows ...
 _OUT_BITS = 10  # ... as long as the output y = (c gamma) r, |y| < 2^10, stays exact: 2f + extra + 10 <= 61
+_CW_BITS = 20  # c gamma is masked-truncated on width_for(2f + 20) bits: valid for |c gamma| < 2^20 (f <= 21)
 
 
 def s_hi_bits(f: int) -> int:
@@ -48,16 +55,26 @@ def _normalize(
 ) -> AShare:
     """Steps 2-5 for a centred (LayerNorm) or raw (RMSNorm) input c at scale f."""
     f, n = ctx.f, c.shape[d]
-    pairs = [(c, c)] + ([(c, weight)] if weight is not None else [])
-    prods = mul_exact_many(ctx, pairs)  # scale 2f each, untruncated
-    stats = trunc_many(ctx, [prods[0].sum(d, keepdim=True)] + prods[1:], f)
+    if weight is None:
+        prods = mul_exact_many(ctx, [(c, c)])  # scale 2f, untruncated
+        stats = trunc_many(ctx, [prods[0].sum(d, keepdim=True)], f)
+    else:  # c^2 and c gamma from one opening of c; c gamma masked for the local final product
+        sq, cw = square_mul(ctx, c, weight)
+        stats = trunc_many(ctx, [sq.sum(d, keepdim=True)], f)
+        handle = fixed_mask(ctx, stats[0].shape)
+        cwm = trunc_masked(ctx, cw, cw.scale - f, width_for(min(2 * f + _CW_BITS, 62)), fid=handle.fid,
+                           release=True, tag="cgamma")
     s = add_public(ctx, stats[0], n * eps)
     # Range of the thresholds' comparisons: S + n eps >= 0 and S < 2^(62 - 2f) for every sum of squares that
     # did not wrap (s_hi_bits), so |S + n eps - 2^k| < 2^(63 - 2f): narrow comparisons on 64 - f bits (48 at
     # f = 16) are exact there; a wrapped S was garbage before and stays garbage.
     r = rsqrt(ctx, s, lo=VAR_LO + math.floor(math.log2(n)), hi=s_hi_bits(f), factor=math.sqrt(n),
               out_scale=f + r_extra_bits(f), compare_bits=range_bits(f, 2.0 ** s_hi_bits(f)))
-    y = mul_aa(ctx, stats[1] if weight is not None else c, r, out_scale=f)
+    if weight is None:
+        y = mul_aa(ctx, c, r, out_scale=f)
+    else:
+        yr = cwm.mul_fixed(open_fixed(ctx, r, handle))  # (c gamma) r at scale f + f + extra, local
+        y = trunc(ctx, yr, yr.scale - f)
     return add(y, bias) if bias is not None else y
 
 
@@ -71,17 +88,18 @@ def layernorm(
 ) -> AShare:
     """LayerNorm over ``dim``: (x - mean) / sqrt(var + eps) * weight + bias (weight, bias shared or None).
 
-    Steps: see the module docstring. Cost: 19 rounds. Bytes per element per server: 16 (c^2) + 16
-    (c gamma, with a weight) + 8 (c gamma truncation) + 24 (final product) = 64 (40 without weight), plus
-    per row 8 (mean) + 8 (S) + 19.6 K + 160 (rsqrt on [n 2^-16, 2^(63 - 2f)]: K = 78 - 2f - floor(log2 n)
-    thresholds, 38 for n = 384 at f = 16) ~ 920 bytes, i.e. ~2.3 bytes per element for n = 384.
+    Steps: see the module docstring. Cost: 20 rounds. Bytes per element per server: 8 (c, one opening for
+    c^2 and c gamma) + 7 (c gamma's masked truncation, 56 bits) + 8 (final truncation) = 23 (was 64; 40
+    without weight), plus per row 8 (mean) + 8 (S) + 8 (r - B) + the rsqrt's comparisons (narrow,
+    ~10 K bytes, K = 78 - 2f - floor(log2 n) thresholds, 38 for n = 384 at f = 16) + 160, and 8 per element
+    of gamma's row: ~2 bytes per element for n = 384.
     Valid range (documented accuracy): per-row variance in [2^-16, 2^16] (|x| up to ~256); exactness needs
-    n var < 2^(62 - 2f) (the sum of squares at scale 2f: 2^30 at f = 16, 2^14 at f = 24), |x| < 2^(31 - f)
-    and |y| < 2^10 (2^(49 - 2f) for f <= 19). Outside the accurate range: var + eps below 2^-16 saturates
-    (1/sqrt(var + eps) is capped at ~2.65 2^8, so y shrinks towards 0, |y| <= |exact y|, a constant row gives
-    exactly 0); var above 2^16 up to the wrap point is correct with a coarser error (~3% at n var = 2^30,
-    f = 16; rsqrt's range reaches 2^(63 - 2f) per row, no extra round); a wrapped sum of squares gives
-    garbage, which the owner's check of the revealed values flags (share.receive_revealed).
+    n var < 2^(62 - 2f) (the sum of squares at scale 2f: 2^30 at f = 16, 2^14 at f = 24), |x| < 2^(31 - f),
+    |c gamma| < 2^20 (2^(60 - 2f) for f > 20) and |y| < 2^10 (2^(49 - 2f) for f <= 19). Outside the accurate
+    range: var + eps below 2^-16 saturates (1/sqrt(var + eps) is capped at ~2.65 2^8, so y shrinks towards 0, |y| <=
+    |exact y|, a constant row gives exactly 0); var above 2^16 up to the wrap point is correct with a coarser error
+    (~3% at n var = 2^30, f = 16; rsqrt's range reaches 2^(63 - 2f) per row, no extra round); a wrapped sum of
+    squares gives garbage, which the owner's check of the revealed values flags (share.receive_revealed).
     Error: rsqrt's relative error (~1e-5 for var >= 2^-8) times |c gamma| plus ~2^-f per truncation;
     measured in docs/APPROXIMATIONS.md (~2e-4 abs for unit-variance rows of size 768).
     Reference: the LayerNorm composition of CrypTen/PUMA, with batched statistics and eps folded into rsqrt.

@@ -60,9 +60,13 @@ class SelfAttention(Generic[V]):
         def heads(x: V) -> V:
             return be.transpose(be.reshape(x, (b, t, nh, hs)), 1, 2)  # (B, nh, T, hs)
 
-        # q, k and v in ONE product (one round instead of three): weights stacked to (3H, H), local.
-        w_qkv = be.cat([p["q.weight"], p["k.weight"], p["v.weight"]], dim=0)  # (3H, H)
-        b_qkv = be.cat([p["q.bias"], p["k.bias"], p["v.bias"]], dim=0)  # (3H,)
+        # q, k and v in ONE product (one round instead of three): weights stacked to (3H, H), local; stacked
+        # once per session by Encoder.fuse_qkv when the servers prepared the model.
+        if "qkv.weight" in p:
+            w_qkv, b_qkv = p["qkv.weight"], p["qkv.bias"]
+        else:
+            w_qkv = be.cat([p["q.weight"], p["k.weight"], p["v.weight"]], dim=0)  # (3H, H)
+            b_qkv = be.cat([p["q.bias"], p["k.bias"], p["v.bias"]], dim=0)  # (3H,)
         qkv = be.linear(h, w_qkv, b_qkv)  # (B, T, 3H)
         q, k, v = (heads(be.index(qkv, (Ellipsis, slice(i * nh * hs, (i + 1) * nh * hs)))) for i in range(3))
         kind = self.attn.attention_kind
@@ -118,9 +122,9 @@ class SelfAttention(Generic[V]):
         if a.rfa_norm == "l2":
             lo, hi = a.rfa_sq_range
             qk = be.mul(qk, be.rsqrt(be.sum(be.square(qk), dim=-1, keepdim=True), lo, hi))  # unit rows
-            w_eff = w / (a.rfa_tau * 2.0 * math.pi)
+            w_eff = w / (a.tau_at(self.layer) * 2.0 * math.pi)
         else:
-            w_eff = w * (hs ** -0.25) / (a.rfa_tau * 2.0 * math.pi)
+            w_eff = w * (hs ** -0.25) / (a.tau_at(self.layer) * 2.0 * math.pi)
         c, s = be.cos_sin(be.linear_public(qk, w_eff))  # (B, nh, 2T, m) each: cos/sin(W x)
         phi = be.cat([c, s], dim=-1)  # (B, nh, 2T, 2m)
         phi_q = be.index(phi, (slice(None), slice(None), slice(0, t)))  # (B, nh, T, 2m)

@@ -156,6 +156,21 @@ class Encoder(Generic[V]):
                 if not k.startswith("mlm.") and (keep_word_embeddings or k != "emb.word")}
         return Encoder(self.config, keep, self.attention)
 
+    def fuse_qkv(self, be: Backend[V]) -> Encoder[V]:
+        """The same encoder with each layer's q, k and v projections stacked once into ``attn.qkv.weight``
+        (3H, H) and ``attn.qkv.bias`` (3H,), which :class:`~secfwt.nn.attention.SelfAttention` uses when present
+        (otherwise it stacks them in every forward). Servers call it before fixing the weights' Beaver masks,
+        so the stacked matrix is opened once per session instead of in every forward."""
+        params = dict(self.params)
+        for i in range(self.config.n_layers):
+            pre = f"layer.{i}.attn."
+            names = [f"{pre}{x}.{kind}" for kind in ("weight", "bias") for x in "qkv"]
+            if not all(n in params for n in names):
+                continue
+            ws, bs = [params.pop(n) for n in names[:3]], [params.pop(n) for n in names[3:]]
+            params[pre + "qkv.weight"], params[pre + "qkv.bias"] = be.cat(ws, dim=0), be.cat(bs, dim=0)
+        return Encoder(self.config, params, self.attention)
+
     def forward(self, be: Backend[V], inputs_embeds: V, attention_mask: Tensor, prompt: V | None = None,
                 token_type_ids: Tensor | None = None) -> EncoderOutput[V]:
         """inputs_embeds (B, T, H) word embeddings; attention_mask public (B, T) 0/1 with 1 at index 0;

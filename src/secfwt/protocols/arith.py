@@ -188,6 +188,28 @@ def square_a(ctx: PartyContext, x: AShare, out_scale: int | None = None) -> ASha
         return _finish(ctx, z, 2 * x.scale, out_scale)
 
 
+def square_mul(ctx: PartyContext, x: AShare, y: AShare) -> tuple[AShare, AShare]:
+    """``(x * x, x * y)`` (y broadcast to x), untruncated, from ONE opening of x.
+
+    Steps: the dealer gives (a, b, c = a * b, aa = a * a) (kind ``sqmul``); open e = x - a and f = y - b in one
+    message; x^2 = aa + 2 e a (+ e^2 on server 0), x y = c + e b + a f (+ e f on server 0).
+    Cost: 1 round; 8 (|x| + |y|) bytes per server (a LayerNorm weight y of one row: 8 |x| + 8 n); dealer ->
+    server 1: 8 (|x y| + |x|). Exact on the ring; scales 2 sx and sx + sy.
+    Reference: Beaver triples (CRYPTO 1991) sharing one mask between a square and a product.
+    """
+    with ctx.cost.scope("square_mul"):
+        assert ctx.dealer is not None
+        pend = ctx.dealer.request("sqmul", a=list(x.shape), b=list(y.shape))
+        mat = pend.material
+        e, f = open_many(ctx, [x.data - mat["a"], y.data - mat["b"]], "square_mul")
+        full = pend.get()
+        sq = full["aa"] + 2 * e * full["a"]
+        xy = full["c"] + e * full["b"] + full["a"] * f
+        if ctx.rank == SERVER0:
+            sq, xy = sq + e * e, xy + e * f
+        return AShare(sq, 2 * x.scale), AShare(xy, x.scale + y.scale)
+
+
 def mul_ap(ctx: PartyContext, x: AShare, value: Tensor | float, out_scale: int | None = None) -> AShare:
     """``x * value`` for public reals (encoded with the context's fractional bits), truncated back.
 

@@ -222,10 +222,11 @@ class ModelServer(BaseServer):
     def setup(self, msg: dict[str, Any]) -> None:
         p = self.shares.params
         self._setup_inputs(msg)
-        if self._body is None:  # every weight matrix's Beaver mask is fixed once per session (opened once)
+        if self._body is None:  # q/k/v stacked and every weight matrix's Beaver mask fixed, once per session
+            body = {k: v for k, v in p.items() if not k.startswith("mlm.") and k != "emb.word"}
             with self.be.scope("fix_weights"):
-                self._body = {k: self.be.fix_matrix(k, v) for k, v in p.items()
-                              if not k.startswith("mlm.") and k != "emb.word"}
+                fused = Encoder(self.shares.config, body).fuse_qkv(self.be)
+                self._body = {k: self.be.fix_matrix(k, v) for k, v in fused.params.items()}
         self.encoder = Encoder(self.shares.config, self._body, attention_from_json(msg["attention"]))
         head = msg["head"]
         n_labels = int(head["n_labels"])
