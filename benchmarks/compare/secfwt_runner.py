@@ -158,6 +158,22 @@ def warm_up(ctx: PartyContext) -> None:
         be.cos_sin(x)
 
 
+def _by_scope(ctx: PartyContext, label: str) -> dict[str, Any]:
+    """Where the bytes sent and the time of one timed run went: scope paths below ``label``, two levels deep
+    (e.g. ``attention/softmax``, ``ffn/gelu``); time is inclusive, of the first level only."""
+    sent: dict[str, int] = {}
+    secs: dict[str, float] = {}
+    for path, c in ctx.cost.ops.items():
+        parts = path.split("/")
+        if parts[0] != label or len(parts) < 2:
+            continue
+        key = "/".join(parts[1:3])
+        sent[key] = sent.get(key, 0) + c.bytes_sent
+        if len(parts) == 2:
+            secs[parts[1]] = secs.get(parts[1], 0.0) + c.time_s
+    return {"bytes_sent_by_scope": dict(sorted(sent.items(), key=lambda kv: -kv[1])), "time_s_by_scope": secs}
+
+
 def party_program(ctx: PartyContext) -> dict[str, Any]:
     """A server's program (run by ``secfwt party`` as ``secfwt_runner:party_program``); the job is in $JOB_ENV."""
     job = Job(**json.loads(os.environ[JOB_ENV]))
@@ -171,7 +187,7 @@ def party_program(ctx: PartyContext) -> dict[str, Any]:
             ys = work()
         c = ctx.cost.by_top_level()[label]
         costs.append({"time_s": c.time_s, "bytes_sent": c.bytes_sent, "bytes_recv": c.bytes_recv,
-                      "rounds": c.rounds, "dealer_bytes": c.dealer_bytes})
+                      "rounds": c.rounds, "dealer_bytes": c.dealer_bytes, **_by_scope(ctx, label)})
         opened = [MpcBackend(ctx).reveal(y) for y in ys]  # outside the timed scope
         if ctx.rank == SERVER0:
             outs.append(opened)
@@ -237,6 +253,8 @@ def run_server_job(job: Job) -> dict[str, Any]:
         ref = op_reference(case)
         errors = {"out": max(max_abs(o[0], ref) for o in outs)}
         extra = {"shape": case.shape}
+    first = res[SERVER0]["costs"][0]
+    extra.update({k: first[k] for k in ("bytes_sent_by_scope", "time_s_by_scope") if k in first})
     return _record(job, times, per_server, errors, gelu="erf form, secfwt piecewise polynomial", **extra)
 
 
