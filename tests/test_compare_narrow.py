@@ -208,3 +208,35 @@ def test_relu_narrow_exact_and_gelu_bound_cost() -> None:
     g = c["gelu"]
     per = 3 * (4 + 45 / 8) + 72 + 16 + 8  # 124.875 bytes per element (symmetric, bound given)
     assert g.rounds == 12 and per * n <= g.bytes_sent <= per * n + 120 * g.rounds * 2
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_shifted_rows_share_one_opening(bits: int) -> None:
+    """ltz_select_shifted: [x < t_j] and [x < t_j](x - t_j) exact for every row, from one opening of x + r."""
+    from secfwt.protocols.compare import ltz_select_shifted
+
+    n, shifts = 3000, [4.0, -4.0, 0.5]
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randint(-(2**27), 2**27, (n,), generator=g, dtype=torch.int64)  # scale 16: |x| < 2^11
+    x[:4] = torch.tensor([4 << 16, (4 << 16) - 1, -(4 << 16), -(4 << 16) - 1])
+    sh = split(x, encoded=True, seed=9)
+
+    def prog(ctx):
+        with ctx.cost.scope("s"):
+            b, p = ltz_select_shifted(ctx, AShare(sh[ctx.rank].clone(), 16), shifts, 2, bits)
+        return reveal_ring(ctx, b), reveal_ring(ctx, p)
+
+    res = run_in_process({SERVER0: prog, SERVER1: prog})
+    b, p = res[SERVER0]
+    rows = torch.stack([x - int(t * 2**16) for t in shifts])
+    assert torch.equal(b, (rows < 0).long())
+    assert torch.equal(p, ((rows < 0).long() * rows)[:2])
+    w = tree_width(bits)
+    per = bits / 8 + len(shifts) * (3 * (w // 2 - 2) + 3) / 8
+    sent = res.costs[SERVER0].by_top_level()["s"].bytes_sent
+    assert per * n <= sent <= per * n + 120 * 2 * 8
+
+
+def test_tile_must_divide_the_shape() -> None:
+    with pytest.raises(ProtocolMismatchError, match="multiple of tile"):
+        check_request("compare", {"shape": [10], "bits": 32, "tile": 3}, 0)

@@ -204,16 +204,23 @@ def _compare_dims(p: dict[str, Any]) -> tuple[int, int, int, list[int]]:
     return n, bits, w, compare_words(n, w)
 
 
+def _compare_r(p: dict[str, Any], st: PRGStream, n: int) -> Tensor:
+    """The comparison mask r: n draws, or with ``tile`` = k, n / k draws repeated k times (rows compared
+    against public shifts of one input share one opening, :func:`secfwt.protocols.compare.ltz_select_shifted`)."""
+    tile = int(p.get("tile", 1))
+    return st.ring((n // tile,)).repeat(tile)
+
+
 def _compare_draw0(p: dict[str, Any], st: PRGStream) -> Material:
     n, _, w, ws = _compare_dims(p)
     n0 = -(-n * w // 64)
-    return {"r": st.ring((n,)), "rb": st.ring((n0,)), "q": st.ring((n0,)), "t": st.ring((5, sum(ws[1:]))),
+    return {"r": _compare_r(p, st, n), "rb": st.ring((n0,)), "q": st.ring((n0,)), "t": st.ring((5, sum(ws[1:]))),
             "fb": st.ring((3, ws[-1])), "mono": st.ring((7, n))}
 
 
 def _compare_draw1(p: dict[str, Any], st: PRGStream) -> Material:
     n, _, _, ws = _compare_dims(p)
-    return {"r": st.ring((n,)), "t": st.ring((3, sum(ws[1:]))), "fb": st.ring((3, ws[-1]))}
+    return {"r": _compare_r(p, st, n), "t": st.ring((3, sum(ws[1:]))), "fb": st.ring((3, ws[-1]))}
 
 
 def word_bits(words: Tensor, n: int) -> Tensor:
@@ -480,8 +487,8 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "square": {"a": _SHAPE},
     "sqmul": {"a": _SHAPE, "b": _SHAPE},
     "trunc": {"shape": _SHAPE, "bits": (_as_int(1, 63), None)},
-    "compare": {"shape": _SHAPE, "bits": (_as_bytes_bits, 64)},
-    "compare_sel": {"shape": _SHAPE, "prod_shape": _SHAPE, "bits": (_as_bytes_bits, 64)},
+    "compare": {"shape": _SHAPE, "bits": (_as_bytes_bits, 64), "tile": (_as_int(1, 64), 1)},
+    "compare_sel": {"shape": _SHAPE, "prod_shape": _SHAPE, "bits": (_as_bytes_bits, 64), "tile": (_as_int(1, 64), 1)},
     "cossin": {"shape": _SHAPE, "frac_bits": (_as_int(1, 62), None)},
     "bit2a": {"shape": _SHAPE},
     "wmask": {"shape": _SHAPE},
@@ -498,6 +505,8 @@ def _compare_layout(p: dict[str, Any]) -> Layout:
     if len(shape) != 1:
         raise ValueError(f"'shape' must be 1-D, got {list(shape)}")
     n, _, w, ws = _compare_dims(p)
+    if n % p["tile"]:
+        raise ValueError(f"'shape' [{n}] is not a multiple of tile {p['tile']}")
     n0 = -(-n * w // 64)
     return {"rb": ((n0,), _I64), "q": ((n0,), torch.int32), "tc": ((2, sum(ws[1:])), _I64), "mono": ((7, n), _I64)}
 

@@ -11,16 +11,16 @@ h is analytic in t (g is even), fitted in u = t / 8 - 5/4 with the powers 1..6 a
 product of three masked values), minimax: fit error 3.9e-5.
 
 Steps (:mod:`secfwt.protocols.masked`; every power is a masked value, so every product below is local):
-  1. One :func:`~secfwt.protocols.compare.ltz_select` on the stacked [x - T, x + T] with narrow comparisons
-     (l = range_bits(f, bound + T)) gives [x < T], [x < -T] and, free, [x < T](x - T) and [x < -T](x + T):
-     P1, P2 and x_c = x - P1 - P2 are local and exact.
+  1. One :func:`~secfwt.protocols.compare.ltz_select_shifted` on [x - T, x + T] (ONE opening of x + r, two
+     comparison trees) with narrow comparisons (l = range_bits(f, bound + T)) gives [x < T], [x < -T] and,
+     free, [x < T](x - T) and [x < -T](x + T): P1, P2 and x_c = x - P1 - P2 are local and exact.
   2. x_c (|x_c| <= 4) masked-truncated by f - s0 bits (s0 = min(f - 1, 20); a 24-bit opening at f = 16).
   3. t = x_c^2 (local), masked-truncated to u + 5/4 at scale s = 16 (40 bits); u is kept for cross products.
   4. u2 = trunc(u^2) (40 bits, cross with u), 5. u4 = trunc(u2^2) (40 bits, cross with u and u2).
   6. acc = sum_j c_j u^j with u^3 = u2 u, u^5 = u4 u, u^6 = u4 u2, u^8 = u4^2 (local, scale S = 2 s + 16),
      plus x_c / 2; one masked truncation to scale f (56 bits); plus P1.
-Cost: R(l) + 5 rounds (10 at f = 16 with l = 32); bytes per element per server: 2 ltz(l) + 3 + 5 + 5 + 5 + 7
-= 44.25 at l = 32 (ltz(32) = 9.625); dealer -> server 1 per element: 2 (65.5 + 128) (comparisons and their
+Cost: R(l) + 5 rounds (10 at f = 16 with l = 32); bytes per element per server: l / 8 + 2 tree(l) + 3 + 5 + 5
++ 5 + 7 = 40.25 at l = 32 (tree(32) = 5.625); dealer -> server 1 per element: 2 (65.5 + 128) (comparisons and their
 products) + 32 + 32 + 64 + 96 + 16.
 Valid range: |x| < ``bound`` (the comparisons are narrow; beyond it the region bits are wrong), f >= 10.
 Error: fit 3.9e-5 inside [-4, 4], the tail 1.27e-4 outside, plus ~2^-16 (x_c at scale s0 >= 9 bits moves g by
@@ -39,9 +39,9 @@ import torch
 from secfwt import ring
 from secfwt.approx.poly import to_scale
 from secfwt.context import PartyContext
-from secfwt.protocols.compare import ltz_select, range_bits
+from secfwt.protocols.compare import ltz_select_shifted, range_bits
 from secfwt.protocols.masked import trunc_masked, width_for
-from secfwt.share import AShare, add_public, stack
+from secfwt.share import AShare, add_public
 
 T = 4.0
 CENTER = 1.25  # u = t / 8 - CENTER in [-1.25, 0.75]
@@ -80,9 +80,8 @@ def gelu_masked(ctx: PartyContext, x: AShare, bound: float) -> AShare:
         x = to_scale(ctx, x, f)
         if x.numel() == 0:
             return AShare(torch.zeros(x.shape, dtype=torch.int64), f)
-        diffs = stack([add_public(ctx, x, -T), add_public(ctx, x, T)], dim=0)
-        _, prods = ltz_select(ctx, diffs, 2, range_bits(f, bound + T))
-        p1 = diffs.data[0] - prods.data[0]  # [x >= T] (x - T)
+        _, prods = ltz_select_shifted(ctx, x, [T, -T], 2, range_bits(f, bound + T))
+        p1 = add_public(ctx, x, -T).data - prods.data[0]  # [x >= T] (x - T)
         xc = AShare(x.data - p1 - prods.data[1], f)  # clip(x, -T, T), exact
         s0, s = min(f - 1, 20), _WORK
         xm = trunc_masked(ctx, xc, f - s0, width_for(f + 3), square=True, tag="clip")
