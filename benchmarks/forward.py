@@ -144,7 +144,12 @@ def server(ctx: PartyContext) -> dict[str, Any]:
 
     spec = _spec()
     shares = load_server_shares(Path(spec["shares"]) / f"server{ctx.rank}.safetensors", ctx.rank)
-    be = MpcBackend(ctx)
+    try:  # the encoder model server's backend (linear_bound: narrow truncations), where the engine has it
+        from secfwt.nn.mpc import ENCODER_LINEAR_BOUND
+
+        be = MpcBackend(ctx, linear_bound=ENCODER_LINEAR_BOUND)
+    except ImportError:
+        be = MpcBackend(ctx)
     body = {k: v for k, v in shares.params.items() if not k.startswith("mlm.") and k != "emb.word"}
     if hasattr(be, "fix_matrix"):  # once per session, as the model server does: not part of a forward
         with ctx.cost.scope("setup"):

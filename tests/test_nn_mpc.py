@@ -88,6 +88,45 @@ def test_mpc_forward_matches_plain(tiny_dirs: dict[str, Path], arch: str, kind: 
         assert any(scope in path.split("/") for path in ops), f"no cost scope {scope!r}"
 
 
+@pytest.mark.parametrize("kind", ["softmax", "rfa"])
+def test_served_encoder_backend_matches_plain(tiny_dirs: dict[str, Path], kind: str) -> None:
+    """As the encoder model server runs it: q/k/v fused, every weight's mask fixed once, linear outputs truncated
+    on narrow openings (ENCODER_LINEAR_BOUND), masked GELU; the weights are opened once, not per forward."""
+    from secfwt.nn.mpc import ENCODER_LINEAR_BOUND
+
+    attn = AttentionConfig(kind=kind, n_features=64, rfa_tau=1.0, rfa_sq_range=(2.0**-10, 2.0**6))
+    enc = Encoder.from_pretrained(tiny_dirs["bert"], attention=attn)
+    ids, mask, prompt = _inputs(seed=3)
+    embeds = embed_local(enc.params["emb.word"], ids)
+    ref = enc.forward(PlainBackend(), embeds, mask, prompt=prompt)
+
+    def prog(ctx: PartyContext) -> torch.Tensor:
+        be = MpcBackend(ctx, linear_bound=ENCODER_LINEAR_BOUND)
+        shared = enc.map_params(be.share_plain).fuse_qkv(be).map_params(be.fix_matrix)
+        assert "layer.0.attn.qkv.weight" in shared.params and "layer.0.attn.q.weight" not in shared.params
+        x, p = be.share_plain("x", embeds), be.share_plain("p", prompt)
+        with ctx.cost.scope("second"):
+            shared.forward(be, x, mask, prompt=p)
+            out = shared.forward(be, x, mask, prompt=p)
+        return be.reveal(out.hidden)
+
+    res = run_in_process(_servers(prog), timeout=120)  # type: ignore[arg-type]
+    valid = ref.mask.bool()
+    err = (res[SERVER0] - ref.hidden)[valid].abs().max().item()
+    assert err < TOLERANCE[kind], f"{kind}: max abs error {err:.2e}"
+    assert not any("fix_weight" in path for path in res.costs[SERVER0].ops if path.startswith("second"))
+
+
+def test_backend_rejects_bad_bounds() -> None:
+    class _Ctx:
+        is_server = True
+
+    with pytest.raises(ValueError, match="linear_bound"):
+        MpcBackend(_Ctx(), linear_bound=0.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="act_bound"):
+        MpcBackend(_Ctx(), act_bound=-1.0)  # type: ignore[arg-type]
+
+
 def test_mpc_mlm_head_with_owner_inputs(tiny_dirs: dict[str, Path]) -> None:
     """The data owner shares the embeddings and the <mask> one-hot; the servers compute label logits."""
     enc = Encoder.from_pretrained(tiny_dirs["roberta"])

@@ -24,6 +24,7 @@ from secfwt import share as sh
 from secfwt.comm.base import SERVER0
 from secfwt.context import PartyContext
 from secfwt.protocols import arith, compare
+from secfwt.protocols.masked import trunc_masked, width_for
 from secfwt.share import AShare
 
 # Streams of the servers' common PRG used by share_plain start here (far from other users' indices).
@@ -42,6 +43,9 @@ def _log2_ceil(v: float) -> int:
 # The models measured (MiniLM, BERT-base-sized random, tiny test models) stay below ~20 (benchmarks/forward.py
 # and tests/test_nn_mpc.py compare whole forwards to plaintext). Beyond the bound GELU's comparisons are wrong.
 ACT_BOUND = 1024.0
+# Encoders' linear outputs (projections, attention scores, attention outputs, feed-forward): |y| < 2^14, with
+# 16x margin over ACT_BOUND; the encoder model server passes it (decoders keep the 64-bit truncation).
+ENCODER_LINEAR_BOUND = 2.0**14
 
 
 class MpcBackend:
@@ -49,12 +53,16 @@ class MpcBackend:
 
     name = "mpc"
 
-    def __init__(self, ctx: PartyContext, silu_method: str = "two-stage", act_bound: float | None = ACT_BOUND) -> None:
+    def __init__(self, ctx: PartyContext, silu_method: str = "two-stage", act_bound: float | None = ACT_BOUND,
+                 linear_bound: float | None = None) -> None:
         """``silu_method``: :func:`secfwt.approx.silu`'s construction ("two-stage": 3 comparisons per element,
         19 rounds; "symmetric": 5 comparisons, 13 rounds: fewer rounds for a slow WAN). ``act_bound``: the
         valid range |x| < act_bound of the feed-forward activation's input (:data:`ACT_BOUND`); GELU then
         runs :func:`secfwt.approx.masked_gelu.gelu_masked` (narrow comparisons, masked truncations). None:
-        no bound (the exact-on-every-input symmetric construction, 3.5x the bytes)."""
+        no bound (the exact-on-every-input symmetric construction, 3.5x the bytes). ``linear_bound``: a bound
+        on |output| of every :meth:`linear` / :meth:`matmul` (e.g. :data:`ENCODER_LINEAR_BOUND`); their
+        truncation then opens width_for(log2 bound + 2f) bits (:func:`secfwt.protocols.masked.trunc_masked`, 48
+        at f = 16 for 2^14) instead of 64. None: the 64-bit truncation, valid for |output| < 2^(62 - 2f)."""
         if not ctx.is_server:
             raise ValueError(f"MpcBackend: {ctx.name} is not a server")
         from secfwt.approx.nonlinear import METHODS
@@ -66,7 +74,10 @@ class MpcBackend:
             raise ValueError(f"MpcBackend: act_bound must be a positive number or None, got {act_bound!r}")
         self.ctx = ctx
         self.silu_method = silu_method
+        if linear_bound is not None and not linear_bound > 0:
+            raise ValueError(f"MpcBackend: linear_bound must be a positive number or None, got {linear_bound!r}")
         self.act_bound = act_bound
+        self.linear_bound = linear_bound
         self._share_stream = _SHARE_STREAM_BASE
 
     # -- inputs and outputs ----------------------------------------------------------------------
@@ -148,20 +159,35 @@ class MpcBackend:
         they are."""
         return self.fix(w) if w.dim() == 2 else w
 
+    def _rescale(self, z: AShare) -> AShare:
+        """A product's truncation back to f: narrow (masked) under ``linear_bound``, else 64-bit."""
+        f = self.ctx.f
+        if self.linear_bound is None or z.scale <= f:
+            return arith.rescale(self.ctx, z)
+        width = width_for(min(62, math.ceil(math.log2(self.linear_bound)) + z.scale))
+        return trunc_masked(self.ctx, z, z.scale - f, width, tag="trunc").share()
+
     def linear(self, x: AShare, w: AShare, b: AShare | None) -> AShare:
+        full = x.scale + w.scale  # untruncated, then one truncation (narrow under linear_bound)
         if isinstance(w, arith.FixedShare):
-            y = arith.matmul_fixed(self.ctx, x, w, transpose=True)
+            y = arith.matmul_fixed(self.ctx, x, w, transpose=True, out_scale=full)
         else:
-            y = arith.matmul_aa(self.ctx, x, w.transpose(0, 1))
+            y = arith.matmul_aa(self.ctx, x, w.transpose(0, 1), out_scale=full)
+        with self.ctx.cost.scope("matmul"):
+            y = self._rescale(y)
         return y if b is None else sh.add(y, b)
 
     def linear_public(self, x: AShare, w: Tensor) -> AShare:
         return arith.matmul_ap(self.ctx, x, w.to(torch.float64).transpose(0, 1).contiguous())
 
     def matmul(self, x: AShare, y: AShare) -> AShare:
+        full = x.scale + y.scale
         if isinstance(y, arith.FixedShare):
-            return arith.matmul_fixed(self.ctx, x, y, transpose=False)
-        return arith.matmul_aa(self.ctx, x, y)
+            z = arith.matmul_fixed(self.ctx, x, y, transpose=False, out_scale=full)
+        else:
+            z = arith.matmul_aa(self.ctx, x, y, out_scale=full)
+        with self.ctx.cost.scope("matmul"):
+            return self._rescale(z)
 
     # -- non-linear ------------------------------------------------------------------------------
     def softmax(self, x: AShare, mask: Tensor | None = None) -> AShare:

@@ -48,7 +48,7 @@ from secfwt.errors import ConfigError, ProtocolMismatchError
 from secfwt.nn.config import AttentionConfig
 from secfwt.nn.encoder import Encoder
 from secfwt.nn.heads import MaskedLMHead, SimilarityHead, mean_pool
-from secfwt.nn.mpc import MpcBackend
+from secfwt.nn.mpc import ENCODER_LINEAR_BOUND, MpcBackend
 from secfwt.serve.rows import RowChunk, forward_rows
 from secfwt.serve.shares import ServerShares
 from secfwt.share import AShare, check_input, owner_share, receive_revealed, reveal_to
@@ -214,6 +214,7 @@ class ModelServer(BaseServer):
     def __init__(self, ctx: PartyContext, shares: ServerShares) -> None:
         cfg = shares.config
         super().__init__(ctx, shares.frac_bits, cfg.hidden, cfg.vocab_size, shares.params.get("emb.word"))
+        self.be = MpcBackend(ctx, linear_bound=ENCODER_LINEAR_BOUND)  # encoders: narrow truncations (nn/mpc.py)
         self.shares = shares
         self.encoder: Encoder[AShare] | None = None
         self._body: dict[str, AShare] | None = None
