@@ -204,7 +204,10 @@ def run_private(shares: Path, attention: dict[str, Any], embeds: Tensor, timeout
     env = {SPEC_ENV: json.dumps({"shares": str(shares), "attention": attention, "B": b, "T": t,
                                  "preload": preload})}
     with tempfile.TemporaryDirectory(prefix="secfwt-forward-") as tmp:
-        config = write_local_config(Path(tmp), timeout=timeout)
+        try:  # a loaded machine can starve the parties' start-up: a generous connection window
+            config = write_local_config(Path(tmp), timeout=timeout, connect_timeout=180.0)
+        except TypeError:  # an engine before connect_timeout (benchmarks/before_after.py runs older commits)
+            config = write_local_config(Path(tmp), timeout=timeout)
         progs = {SERVER0: "forward:server", SERVER1: "forward:server"}
         with PartyProcesses(progs, config, env=env, external=[OWNER], threads_per_party=1) as procs:
             cfg = load_parties_config(config)
