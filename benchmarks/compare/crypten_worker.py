@@ -274,6 +274,33 @@ def party_main(case: W.Case, ref, repeats: int, warmup: int, threads: int, lr: f
 
 # --------------------------------------------------------------------------- paper_iteration (issue 18)
 
+SOFTMAX_SCALE = 1.0 / 64
+
+
+def scaled_softmax(self, dim, **kwargs):
+    """CrypTen 0.4.1's softmax (common/functions/approximations.py) with ONE change: the sum of the exponentials
+    is multiplied by the public 1/64 before CrypTen's reciprocal and the result by 1/64 after it (local in 2PC:
+    no extra communication). CrypTen's Newton-Raphson reciprocal starts at 3 exp(1 - 2x) + 0.003, and its exp
+    is the limit (1 + z/256)^256, wrong for z < -256: for sums x > 128.5 the start value is huge and the
+    result ~2^32 garbage. Rows of 562 keys of a random-weight layer sum to 63-273 (measured), so the stock
+    softmax broke the 512-token rows (errors ~4e9); scaled, the reciprocal's input stays in [1/64, ~9]."""
+    if self.dim() == 0 or self.size(dim) == 1:
+        return self.new(torch.ones_like(self.data))
+    numerator = (self - self.max(dim, keepdim=True)[0]).exp()
+    with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
+        inv = (numerator.sum(dim, keepdim=True) * SOFTMAX_SCALE).reciprocal() * SOFTMAX_SCALE
+    return numerator * inv
+
+
+def _use_scaled_softmax() -> None:
+    """Forward of every softmax (also inside CrypTen's AutogradSoftmax, whose backward is unchanged)."""
+    from crypten.cryptensor import CrypTensor
+    from crypten.mpc import MPCTensor
+
+    for cls in (CrypTensor, MPCTensor):
+        cls.softmax = scaled_softmax
+
+
 
 def paper_party(case: W.Case, method: str, ref, repeats: int, threads: int, lr: float, gelu: str) -> dict:
     """One party's program for a ``paper_iteration`` method: sft (forward, cross-entropy, backward, SGD on all
@@ -282,6 +309,7 @@ def paper_party(case: W.Case, method: str, ref, repeats: int, threads: int, lr: 
     with RFA). Inputs are shared before the timed region; outputs opened after it and checked by party 0."""
     import paper_ref
 
+    _use_scaled_softmax()
     torch.set_num_threads(threads)
     GELU_IMPL["name"] = gelu
     if crypten.mpc.ttp_required():

@@ -140,7 +140,10 @@ def goal_lines(prow: list[dict[str, Any]]) -> list[str]:
     if sft is None or ours is None:
         return [f"Not measurable at {seq} tokens: a CrypTen sft or secfwt fot_rfa row is missing."]
     tr, br = sft["time_s"] / ours["time_s"], sft["bytes_per_server"] / ours["bytes_per_server"]
-    out = [f"* At {seq} tokens: CrypTen SFT / secfwt FoT+RFA = **{tr:.1f}x time** and **{br:.1f}x bytes** "
+    bad = [f"{r['engine']} {r['method']}" for r in (sft, ours) if r.get("failed_note")]
+    out = [f"* Rows that failed the float64 check enter this comparison with their costs: {', '.join(bad)}."] if bad \
+        else []
+    out += [f"* At {seq} tokens: CrypTen SFT / secfwt FoT+RFA = **{tr:.1f}x time** and **{br:.1f}x bytes** "
            f"(goal 30x; the paper claims {PAPER['sft'][0] / PAPER['fot_rfa'][0]:.1f}x and "
            f"{PAPER['sft'][1] / PAPER['fot_rfa'][1]:.1f}x): time goal {'met' if tr >= 30 else 'missed'}, "
            f"bytes goal {'met' if br >= 30 else 'missed'}."]
