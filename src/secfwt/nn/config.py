@@ -44,6 +44,10 @@ class AttentionConfig:
             or "scale" (q, k scaled by d^-1/4 / tau: Gaussian kernel exp(-|q - k|^2 / (2 tau^2 sqrt(d))),
             the shift-invariant part of exp(q.k / sqrt(d))). docs/ATTENTION.md explains the choice.
         rfa_tau: RFA: temperature tau (folded into the public frequencies).
+        rfa_tau_layers: RFA: one temperature per layer (layer ``l`` uses ``rfa_tau_layers[l]``; empty = ``rfa_tau``
+            everywhere). A calibration the model owner fits once on public text so RFA attention matches the
+            pretrained softmax attention (benchmarks/budget_curve.py ``fit_rfa_taus``); like ``rfa_tau`` it only
+            scales the public frequencies, so the protocol, its rounds and bytes are unchanged.
         rfa_sq_range: RFA "l2": input range of the MPC rsqrt of |q|^2 and |k|^2.
         quad_c: 2quad: the shift c in (s + c)^2 (MPCFormer uses 5).
         relu_norm: relu: "sum" (divide by the sum of the weights) or "length" (by the number of keys).
@@ -63,6 +67,7 @@ class AttentionConfig:
     orthogonal: bool = True
     rfa_norm: str = "l2"
     rfa_tau: float = 0.8
+    rfa_tau_layers: tuple[float, ...] = ()
     rfa_sq_range: tuple[float, float] = (0.25, 4096.0)
     rfa_floor: float = 0.02
     quad_c: float = 5.0
@@ -88,12 +93,25 @@ class AttentionConfig:
             raise ConfigError(f"attention rfa_floor: expected a value in [0, 1), got {self.rfa_floor}")
         if self.rfa_tau <= 0:
             raise ConfigError(f"attention rfa_tau: must be > 0, got {self.rfa_tau}")
+        object.__setattr__(self, "rfa_tau_layers", tuple(float(t) for t in self.rfa_tau_layers))
+        bad = [t for t in self.rfa_tau_layers if not t > 0]
+        if bad:
+            raise ConfigError(f"attention rfa_tau_layers: every temperature must be > 0, got {bad[0]}")
         if self.relu_norm not in ("sum", "length"):
             raise ConfigError(f"attention relu_norm: expected 'sum' or 'length', got {self.relu_norm!r}")
 
     @property
     def attention_kind(self) -> AttentionKind:
         return AttentionKind(self.kind)
+
+    def tau_at(self, layer: int) -> float:
+        """RFA temperature of ``layer``: ``rfa_tau_layers[layer]`` when given, else ``rfa_tau``."""
+        if not self.rfa_tau_layers:
+            return self.rfa_tau
+        if not 0 <= layer < len(self.rfa_tau_layers):
+            raise ConfigError(f"attention rfa_tau_layers: {len(self.rfa_tau_layers)} temperatures, no entry for "
+                              f"layer {layer} (give one per layer of the model)")
+        return self.rfa_tau_layers[layer]
 
     def recip_range(self) -> tuple[float, float]:
         """Range of the (mean) normaliser fed to the MPC reciprocal, per mechanism unless overridden."""

@@ -223,9 +223,9 @@ class CausalSelfAttention(Generic[V]):
             # + one fixed-point ulp: an all-zero row (e.g. a zero-initialised pad embedding) stays finite
             sq = be.add_public(be.sum(be.square(x), dim=-1, keepdim=True), RFA_SQ_EPS)
             x = be.mul(x, be.rsqrt(sq, lo, hi))
-            w_eff = w / (a.rfa_tau * 2.0 * math.pi)
+            w_eff = w / (a.tau_at(self.layer) * 2.0 * math.pi)
         else:
-            w_eff = w * (d ** -0.25) / (a.rfa_tau * 2.0 * math.pi)
+            w_eff = w * (d ** -0.25) / (a.tau_at(self.layer) * 2.0 * math.pi)
         c, s = be.cos_sin(be.linear_public(x, w_eff))  # (..., m) each
         return be.cat([c, s], dim=-1)  # (..., 2m)
 
