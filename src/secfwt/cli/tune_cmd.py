@@ -17,7 +17,7 @@ from secfwt.cost import LAN, WAN, CostTracker
 from secfwt.errors import ConfigError
 from secfwt.files import write_private
 from secfwt.tuning.decoder_encode import PROMPT_POSITIONS
-from secfwt.tuning.fot import TuneConfig, TuneResult
+from secfwt.tuning.fot import CLI_DEFAULTS, TuneConfig, TuneResult
 from secfwt.tuning.prompt_file import PromptFile
 from secfwt.tuning.report import plot_history, print_summary, report_dict, split_table
 from secfwt.tuning.runner import RunSpec, run
@@ -25,7 +25,7 @@ from secfwt.tuning.runner import RunSpec, run
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Task, data and tuning options shared by every runner."""
-    d = TuneConfig()
+    d = CLI_DEFAULTS  # chosen from the budget curves: docs/TUNING.md, "Defaults"
     p.add_argument("--task", required=True, help="built-in task name or a .toml task file")
     p.add_argument("--source", default=None, help="data source of the task (default: its first)")
     p.add_argument("--data-root", default=None, help="data directory (default: $SECFWT_DATA or ../shared/data)")
@@ -54,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "needs an even --popsize)")
     p.add_argument("--lr", type=float, default=d.lr, help="spsa: Adam step in units of z")
     p.add_argument("--spsa-eps", type=float, default=d.spsa_eps, help="spsa: perturbation size in units of z")
-    p.add_argument("--train-batch", type=int, default=None, help="train examples per iteration (default: all)")
+    p.add_argument("--train-batch", type=int, default=d.train_batch,
+                   help=f"train examples per iteration, a seeded minibatch (default {d.train_batch}; at least the "
+                        "train set's size = all of it)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="iterations between dev evaluations")
     p.add_argument("--patience", type=int, default=d.patience, help="iterations without dev gain (0 = off)")
     p.add_argument("--no-floor", action="store_true", help="never fall back to the zero-shot template")

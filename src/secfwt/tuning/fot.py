@@ -101,6 +101,13 @@ class TuneConfig:
         return d
 
 
+# `secfwt tune`'s defaults, chosen from the budget curves (docs/TUNING.md, "Defaults"; issue 17): 5 prompt tokens in
+# a 50-dimensional subspace, CMA-ES population 6 on seeded train minibatches of 8, dev every generation, 31
+# generations = 186 calls = 2,512 sequence forwards (train + dev + the zero-shot floor), within 1 % of BBT's
+# 256,000. TuneConfig() itself keeps BBT's values (the library's reference point and its tests).
+CLI_DEFAULTS = TuneConfig(d=50, n_prompt=5, popsize=6, train_batch=8, budget_calls=186)
+
+
 @dataclass(frozen=True)
 class IterRecord:
     """One iteration of history. ``dev_acc``/``dev_loss`` are None when dev was not evaluated."""
