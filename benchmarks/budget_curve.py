@@ -404,10 +404,11 @@ def plot(rows: list[dict], path: Path) -> None:
             xs = sorted({r["forwards"] for r in pts})
             by = [[r["test_acc"] for r in pts if r["forwards"] == x] for x in xs]
             mean = [float(np.mean(v)) for v in by]
-            ax.plot(xs, mean, marker=".", label=strategy)
+            n_seeds = len({r["seed"] for r in pts})
+            ax.plot(xs, mean, marker=".", label=f"{strategy} ({n_seeds} seed{'s' if n_seeds > 1 else ''})")
             ax.fill_between(xs, [min(v) for v in by], [max(v) for v in by], alpha=0.15)
-        tmpl = float(np.mean([r["template_test"] for r in rows if r["task"] == task]))
-        ax.axhline(tmpl, color="grey", linestyle="--", linewidth=1, label="template")
+        tmpl = float(np.mean(list({r["seed"]: r["template_test"] for r in rows if r["task"] == task}.values())))
+        ax.axhline(tmpl, color="grey", linestyle="--", linewidth=1, label="template (mean over seeds)")
         ax.axvline(ONE_PERCENT, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log")
         ax.set_title(task)
