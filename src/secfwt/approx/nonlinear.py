@@ -127,7 +127,7 @@ def gelu(ctx: PartyContext, x: AShare, method: Method = "symmetric", bound: floa
     Beyond the bound the output is garbage (:mod:`secfwt.approx.symmetric`).
     ``method="masked"`` (needs ``bound``; what :class:`secfwt.nn.mpc.MpcBackend` runs): two narrow comparisons,
     the clipped input and one even polynomial in x^2 on masked truncations
-    (:func:`secfwt.approx.masked_gelu.gelu_masked`): 10 rounds, 40.25 bytes per element at f = 16 for bound <=
+    (:func:`secfwt.approx.masked_gelu.gelu_masked`): 10 rounds, 38.25 bytes per element at f = 16 for bound <=
     4092, max abs error ~1.3e-4; f < 10 falls back to the symmetric pieces with the bound.
     Reference: PUMA's segmented GeLU (Dong et al., arXiv 2307.12533); even/odd split as in BOLT.
     """
