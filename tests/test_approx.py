@@ -116,6 +116,13 @@ def test_gelu_masked_within_its_bound() -> None:
     assert per_elem * x.numel() <= top.bytes_sent <= per_elem * x.numel() + 120 * 2 * top.rounds
 
 
+def test_gelu_masked_stored_coefficients_are_the_fit() -> None:
+    from secfwt.approx import masked_gelu
+
+    fit = masked_gelu.fit_coefficients()
+    assert max(abs(a - b) for a, b in zip(fit, masked_gelu.COEFFICIENTS, strict=True)) < 1e-9
+
+
 def test_gelu_masked_needs_a_bound() -> None:
     with pytest.raises(ValueError, match="with a bound only"):
         run_op(approx.gelu, torch.zeros(4, dtype=torch.float64), method="masked")

@@ -52,8 +52,19 @@ _WORK = 14  # scale of the powers: u^2 and u^4 fit 32-bit openings
 _COEF_BITS = 16
 
 
-@cache
+# :func:`fit_coefficients` printed these (stored: the fit takes seconds, which every party process would pay in
+# its first forward); tests/test_approx.py checks that a refit reproduces them.
+COEFFICIENTS = (1.5786466858152643, 0.6425317166565799, -0.14490688333334362, 0.07137477477423966,
+                -0.0552308453064043, 0.04498245159475156, -0.0017616568193988794, -0.0219494873954816)
+
+
 def coefficients() -> tuple[float, ...]:
+    """The stored coefficients of h in u for :data:`POWERS` (:data:`COEFFICIENTS`)."""
+    return COEFFICIENTS
+
+
+@cache
+def fit_coefficients() -> tuple[float, ...]:
     """Minimax coefficients of h(t) = g(sqrt t) in u = t / 8 - CENTER for :data:`POWERS` (Lawson's iteration
     on 40001 points of [0, 16], float64; max error 3.9e-5)."""
     import math
@@ -104,4 +115,4 @@ def gelu_masked(ctx: PartyContext, x: AShare, bound: float) -> AShare:
         return AShare(y.data + p1, f)
 
 
-__all__ = ["CENTER", "MIN_FRAC_BITS", "POWERS", "T", "coefficients", "gelu_masked"]
+__all__ = ["CENTER", "COEFFICIENTS", "MIN_FRAC_BITS", "POWERS", "T", "coefficients", "fit_coefficients", "gelu_masked"]
