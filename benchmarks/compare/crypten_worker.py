@@ -155,31 +155,11 @@ def ct_small_model(x, p: dict, d: W.BertDims = W.MINILM, rfa: bool = False):
 
 def torch_tuning_reference(case: W.Case) -> dict[str, np.ndarray]:
     """float64 torch forward + backward of the same model: loss and parameter gradients."""
+    import paper_ref
+
     p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in case.params.items()}
     x = torch.tensor(case.x, dtype=torch.float64)
-    d = W.MINILM
-
-    def ln(t, g, b):
-        mu = t.mean(-1, keepdim=True)
-        dd = t - mu
-        return dd / torch.sqrt(dd.square().mean(-1, keepdim=True) + W.LN_EPS) * g + b
-
-    bsz, s, h = x.shape
-    for i in range(d.layers):
-        pre = f"l{i}."
-
-        def heads(t, bsz=bsz, s=s):
-            return t.reshape(bsz, s, d.heads, d.head_dim).transpose(1, 2)
-
-        q = heads(x @ p[pre + "wq"] + p[pre + "bq"])
-        k = heads(x @ p[pre + "wk"] + p[pre + "bk"])
-        v = heads(x @ p[pre + "wv"] + p[pre + "bv"])
-        att = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(d.head_dim), -1)
-        ctx = (att @ v).transpose(1, 2).reshape(bsz, s, h)
-        a = ln(ctx @ p[pre + "wo"] + p[pre + "bo"] + x, p[pre + "ln1_g"], p[pre + "ln1_b"])
-        f = torch.nn.functional.gelu(a @ p[pre + "w1"] + p[pre + "b1"]) @ p[pre + "w2"] + p[pre + "b2"]
-        x = ln(f + a, p[pre + "ln2_g"], p[pre + "ln2_b"])
-    logits = x.mean(1) @ p["head_w"] + p["head_b"]
+    _, logits = paper_ref.torch_model(x, p, W.MINILM)
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(case.labels, dtype=torch.long))
     loss.backward()
     out = {"loss": np.array(loss.item())}
