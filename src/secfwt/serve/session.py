@@ -130,10 +130,10 @@ class BaseServer:
     build their model and head in ``setup`` and run one chunk in :meth:`_forward_chunk`."""
 
     def __init__(self, ctx: PartyContext, frac_bits: int, hidden: int, vocab_size: int,
-                 word: AShare | None) -> None:
+                 word: AShare | None, be: MpcBackend | None = None) -> None:
         if ctx.f != frac_bits:
             raise ConfigError(f"share file has {frac_bits} fractional bits, the parties use {ctx.f}")
-        self.ctx, self.be = ctx, MpcBackend(ctx)
+        self.ctx, self.be = ctx, be or MpcBackend(ctx)
         self.hidden, self.vocab_size, self.word = hidden, vocab_size, word
         self.embedding = "local"
         self.max_rows = 64
@@ -213,8 +213,9 @@ class ModelServer(BaseServer):
 
     def __init__(self, ctx: PartyContext, shares: ServerShares) -> None:
         cfg = shares.config
-        super().__init__(ctx, shares.frac_bits, cfg.hidden, cfg.vocab_size, shares.params.get("emb.word"))
-        self.be = MpcBackend(ctx, linear_bound=ENCODER_LINEAR_BOUND)  # encoders: narrow truncations (nn/mpc.py)
+        # encoders: linear outputs truncated on narrow openings (nn/mpc.py)
+        super().__init__(ctx, shares.frac_bits, cfg.hidden, cfg.vocab_size, shares.params.get("emb.word"),
+                         MpcBackend(ctx, linear_bound=ENCODER_LINEAR_BOUND))
         self.shares = shares
         self.encoder: Encoder[AShare] | None = None
         self._body: dict[str, AShare] | None = None
