@@ -54,6 +54,13 @@ def test_tiny_layer_rows_follow_the_contract_and_match_plaintext(tmp_path):
     assert "| encoder_layer | rfa | secfwt |" in md and "Ratios secfwt / other" in md
     details = json.loads((tmp_path / "compare.details.json").read_text())
     assert all(d["check"] == "ok" for d in details["rows"])
+    h, f = 32, 64  # workloads.TINY_LAYER: the weights' one opening is the setup, apart from the forward's bytes
+    for d in (d for d in details["rows"] if d["engine"] == "secfwt"):
+        rep = d["per_repeat"][0]
+        assert rep["engine_config"]["served"] and rep["engine_config"]["linear_bound"] == 2.0**14
+        assert d["setup_bytes_per_server"] >= 8 * (4 * h * h + 2 * h * f) and d["setup_rounds"] == 4
+        assert not any("fix_weight" in k for k in rep["bytes_sent_by_scope"])
+    assert "secfwt's once-per-session setup" in md
 
 
 @pytest.mark.slow
@@ -70,6 +77,7 @@ def test_tiny_tuning_step_runs_the_real_loop_and_matches_plaintext(tmp_path):
     details = json.loads((tmp_path / "compare.details.json").read_text())
     rep = next(d for d in details["rows"] if d["engine"] == "secfwt")["per_repeat"][0]
     assert rep["popsize"] == 3 and rep["forward_rows"] == 3 and rep["seq"] == 16
+    assert rep["setup_bytes_per_server"] > 0 and rep["head_setup_bytes_per_server"] > 0  # the servers' session setup
     assert (tmp_path / "cache" / "shares").is_dir()  # the model owner's share files, made by the real path
 
 

@@ -174,3 +174,7 @@ def test_tiny_secfwt_paper_rows_end_to_end(tmp_path):
     assert all(tuple(r) == PAPER_CONTRACT and r["max_abs_error"] < 1e-3 and r["bytes_per_server"] > 0
                for r in rows)
     assert "FoT + RFA" in out.with_suffix(".md").read_text() and out.with_suffix(".png").exists()
+    h, f = 64, 128  # workloads.TINY_PAPER; one layer's matrices and the 2-class head, opened once in the setup
+    details = json.loads(out.with_name("p.details.json").read_text())["rows"]
+    assert all(d["setup_bytes_per_server"] >= 8 * (4 * h * h + 2 * h * f + 2 * h) and d["setup_rounds"] == 5
+               for d in details if d["engine"] == "secfwt")

@@ -119,6 +119,16 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> 
         lines += ["(check failed): the engine's output was further from the float64 reference than run.py's "
                   "tolerance, so the row is not in the JSON; its time, bytes and rounds are shown because they do "
                   "not depend on that error. paper_iteration.details.json has the per-repeat errors.", ""]
+    setup = [d for d in meta.get("secfwt_setup", []) if d.get("workload") == "paper_iteration"]
+    if setup:
+        lines += ["secfwt's once-per-session setup, not in the rows above (as the model server: q/k/v stacked and "
+                  "every weight matrix's Beaver mask fixed, W - B opened once, before the timed forward; a tuning run "
+                  "pays it once, not per iteration):", "",
+                  "| seq | method | layers run | setup MB / layer | setup rounds |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {d['seq']} | {d['method']} | {d['layers']} | "
+                  f"{d['setup_bytes_per_server'] / int(d['layers']) / 1e6:,.0f} | {d['setup_rounds']} |"
+                  for d in sorted(setup, key=lambda d: (int(d["seq"]), str(d["method"])))]
+        lines.append("")
     lines += ["## The paper's numbers (RoBERTa-large, 24 layers, LAN, CrypTen; per iteration)", "",
               "| method | paper time s | paper GB | paper SFT / this: time | bytes |", "|---|---:|---:|---:|---:|"]
     for m in W.PAPER_METHODS:

@@ -123,6 +123,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], failures: list[st
                 rd = _fmt_ratio(s["rounds"], o["rounds"]) if eng != "plaintext" else "-"
                 lines.append(f"| {_wl(wl)} | {_att(s)} | {eng} ({_att(o)}) | {_fmt_ratio(s['time_s'], o['time_s'])} | "
                              f"{b} | {rd} |")
+    setup = [d for d in meta.get("secfwt_setup", []) if d["workload"] != "paper_iteration"]
+    if setup:
+        lines += ["", "## secfwt's once-per-session setup (not in the rows above)", "",
+                  "As the model server does once per session, the encoder workloads stack q/k/v and fix every weight "
+                  "matrix's Beaver mask (W - B opened once) before the timed region; a forward then opens only its "
+                  "activations. MB = 10^6 bytes sent by one server.", "",
+                  "| workload | attention | setup MB sent/server | setup rounds |", "|---|---|---:|---:|"]
+        lines += [f"| {_wl(d['workload'])} | {d['attention'] or '-'} | {d['setup_bytes_per_server'] / MB:,.2f} | "
+                  f"{d['setup_rounds']} |" for d in setup]
     head = headline(rows)
     if head:
         lines += ["", "## tuning_step: one CMA-ES generation vs one SFT step", "", TUNING_STEP_NOTE, ""]

@@ -155,6 +155,10 @@ def aggregate(raw: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
         if wl == "paper_iteration":
             row = {"workload": wl, "engine": eng, **dict(zip(PAPER_KEYS, paper, strict=True)),
                    **{k: v for k, v in row.items() if k not in ("workload", "engine")}}
+        setups = [int(r["setup_bytes_per_server"]) for r in ok if r.get("setup_bytes_per_server") is not None]
+        if setups:  # secfwt's once-per-session model setup (fixed weight masks): not part of bytes_per_server
+            detail["setup_bytes_per_server"] = int(statistics.median(setups))
+            detail["setup_rounds"] = int(statistics.median(int(r.get("setup_rounds") or 0) for r in ok))
         detail.update(contract=row, per_repeat=rs, check="failed" if problems else "ok", problems=problems)
         details.append(detail)
         if problems:
@@ -234,7 +238,10 @@ def write_results(raw: list[dict[str, Any]], args: argparse.Namespace, engines: 
             "loadavg_end": [round(v, 2) for v in os.getloadavg()],
             "loadavg_1m_during": [r["host"]["loadavg_1m"] for r in raw if "host" in r],
             "tolerance": TOLERANCE,
-            "secfwt_tuning_step": tuning_step_settings(raw, args)}
+            "secfwt_tuning_step": tuning_step_settings(raw, args),
+            "secfwt_setup": [{k: d.get(k) for k in ("workload", "attention", *PAPER_KEYS, "setup_bytes_per_server",
+                                                     "setup_rounds")}
+                             for d in details if d["engine"] == "secfwt" and d.get("setup_bytes_per_server")]}
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     args.out.with_name(args.out.stem + ".details.json").write_text(
         json.dumps({"meta": meta, "rows": details}, indent=1, default=str) + "\n")

