@@ -182,7 +182,9 @@ def server(ctx: PartyContext) -> dict[str, Any]:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "dealer_wait_s": getattr(fwd, "dealer_wait_s", None),
             "dealer_recv_bytes": getattr(fwd, "dealer_recv_bytes", None),
-            "offline_s": tops["offline"].time_s if preload else None, "torch_threads": torch.get_num_threads()}
+            "offline_s": tops["offline"].time_s if preload else None,
+            "offline_dealer_bytes": getattr(tops["offline"], "dealer_recv_bytes", None) if preload else None,
+            "torch_threads": torch.get_num_threads()}
 
 
 def _owner(embeds: Tensor) -> Any:
@@ -250,7 +252,7 @@ def split_fields(s0: dict[str, Any], s1: dict[str, Any], dealer_cost: Any) -> di
         "online_time_s": None if wait is None else max(0.0, t - wait),
         "dealer_wait_s": wait,
         "offline_time_s": offline if offline is not None else (gen() if gen is not None else None),
-        "offline_bytes": s1.get("dealer_recv_bytes"),
+        "offline_bytes": s1.get("offline_dealer_bytes") or s1.get("dealer_recv_bytes"),
         "preload": offline is not None,
         "cpu": cpu_model(),
         "torch_threads": s1.get("torch_threads"),

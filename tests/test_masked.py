@@ -51,6 +51,33 @@ def test_trunc_square_and_product_exact(width: int, bits: int) -> None:
     assert torch.equal(y5, y + 5)
 
 
+@pytest.mark.parametrize(("width", "bits", "coarse"), [(16, 3, 9), (48, 16, 32), (48, 16, 46), (64, 16, 40)])
+def test_coarse_copy_from_the_same_opening(width: int, bits: int, coarse: int) -> None:
+    """``coarse``: the same opening also gives floor(z / 2^c) or one more (range edges included), at no extra
+    online byte; its square needs no ``square`` components of its own and is not offered."""
+    z = _values(width, 3000, width + coarse)
+    zs = split(z, encoded=True, seed=4)
+
+    def prog(ctx):
+        y = trunc_masked(ctx, AShare(zs[ctx.rank].clone(), 0), bits, width, coarse=coarse)
+        assert y.coarse is not None and y.coarse.scale == -coarse
+        before = ctx.cost.total().bytes_sent
+        return reveal_ring(ctx, y.share()), reveal_ring(ctx, y.coarse.share()), before
+
+    y, yc, before = run_in_process({SERVER0: prog, SERVER1: prog})[SERVER0]
+    assert 3000 * width // 8 <= before < 3000 * width // 8 + 256  # one opening for both (+ a frame header)
+    assert set((y - _floor_div(z, bits)).unique().tolist()) <= {0, 1}
+    assert set((yc - _floor_div(z, coarse)).unique().tolist()) <= {0, 1}
+
+
+def test_coarse_must_lie_between_bits_and_width() -> None:
+    def prog(ctx):
+        trunc_masked(ctx, AShare(torch.zeros(4, dtype=torch.int64), 0), 8, 32, coarse=8)
+
+    with pytest.raises(ValueError, match="coarse must be"):
+        run_in_process({SERVER0: prog, SERVER1: prog})
+
+
 def test_out_of_range_is_wrong_not_silently_right() -> None:
     """Beyond the documented range the wrap argument fails: z = 2^(l-1) - 1 comes out wrong for about a quarter of
     the masks (those with m = 0 and r > 2^(l-2))."""

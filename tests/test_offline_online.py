@@ -116,6 +116,42 @@ def test_preload_gives_the_same_results_with_no_online_wait() -> None:
     assert got.costs[DEALER].dealer_sent_bytes() == ref.costs[DEALER].dealer_sent_bytes()
 
 
+def test_preload_moves_references_inside_the_recording() -> None:
+    """A recorded softmax names its own requests (a fixed mask ``fid``, ``cross`` products) and a session mask
+    drawn before the recording (``wid``); preloaded at a later index, the names inside move and the session's
+    stays: the preloaded run matches the recorded one exactly and needs no online dealer wait."""
+    from secfwt.approx.exp import softmax
+    from secfwt.protocols.arith import fix_weight, matmul_fixed
+
+    g = torch.Generator().manual_seed(5)
+    xp = 3 * torch.randn(4, 16, generator=g, dtype=torch.float64)
+    wp = torch.randn(16, 16, generator=g, dtype=torch.float64)
+
+    def prog(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        x = AShare(ring.encode(xp, F), F) if ctx.rank == SERVER0 else AShare(torch.zeros(4, 16, dtype=torch.int64), F)
+        w = fix_weight(ctx, AShare(ring.encode(wp, F) if ctx.rank == SERVER0 else torch.zeros(16, 16,
+                                                                                               dtype=torch.int64), F))
+
+        def run() -> torch.Tensor:
+            return reveal(ctx, matmul_fixed(ctx, softmax(ctx, x), w))
+
+        ctx.dealer.record()
+        first = run()
+        reqs = ctx.dealer.recorded()
+        assert any(p.get("fid", -1) >= reqs.base for _, p in reqs) and any(p.get("cross") for _, p in reqs)
+        with ctx.cost.scope("offline"):
+            ctx.dealer.preload(reqs)
+        with ctx.cost.scope("online"):
+            second = run()
+        return first, second
+
+    res = run_in_process({SERVER0: prog, SERVER1: prog})
+    first, second = res[SERVER0]
+    want = torch.softmax(xp, -1) @ wp.T
+    assert float((first - want).abs().max()) < 2e-3 and float((second - want).abs().max()) < 2e-3
+    assert res.costs[SERVER1].by_top_level()["online"].dealer_wait_s == 0.0
+
+
 def test_preload_refuses_another_sequence_and_unused_requests() -> None:
     def other(ctx: Any) -> None:
         ctx.dealer.record()

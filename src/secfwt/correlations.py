@@ -25,7 +25,8 @@ mtrunc        l-bit r; q = (r mod 2^l) >> s, m = bit l - 1 of r; with     16 n (
               ``square``: q^2, q m; with ``fid``: q B, m B (B the          + 32 n per ``cross`` entry)
               stored mask of request ``fid``, broadcast); with
               ``cross``: q q', q m', m q', m m' for each earlier
-              ``keep`` truncation (q', m'); ``release``: forget them
+              ``keep`` truncation (q', m'); ``release``: forget them;     (+ 8 n ``coarse``)
+              ``coarse`` c: also qc = (r mod 2^l) >> c
 ============  ==========================================================  ========================================
 
 ``wmask``, ``wmatmul`` and ``mtrunc`` are the dealer's only stateful kinds: the mask B = B0 + B1 of a weight is
@@ -353,7 +354,7 @@ def _mtrunc_names(p: dict[str, Any]) -> list[str]:
     """The dealer-corrected components of an ``mtrunc`` request, in sending order."""
     cross = [f"x{j}{k}" for j in range(len(p.get("cross", []))) for k in ("qq", "qm", "mq", "mm")]
     return ["q", "m"] + (["q2", "qm"] if p.get("square") else []) + (["qb", "mb"] if p.get("fid", -1) >= 0 else []) \
-        + cross
+        + cross + (["qc"] if p.get("coarse", 0) else [])
 
 
 def _mtrunc_draw0(p: dict[str, Any], st: PRGStream) -> Material:
@@ -377,6 +378,9 @@ def _mtrunc_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[A
         rl = r & ((1 << width) - 1)
         q, m = rl >> bits, rl >> (width - 1)
     full = {"q": q, "m": m}
+    if p.get("coarse", 0):  # a second truncation of the same opening, by ``coarse`` bits
+        full["qc"] = ring.logical_rshift(r, int(p["coarse"])) if width == 64 else (r & ((1 << width) - 1)) >> int(
+            p["coarse"])
     if p.get("square"):
         full["q2"], full["qm"] = q * q, q * m
     fid = int(p.get("fid", -1))
@@ -495,7 +499,7 @@ _FIELDS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "wmatmul": {"a": _SHAPE, "w": _SHAPE, "wid": (_as_int(0, 2**62), None), "transpose": (_as_bool, False)},
     "mtrunc": {"shape": _SHAPE, "bits": (_as_int(1, 62), None), "width": (_as_bytes_bits, 64),
                "square": (_as_bool, False), "fid": (_as_int(-1, 2**62), -1), "release": (_as_bool, False),
-               "keep": (_as_bool, False), "cross": (_as_ids, ())},
+               "keep": (_as_bool, False), "cross": (_as_ids, ()), "coarse": (_as_int(0, 62), 0)},
 }
 _I64 = torch.int64
 
@@ -530,6 +534,8 @@ def _wmatmul_layout(p: dict[str, Any]) -> Layout:
 def _mtrunc_layout(p: dict[str, Any]) -> Layout:
     if p["bits"] >= p["width"] - 1:
         raise ValueError(f"bits {p['bits']} must be below width - 1 = {p['width'] - 1}")
+    if p["coarse"] and not p["bits"] < p["coarse"] < p["width"] - 1:
+        raise ValueError(f"coarse {p['coarse']} must be between bits {p['bits']} and width - 1 = {p['width'] - 1}")
     return {k: (_shape(p, "shape"), _I64) for k in _mtrunc_names(p)}
 
 

@@ -189,6 +189,34 @@ class Pending:
         return self.material
 
 
+_REFERENCES = ("fid", "wid")  # request fields naming an earlier request by its index (and each entry of "cross")
+
+
+class Recording(list[tuple[str, dict[str, Any]]]):
+    """The requests of one recorded computation (:meth:`DealerClient.recorded`); ``base``: the index of its first
+    request. A request may name an earlier one (a mask ``fid``/``wid``, ``cross`` entries): names inside the
+    recording move with it when it is preloaded at another index, names of earlier requests (a session's weight
+    masks) stay."""
+
+    def __init__(self, requests: Sequence[tuple[str, dict[str, Any]]], base: int) -> None:
+        super().__init__(requests)
+        self.base = base
+
+
+def _rebase(params: dict[str, Any], base: int, shift: int) -> dict[str, Any]:
+    """``params`` with every reference to a request at index >= ``base`` moved by ``shift``."""
+    def move(i: int) -> int:
+        return i + shift if i >= base else i
+
+    out = dict(params)
+    for key in _REFERENCES:
+        if key in out and int(out[key]) >= 0:
+            out[key] = move(int(out[key]))
+    if "cross" in out:
+        out["cross"] = [move(int(i)) for i in out["cross"]]
+    return out
+
+
 class DealerClient:
     """A server's access to the dealer (see module docstring for the seed compression, binding and log check)."""
 
@@ -205,6 +233,7 @@ class DealerClient:
         self._unconfirmed: dict[int, bytes] = {}  # server 0: own log digests the dealer has not confirmed yet
         self._tags: dict[int, str] = {}  # server 1: the dealer's log tags, not yet forwarded to server 0
         self._record: list[tuple[str, dict[str, Any]]] | None = None  # requests made while recording
+        self._record_base = 0
         self._ahead: deque[tuple[bytes, Pending]] = deque()  # preloaded requests, not used yet
 
     def request(self, kind: str, **params: Any) -> Pending:
@@ -239,12 +268,14 @@ class DealerClient:
     def record(self) -> None:
         """Start logging the ``(kind, params)`` of every request (for :meth:`preload`); see :meth:`recorded`."""
         self._record = []
+        self._record_base = self.index
 
-    def recorded(self) -> list[tuple[str, dict[str, Any]]]:
-        """Stop logging; the requests made since :meth:`record` (canonical parameters), in order."""
+    def recorded(self) -> Recording:
+        """Stop logging; the requests made since :meth:`record` (canonical parameters), in order, with the
+        index of the first (references to requests inside the recording are moved by :meth:`preload`)."""
         if self._record is None:
             raise RuntimeError("DealerClient.recorded() without record()")
-        out, self._record = self._record, None
+        out, self._record = Recording(self._record, self._record_base), None
         return out
 
     def preload(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> None:
@@ -254,7 +285,11 @@ class DealerClient:
         if self._ahead:
             raise RuntimeError(f"{self.comm.name}: preload() while {len(self._ahead)} preloaded requests are unused")
         index = self.index
+        base = getattr(requests, "base", None)
+        shift = 0 if base is None else index - base
         for kind, params in requests:
+            if base is not None and shift:
+                params = _rebase(params, base, shift)
             canon, layout = check_request(kind, params, index, self.comm.name)
             line = canonical_request(index, kind, canon)
             self._ahead.append((line, self._issue(index, kind, canon, layout, line)))

@@ -30,8 +30,8 @@ from secfwt.share import AShare, add_public, mul_public_int
 SQUARINGS = 5  # n
 _BASE_SCALE = 22  # working scale of the squarings: base in [1/3, 1], squares < 2^45 fit a 48-bit opening
 _Y_SCALE = 20  # y = x / 2^n in [-1, 0] and y^2 at scale 20; the cubic term's coefficient 1/6 with 20 bits
-_COEF_BITS = 20
-_R_EXTRA_BITS = 8  # 1/sum(e) in [1/N, 1] is kept with f + 8 bits
+_COEF_BITS = 12  # 1/6 with 12 bits (y^3 / 6 within 5e-4 of itself: < 1e-8 on e^x); the base opens 56 bits
+_R_EXTRA_BITS = 8  # 1/sum(e) in [1/N, 1] is kept with f + 8 bits (without a coarse copy)
 LOGIT_BOUND = 2.0**13  # softmax's valid range: |logit| < 2^13
 _MASK_FILL = 2.0**14  # masked logits are replaced by -2^14 before the max
 _DIFF_BOUND = 3 * 2.0**13  # |x - y| <= 2^14 + 2^13 for any two logits or fills: the max tree's comparisons
@@ -74,12 +74,12 @@ def exp(ctx: PartyContext, x: AShare, bound: float | None = None) -> AShare:
     y = x / 2^n, costs no round of its own; (2) w by a masked truncation to scale 20
     (:func:`~secfwt.protocols.masked.trunc_masked`, a 24-bit opening at f = 16) and y = w - 1 (local);
     (3) y^2 by a masked truncation of the local square (48 bits) with the cross products for y^3 = y^2 y;
-    (4) base = 1 + y + y^2/2 + y^3/6 (local, coefficient 1/6 with 20 bits) by one masked truncation to scale
-    22 (64 bits); (5) n = 5 squarings, each the LOCAL square of the previous masked value and one masked
+    (4) base = 1 + y + y^2/2 + y^3/6 (local, coefficient 1/6 with 12 bits) by one masked truncation to scale
+    22 (56 bits); (5) n = 5 squarings, each the LOCAL square of the previous masked value and one masked
     truncation on a 48-bit opening (the last one to scale f).
     Cost: R(l) + 8 rounds, R(l) the comparison's (6 at l = 64, 5 at l = 32); bytes per element per server:
-    ltz(l) + w1 / 8 + 6 + 8 + 6 n, w1 = width_for(f + n + 1) (24 at f = 16): 19.6 + 3 + 6 + 8 + 30 = 66.6 at
-    l = 64, 56.6 at l = 32 (163.6 with Beaver squares and separate truncations, 71.6 with the 2nd-order base
+    ltz(l) + w1 / 8 + 6 + 7 + 6 n, w1 = width_for(f + n + 1) (24 at f = 16): 19.6 + 3 + 6 + 7 + 30 = 65.6 at
+    l = 64, 55.6 at l = 32 (163.6 with Beaver squares and separate truncations, 71.6 with the 2nd-order base
     and 7 squarings). Dealer -> server 1 per element: the comparison's + 128 (select) + 32 per masked
     truncation (+ 32 for the cross products; the last one 16, or 32 with ``fid``).
     Valid range: x <= 0 (also accurate for 0 < x <= 1, error growing like x^4 / 8^n beyond); x > 1 is
@@ -95,8 +95,18 @@ def exp(ctx: PartyContext, x: AShare, bound: float | None = None) -> AShare:
         return _exp_masked(ctx, x, bound).share()
 
 
-def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | None = None) -> AShare:
+def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | None = None,
+            coarse: AShare | None = None) -> AShare:
     """softmax(x) along ``dim``; ``mask`` (PUBLIC 0/1, broadcastable to x) gives masked positions 0.
+
+    ``coarse``: x truncated to scale 0 (floor(x) or one more) from the same opening as x
+    (:func:`~secfwt.protocols.masked.trunc_masked` with ``coarse``; :meth:`secfwt.nn.mpc.MpcBackend.scores`).
+    The max tree then runs on it with 16-bit comparisons (l1' = range_bits(0, 3 2^13 + 2) = 16 instead of 32:
+    ~4.6 instead of 9.6 bytes and 4 instead of 5 rounds per level) and m = that max read at scale f. Any m
+    works for softmax's value; this one has x - m < 1 for every x (m >= floor(max x)) and the row's largest
+    x - m > -1, so exp's inputs stay in its range (x <= 1, see :func:`exp`), each e < e^1 and the sum lies in
+    [e^-1, N e^1]: the reciprocal runs on [2^-2, 2^(ceil(log2 N) + 2)], and 1 / sum is kept with f bits (the
+    product's error |e| 2^-f stays below 2^-f... times e^1), so the final masked truncation opens 40 bits.
 
     Steps: (1) masked logits replaced by -2^14 (local: public 0/1 multiply); (2) m = max_(x, dim) (tree of
     ceil(log2 N) comparisons); (3) a mask B for 1 / sum is drawn (nothing sent) and e = exp(x - m) (x - m <= 0)
@@ -134,22 +144,35 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
                 x = AShare(x.data + fill, f)
         # Range: logits |x| < 2^13 (documented) and fills -2^14, so every difference the max tree compares and
         # every x - m has |.| <= 2^14 + 2^13: narrow comparisons on range_bits(f, that + 2^n) bits.
-        m = max_(ctx, x, dim=d, keepdim=True, bits=range_bits(f, _DIFF_BOUND + 2.0**SQUARINGS))
+        if coarse is None:
+            m = max_(ctx, x, dim=d, keepdim=True, bits=range_bits(f, _DIFF_BOUND + 2.0**SQUARINGS))
+            lo, extra, top = 0, _R_EXTRA_BITS, 0
+        else:
+            if coarse.scale != 0 or coarse.shape != x.shape:
+                raise ValueError(f"softmax: coarse must be x at scale 0 ({list(x.shape)}), got scale {coarse.scale} "
+                                 f"and shape {list(coarse.shape)}")
+            xc = coarse
+            if mask_int is not None:
+                xc = mul_public_int(xc, mask_int)
+                if ctx.rank == SERVER0:
+                    xc = AShare(xc.data + (mask_int - 1) * round(_MASK_FILL), 0)
+            mc = max_(ctx, xc, dim=d, keepdim=True, bits=range_bits(0, _DIFF_BOUND + 2.0))
+            m = AShare(ring.lshift(mc.data, f), f)  # x - m < 1 (docstring)
+            lo, extra, top = -2, 0, 2
         # 1 / sum(e) is an operand of the final product with a mask fixed now, so that exp's last masked
         # truncation prepares that product and y = e r costs one masked truncation, no Beaver opening.
         handle = fixed_mask(ctx, m.shape)
         with ctx.cost.scope("exp"):
-            em = _exp_masked(ctx, AShare(x.data - m.data, f), _DIFF_BOUND, fid=handle.fid)
+            em = _exp_masked(ctx, AShare(x.data - m.data, f), _DIFF_BOUND + 1.0, fid=handle.fid)
         e = em.share()
         if mask_int is not None:
             e = mul_public_int(e, mask_int)
         s = e.sum(d, keepdim=True)
         n = x.shape[d]
-        hi = max(math.ceil(math.log2(n)), 1) if n > 1 else 1
-        # 1/s <= 1 at scale f + 8 times e <= 1 at scale f: 2f + 8 <= 56 for f <= 24.
+        hi = (max(math.ceil(math.log2(n)), 1) if n > 1 else 1) + top
+        # 1/s <= 1 at scale f + 8 times e <= 1 at scale f: 2f + 8 <= 56 for f <= 24 (coarse: 1/s <= e, e <= e).
         # s in [1, N (1 + 1e-4)] < 2^(hi + 1): the thresholds' comparisons are exact on range_bits(f, 2^(hi+1)).
-        r = reciprocal(ctx, s, lo=0, hi=hi, out_scale=f + _R_EXTRA_BITS,
-                       compare_bits=range_bits(f, 2.0 ** (hi + 1)))
+        r = reciprocal(ctx, s, lo=lo, hi=hi, out_scale=f + extra, compare_bits=range_bits(f, 2.0 ** (hi + 1)))
         y = em.mul_fixed(open_fixed(ctx, r, handle))  # e r at scale 2 f + 8, in [0, 1 + 1e-4]
         y = trunc_masked(ctx, y, y.scale - f, width_for(y.scale + 1), tag="product").share()
         return y if mask_int is None else mul_public_int(y, mask_int)

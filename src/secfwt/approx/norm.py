@@ -74,7 +74,8 @@ def _normalize(
         y = mul_aa(ctx, c, r, out_scale=f)
     else:
         yr = cwm.mul_fixed(open_fixed(ctx, r, handle))  # (c gamma) r at scale f + f + extra, local
-        y = trunc(ctx, yr, yr.scale - f)
+        # |y| < 2^_OUT_BITS (documented): a masked truncation on width_for(scale + _OUT_BITS) bits (56 at f = 16).
+        y = trunc_masked(ctx, yr, yr.scale - f, width_for(yr.scale + _OUT_BITS), tag="trunc").share()
     return add(y, bias) if bias is not None else y
 
 

@@ -82,10 +82,11 @@ class SelfAttention(Generic[V]):
         key_mask = mask.reshape(b, 1, 1, t)  # (B, 1, 1, T)
         n_valid = mask.sum(dim=1).reshape(b, 1, 1, 1)  # (B, 1, 1, 1)
         q = be.mul_public(q, self.cfg.attn_scale)
-        s = be.matmul(q, be.transpose(k, -1, -2))  # (B, nh, T, T) scores q.k / sqrt(hs)
         if kind is AttentionKind.SOFTMAX:
+            s = be.scores(q, be.transpose(k, -1, -2))  # (B, nh, T, T) scores q.k / sqrt(hs), straight to softmax
             probs = be.softmax(s, mask=key_mask.expand(b, nh, t, t))
             return be.matmul(probs, v)  # (B, nh, T, hs)
+        s = be.matmul(q, be.transpose(k, -1, -2))
         if kind is AttentionKind.TWO_QUAD:
             w = be.square(be.add_public(s, a.quad_c))  # MPCFormer 2Quad: (s + c)^2
         elif kind is AttentionKind.RELU:

@@ -64,6 +64,11 @@ class Backend(Protocol[V]):
         """Product of two private activations (torch.matmul broadcasting)."""
         ...
 
+    def scores(self, q: V, k_t: V) -> V:
+        """Attention logits q @ k_t that go straight into :meth:`softmax` (the MPC backend keeps a coarse copy
+        from the same truncation for softmax's max)."""
+        ...
+
     # -- non-linear ------------------------------------------------------------------------------
     def softmax(self, x: V, mask: Tensor | None = None) -> V:
         """Softmax over the last dim; ``mask`` (broadcastable, public 0/1) removes keys."""
@@ -181,6 +186,9 @@ class PlainBackend:
 
     def matmul(self, x: Tensor, y: Tensor) -> Tensor:
         return torch.matmul(x, y)
+
+    def scores(self, q: Tensor, k_t: Tensor) -> Tensor:
+        return torch.matmul(q, k_t)
 
     # non-linear
     def softmax(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

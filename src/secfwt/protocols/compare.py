@@ -56,6 +56,7 @@ Kogge & Stone, 1973). The dealer-computed first level, the dense packing and the
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -87,12 +88,30 @@ def _check_bits(bits: int) -> int:
 def open_low(ctx: PartyContext, v: Tensor, bits: int, tag: str) -> Tensor:
     """Open v mod 2^bits (bits a multiple of 8 below 64), sending only its low bits / 8 bytes per element
     (little-endian uint8): 1 round, the result in [0, 2^bits) as int64."""
-    shifts = torch.arange(bits // 8, dtype=torch.int64) * 8
-    mine = ((v.reshape(-1, 1) >> shifts) & 255).to(torch.uint8)
+    nb = bits // 8
+    mine = _low_bytes(v.reshape(-1), nb)
     ctx.comm.send(ctx.peer, tag, mine)
     other = ctx.comm.recv(ctx.peer, tag, shape=mine.shape, dtype=torch.uint8)
     ctx.cost.add_round()
-    return (v + (other.to(torch.int64) << shifts).sum(-1)) & ((1 << bits) - 1)
+    return (v + _from_low_bytes(other, nb).reshape(v.shape)) & ((1 << bits) - 1)
+
+
+def _low_bytes(v: Tensor, nb: int) -> Tensor:
+    """The low ``nb`` bytes of each int64 of the 1-D ``v``, little-endian, as an (n, nb) uint8 tensor."""
+    if sys.byteorder == "little":  # a view of the words' bytes: no shifts (9x faster than the arithmetic form)
+        return v.contiguous().view(torch.uint8).reshape(-1, 8)[:, :nb].contiguous()
+    shifts = torch.arange(nb, dtype=torch.int64) * 8
+    return ((v.reshape(-1, 1) >> shifts) & 255).to(torch.uint8)
+
+
+def _from_low_bytes(b: Tensor, nb: int) -> Tensor:
+    """The inverse of :func:`_low_bytes`: (n, nb) little-endian bytes -> n int64 in [0, 2^(8 nb))."""
+    if sys.byteorder == "little":
+        full = torch.zeros(b.shape[0], 8, dtype=torch.uint8)
+        full[:, :nb] = b
+        return full.view(torch.int64).reshape(-1)
+    shifts = torch.arange(nb, dtype=torch.int64) * 8
+    return (b.to(torch.int64) << shifts).sum(-1)
 
 
 def _merge(x: Tensor) -> Tensor:

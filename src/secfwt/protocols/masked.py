@@ -91,6 +91,7 @@ class Masked:
     fid: int = -1
     index: int = -1  # the dealer request that made it (a later truncation's ``cross`` names it)
     cross: tuple[int, ...] = ()
+    coarse: Masked | None = None  # the same opening truncated by more bits (``trunc_masked(coarse=...)``)
 
     @property
     def shape(self) -> torch.Size:
@@ -154,36 +155,47 @@ def width_for(bound_bits: int) -> int:
 
 def trunc_masked(ctx: PartyContext, z: AShare, bits: int, width: int = 64, square: bool = False,
                  fid: int = -1, release: bool = False, tag: str = "mtrunc", keep: bool = False,
-                 cross: tuple[Masked, ...] = ()) -> Masked:
+                 cross: tuple[Masked, ...] = (), coarse: int = 0) -> Masked:
     """floor(z / 2^bits) (or one more) as a :class:`Masked` value (module docstring), opening l = ``width``
     bits. Valid for |z| < 2^(width - 2) in ring units. ``square``: also the components for :meth:`Masked.square`;
     ``fid``: for :meth:`Masked.mul_fixed` with the operand masked by that mask; ``keep``: the dealer keeps this
     mask for a later ``cross``; ``cross``: earlier kept truncations of the same shape whose products with this
     one (:meth:`Masked.mul`) are to be local (dealer -> server 1: 32 more bytes per element each);
-    ``release``: the last use of ``fid`` and of the ``cross`` masks (the dealer forgets them).
+    ``release``: the last use of ``fid`` and of the ``cross`` masks (the dealer forgets them); ``coarse`` = c
+    (bits < c < width - 1): also floor(z / 2^c) (or one more) from the SAME opening, as the result's ``coarse``
+    (dealer -> server 1: 8 more bytes per element; nothing more online): a low-precision copy for comparisons
+    that need only the value's magnitude, on fewer bits.
     Cost: 1 round, width / 8 bytes per element per server."""
     if type(width) is not int or width % 8 or not 8 <= width <= 64:
         raise ValueError(f"trunc_masked: width must be a multiple of 8 in [8, 64], got {width!r}")
     if type(bits) is not int or not 1 <= bits < width - 1:
         raise ValueError(f"trunc_masked: bits must be an int in [1, {width - 2}], got {bits!r}")
+    if type(coarse) is not int or not (coarse == 0 or bits < coarse < width - 1):
+        raise ValueError(f"trunc_masked: coarse must be 0 or an int in [{bits + 1}, {width - 2}], got {coarse!r}")
     with ctx.cost.scope(tag):
         assert ctx.dealer is not None
         ids = tuple(m.index for m in cross)
         pend = ctx.dealer.request("mtrunc", shape=list(z.shape), bits=bits, width=width, square=square, fid=fid,
-                                  release=release, keep=keep, cross=list(ids))
+                                  release=release, keep=keep, cross=list(ids), coarse=coarse)
         index = ctx.dealer.index - 1
         r = pend.material["r"]
         v = z.data + r + ((1 << (width - 2)) if ctx.rank == SERVER0 else 0)
         if width == 64:
             c = open_(ctx, v, tag)
-            top, high = ring.msb(c), ring.logical_rshift(c, bits)
+            top = ring.msb(c)
         else:
             c = open_low(ctx, v.reshape(-1), width, tag).reshape(v.shape)
-            top, high = c >> (width - 1), c >> bits
+            top = c >> (width - 1)
+
+        def high(s: int) -> Tensor:
+            return (ring.logical_rshift(c, s) if width == 64 else c >> s) - _wrap(1 << (width - 2 - s))
+
         full = pend.get()
+        qc = full.pop("qc", None)
         comp = {k: t for k, t in full.items() if k != "r"}
-        p = high - _wrap(1 << (width - 2 - bits))
-        return Masked(p, 1 - top, comp, width - bits, z.scale - bits, ctx.rank, fid, index, ids)
+        low = None if qc is None else Masked(high(coarse), 1 - top, {"q": qc, "m": comp["m"]}, width - coarse,
+                                             z.scale - coarse, ctx.rank)
+        return Masked(high(bits), 1 - top, comp, width - bits, z.scale - bits, ctx.rank, fid, index, ids, low)
 
 
 def fixed_mask(ctx: PartyContext, shape: list[int] | torch.Size) -> MaskHandle:
