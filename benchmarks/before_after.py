@@ -120,20 +120,20 @@ def table(base: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> st
     return "\n".join(lines) + "\n"
 
 
-def _command(bench: str, ops: str, out: Path) -> list[str]:
+def _command(bench: str, ops: str, out: Path, preload: bool = False) -> list[str]:
     if bench == "engine_ops":
         return [sys.executable, str(HERE / "engine_ops.py"), "--mode", "process", "--ops", ops, "--repeats", "1",
                 "--out", str(out)]
     return [sys.executable, str(HERE / "forward.py"), "--models", "minilm", "--attention", "softmax", "--seq", "128",
-            "--repeats", "1", "--out", str(out)]
+            "--repeats", "1", "--out", str(out)] + (["--preload"] if preload else [])
 
 
-def run_side(src: Path, bench: str, ops: str, out: Path) -> dict[str, Any]:
+def run_side(src: Path, bench: str, ops: str, out: Path, preload: bool = False) -> dict[str, Any]:
     """One run of the benchmark with the engine at ``src``; its JSON."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(src)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = _command(bench, ops, out)
+    cmd = _command(bench, ops, out, preload)
     print(f"before_after: {src}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env, cwd=ROOT, check=False)
     if proc.returncode != 0:
@@ -149,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bench", choices=["engine_ops", "forward"], default="engine_ops")
     ap.add_argument("--ops", default="ltz,mul", help="engine_ops: comma list of ops")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side (alternating)")
+    ap.add_argument("--preload", action="store_true",
+                    help="forward: time a second forward of the session, its dealer material preloaded where the "
+                         "engine can (an engine that cannot runs an untimed first forward instead)")
     ap.add_argument("--out", default=None, help="JSON (default benchmarks/results/before_after-<base>-<new>.json)")
     a = ap.parse_args(argv)
     base_rev = _git("rev-parse", "--short", a.base)
@@ -169,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     made.append(trees[side])
             for i in range(a.repeats):
                 for side in ("base", "new"):
-                    runs[side].append(run_side(trees[side] / "src", a.bench, a.ops, Path(tmp) / f"{side}-{i}.json"))
+                    runs[side].append(run_side(trees[side] / "src", a.bench, a.ops, Path(tmp) / f"{side}-{i}.json",
+                                                   a.preload))
         finally:
             for wt in made:
                 _git("worktree", "remove", "--force", str(wt))

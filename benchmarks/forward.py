@@ -25,7 +25,9 @@ minus those waits (the online time a full preprocessing phase would give; with t
 is an upper bound). ``--preload`` measures that phase for real: the servers run the forward once untimed while
 recording the dealer requests, preload them (:meth:`secfwt.dealer.DealerClient.preload`: the offline phase, its
 wall time is then ``offline_time_s``), and time the second, identical forward, which finds every correction at
-hand. Rows also name the CPU model and the servers' torch threads. Fields an older engine cannot give are None.
+hand (an engine without preloading, as ``benchmarks/before_after.py --preload`` runs an old commit, runs the same
+untimed first forward, so both time a second forward of the session). Rows also name the CPU model and the
+servers' torch threads. Fields an older engine cannot give are None.
 
 Weights: as the model server does once per session (:meth:`secfwt.nn.mpc.MpcBackend.fix_matrix`), every weight
 matrix's Beaver mask is fixed and W - B opened once before the timed forward; that session setup is reported as
@@ -163,6 +165,9 @@ def server(ctx: PartyContext) -> dict[str, Any]:
     mask = torch.ones(b, t)
     dealer = ctx.dealer
     preload = bool(spec.get("preload")) and hasattr(dealer, "preload")
+    if not preload and spec.get("preload"):  # an engine without preloading: the same untimed first forward
+        with ctx.cost.scope("warmup"):
+            enc.forward(be, x, mask)
     if preload:  # the offline phase: record one forward's requests, then preload them for the timed one
         assert dealer is not None
         dealer.record()
