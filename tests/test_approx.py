@@ -19,7 +19,7 @@ from secfwt import approx, ring
 from secfwt.approx import symmetric
 from secfwt.context import PartyContext
 from secfwt.runtime import run_in_process
-from secfwt.share import AShare, reveal
+from secfwt.share import AShare, reveal, reveal_ring
 
 FRAC = 16
 
@@ -172,6 +172,48 @@ def test_softmax_masked_rows() -> None:
     ref = torch.softmax(x.masked_fill(mask == 0, -math.inf), dim=-1)
     check("softmax", y, ref)
     assert (y[mask == 0] == 0).all()
+
+
+def test_softmax_with_coarse_logits() -> None:
+    """The model path (MpcBackend.scores): the logits come from a masked truncation that also gives them at scale
+    0; the max tree runs on those (16-bit comparisons) and the result still matches torch, masks, ties, peaked
+    and uniform rows included, with fewer bytes and rounds than the plain path."""
+    from secfwt.protocols.masked import trunc_masked
+
+    torch.manual_seed(3)
+    x = torch.randn(6, 50, dtype=torch.float64) * 3
+    x[1] *= 10
+    x[2, :7] = 40.0
+    x[3] = 0.0
+    x[4, 20] = 400.0
+    x[5, 3] = -2000.0
+    mask = torch.ones(6, 50)
+    mask[0, 10:] = 0
+    mask[4, 20] = 0
+    mask[5, ::3] = 0
+
+    def prog(ctx: PartyContext) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+        z = _share(ctx, x, 5)
+        z = AShare(ring.lshift(z.data, ctx.f), 2 * ctx.f)  # a product's untruncated output at scale 2f
+        t = trunc_masked(ctx, z, ctx.f, 48, coarse=2 * ctx.f)
+        assert t.coarse is not None
+        xs, xc = t.share(), t.coarse.share()
+        ctx.cost.reset()
+        with ctx.cost.scope("coarse"):
+            y = approx.softmax(ctx, xs, mask=mask, coarse=xc)
+        with ctx.cost.scope("plain"):
+            approx.softmax(ctx, xs, mask=mask)
+        return reveal(ctx, y), ring.decode(reveal_ring(ctx, xs), ctx.f), ctx.cost.by_top_level(), None
+
+    y, xq, costs, _ = run_in_process({0: prog, 1: prog}, timeout=120)[0]
+    check("softmax", y, torch.softmax(xq.masked_fill(mask == 0, float("-inf")), -1))
+    assert costs["coarse"].bytes_sent < costs["plain"].bytes_sent and costs["coarse"].rounds < costs["plain"].rounds
+
+    def bad(ctx: PartyContext) -> None:
+        approx.softmax(ctx, _share(ctx, x, 5), coarse=_share(ctx, x, 6))  # not at scale 0
+
+    with pytest.raises(ValueError, match="coarse must be x at scale 0"):
+        run_in_process({0: bad, 1: bad}, timeout=60)
 
 
 def test_softmax_dim0_unmasked() -> None:
