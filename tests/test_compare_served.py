@@ -79,3 +79,27 @@ def test_only_the_encoder_workloads_use_the_served_configuration():
         assert R.engine_config(w)["served"] and R.engine_config(w)["linear_bound"] == ENCODER_LINEAR_BOUND
     for w in ("matmul", "softmax", "gelu", "layernorm"):
         assert not R.engine_config(w)["served"] and R.engine_config(w)["linear_bound"] is None
+
+
+def test_online_run_is_preloaded_checked_and_reported():
+    """``_online_run``: a recorded run, the dealer's answers preloaded (offline), then a timed run with no dealer
+    wait whose output is still right; ``online_fields`` turns both servers' results into the row's fields."""
+    cfg = encoder_config(CASE.dims)
+
+    def prog(ctx):
+        be = R.backend_for(ctx, "encoder_layer")
+        p = R.served_layers(be, cfg, [{k: be.share_plain(k, v) for k, v in CASE.params.items()}])[0]
+        x = be.share_plain("x", CASE.x)
+        layer = EncoderLayer(cfg, AttentionConfig("softmax"), 0, p)
+        mask = torch.ones(1, CASE.x.shape[0], dtype=torch.float64)
+        return R._online_run(ctx, be, lambda: [layer.forward(be, x.unsqueeze(0), mask).squeeze(0)])
+
+    res = run_in_process({SERVER0: prog, SERVER1: prog}, timeout=120).results
+    assert res[SERVER1]["dealer_wait_s"] == 0.0 and res[SERVER1]["offline_bytes"] > 0
+    ref = op_reference(CASE)
+    errors: dict[str, float] = {}
+    row = R.online_fields({r: {"online": res[r]} for r in (SERVER0, SERVER1)}, errors,
+                          lambda o: {"out": float((o[0] - ref).abs().max())})
+    assert errors["out_online"] < 1e-3
+    assert row["online_time_s"] > 0 and row["offline_bytes"] == res[SERVER1]["offline_bytes"]
+    assert row["online_rounds"] >= 100

@@ -259,7 +259,50 @@ def party_program(ctx: PartyContext) -> dict[str, Any]:
         opened = [be.reveal(y) for y in ys]  # outside the timed scope
         if ctx.rank == SERVER0:
             outs.append(opened)
-    return {"costs": costs, "outs": outs, "setup": setup}
+    return {"costs": costs, "outs": outs, "setup": setup, "online": _online_run(ctx, be, work)}
+
+
+def _online_run(ctx: PartyContext, be: MpcBackend, work: Callable[[], list[Any]]) -> dict[str, Any] | None:
+    """The offline/online split measured for real (as ``benchmarks/forward.py --preload``): one more run records
+    its dealer requests (untimed), the dealer's answers for the next run are all fetched (the offline phase,
+    timed), and one timed run finds every correction at hand (the online phase). Its output is checked too.
+    None when the dealer client cannot preload."""
+    dealer = ctx.dealer
+    if dealer is None or not hasattr(dealer, "preload"):
+        return None
+    dealer.record()
+    with ctx.cost.scope("record"):
+        work()
+    requests = dealer.recorded()
+    open_(ctx, torch.zeros(1, dtype=torch.int64), "barrier")
+    with ctx.cost.scope("offline"):
+        dealer.preload(requests)
+    open_(ctx, torch.zeros(1, dtype=torch.int64), "barrier")
+    with ctx.cost.scope("online"):
+        ys = work()
+    tops = ctx.cost.by_top_level()
+    on, off = tops["online"], tops["offline"]
+    opened = [be.reveal(y) for y in ys]
+    return {"time_s": on.time_s, "bytes_sent": on.bytes_sent, "rounds": on.rounds,
+            "dealer_wait_s": on.dealer_wait_s, "offline_time_s": off.time_s, "offline_bytes": off.dealer_recv_bytes,
+            "outs": opened if ctx.rank == SERVER0 else None}
+
+
+def online_fields(res: dict[int, Any], errors: dict[str, float],
+                  check: Callable[[list[Any]], dict[str, float]]) -> dict[str, Any]:
+    """The row's offline/online fields from the servers' :func:`_online_run` results: ``online_time_s`` (the
+    slower server's preloaded run), ``offline_time_s`` (fetching the dealer's answers), ``offline_bytes`` (what
+    the dealer sent server 1 for one run), ``online_rounds``; the preloaded run's output is checked and its errors
+    join ``errors`` (so a wrong preloaded run fails the row)."""
+    on0, on1 = res[SERVER0].get("online"), res[SERVER1].get("online")
+    if not on0 or not on1:
+        return {}
+    for k, v in check(on0["outs"]).items():
+        errors[f"{k}_online"] = v
+    return {"online_time_s": round(max(on0["time_s"], on1["time_s"]), 4),
+            "offline_time_s": round(max(on0["offline_time_s"], on1["offline_time_s"]), 4),
+            "offline_bytes": int(on1["offline_bytes"]), "online_rounds": max(on0["rounds"], on1["rounds"]),
+            "online_bytes_per_server": int(round((on0["bytes_sent"] + on1["bytes_sent"]) / 2))}
 
 
 def _run_servers(job: Job) -> dict[int, Any]:
@@ -307,12 +350,18 @@ def run_server_job(job: Job) -> dict[str, Any]:
 
         mc = model_case(Path(job.model) if job.model else None, job.batch, job.seq, job.attention or "softmax")
         hid, pooled = plain_model(mc, PlainBackend(torch.float64))
+        def outs_check(o: list[Any]) -> dict[str, float]:
+            return {"hidden": max_abs(o[0], hid), "pooled": max_abs(o[1], pooled)}
+
         errors = {"hidden": max(max_abs(o[0], hid) for o in outs), "pooled": max(max_abs(o[1], pooled) for o in outs)}
         extra: dict[str, Any] = {"batch": job.batch, "seq": job.seq, "model": mc.encoder.config.source,
                                  "init": "pretrained", "output": "last hidden state + mean pooling"}
     elif job.workload == "paper_iteration":
         pc = paper_case(job.seq, job.layers, job.attention or "softmax", job.tiny)
         want = paper_reference(pc)
+        def outs_check(o: list[Any]) -> dict[str, float]:
+            return {"hidden": max_abs(o[0], want[0]), "logits": max_abs(o[1], want[1])}
+
         errors = {"hidden": max(max_abs(o[0], want[0]) for o in outs),
                   "logits": max(max_abs(o[1], want[1]) for o in outs)}
         extra = {"method": "fot" if job.attention == "softmax" else "fot_rfa", "batch": job.batch, "seq": job.seq,
@@ -323,10 +372,14 @@ def run_server_job(job: Job) -> dict[str, Any]:
     else:
         case = op_case(job.workload, job.attention, job.tiny)
         ref = op_reference(case)
+        def outs_check(o: list[Any]) -> dict[str, float]:
+            return {"out": max_abs(o[0], ref)}
+
         errors = {"out": max(max_abs(o[0], ref) for o in outs)}
         extra = {"shape": case.shape}
     first = res[SERVER0]["costs"][0]
     extra.update({k: first[k] for k in ("bytes_sent_by_scope", "time_s_by_scope") if k in first})
+    extra.update(online_fields(res, errors, outs_check))
     return _record(job, times, per_server, errors, [res[SERVER0]["setup"], res[SERVER1]["setup"]],
                    gelu="erf form, secfwt masked polynomial (MpcBackend.gelu)", **extra)
 
