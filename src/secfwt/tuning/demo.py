@@ -7,6 +7,8 @@ Labels: 0 = negative, 1 = positive.
 
 from __future__ import annotations
 
+from secfwt.tuning.demo_tense import tense_split
+
 NEGATIVE: tuple[str, ...] = (
     "a dull , lifeless film that drags on forever .",
     "the plot makes no sense and the acting is wooden .",
@@ -81,7 +83,10 @@ N_TRAIN_PER_CLASS = 20
 
 
 def demo_split(split: str) -> list[tuple[str, int]]:
-    """The ``train`` pool (40 sentences) or ``test`` split (24 sentences) as ``(text, label)`` pairs."""
+    """The ``train`` pool (40 sentences) or ``test`` split (24 sentences) as ``(text, label)`` pairs; ``tense/train``
+    and ``tense/test``: the past-or-future task of ``secfwt demo`` (:mod:`secfwt.tuning.demo_tense`)."""
+    if split.startswith("tense/"):
+        return tense_split(split.removeprefix("tense/"))
     if split == "train":
         neg, pos = NEGATIVE[:N_TRAIN_PER_CLASS], POSITIVE[:N_TRAIN_PER_CLASS]
     elif split == "test":

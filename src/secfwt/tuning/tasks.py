@@ -192,6 +192,14 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
             sources=(DataSource("embedded", SplitSource("train", "demo"), None, SplitSource("test", "demo")),),
         ),
         TaskSpec(
+            # secfwt demo's task (secfwt.tuning.demo_tense): past (0) or future (1). Similarity head: the plain
+            # descriptions "long ago" / "tomorrow" leave the template alone poorly calibrated (README, "secfwt demo")
+            "tense", "{text} . It is about the {mask} .", _SENT2, ("past", "future"),
+            descriptions=("long ago", "tomorrow"), sim_template="{text}",
+            sources=(DataSource("embedded", SplitSource("tense/train", "demo"), None,
+                                SplitSource("tense/test", "demo")),),
+        ),
+        TaskSpec(
             "sst2", "{text} It was {mask} .", _SENT2, ("bad", "great"),
             descriptions=("a bad movie", "a great movie"), sim_template="{text}", sources=(_SST2,),
             # SmolLM2-135M-Instruct zero-shot: 78.3% on the 872 dev examples (docs/DECODER.md)
