@@ -218,7 +218,9 @@ def test_the_attack_that_unmasked_a_secret_before_binding_learns_nothing_now():
     for est, x in estimates.values():
         err = est - x
         assert int((err.abs() <= 1).sum()) == 0  # before binding: all n within 1
-        assert int((err.abs() < 2**56).sum()) <= 2  # the error is spread over the whole ring
+        # The error is spread over the whole ring: each |err| < 2^56 with probability 2^-7 (0.5 of 64 expected);
+        # at most 8 fails a uniform error with probability ~1e-9 (at most 2, as before, failed ~3% of runs).
+        assert int((err.abs() < 2**56).sum()) <= 8
     # The attacker's error does not follow the secret: its view is as uniform for one secret as for the other.
     (e0, x0), (e1, x1) = estimates[0], estimates[1]
     assert not torch.equal(e0 - x0, e1 - x1)
