@@ -372,15 +372,15 @@ def _mtrunc_correct(p: dict[str, Any], m0: Material, m1: Material, store: dict[A
     q and its bit l - 1 m as ring shares, and the products the result's later local squares / products need."""
     width, bits = int(p["width"]), int(p["bits"])
     r = m0["r"] + m1["r"]
-    if width == 64:
-        q, m = ring.logical_rshift(r, bits), ring.msb(r)
-    else:
-        rl = r & ((1 << width) - 1)
-        q, m = rl >> bits, rl >> (width - 1)
+    rl = r if width == 64 else r & ((1 << width) - 1)
+
+    def top(s: int) -> Tensor:  # (r mod 2^l) >> s, read unsigned
+        return ring.logical_rshift(rl, s)
+
+    q, m = top(bits), top(width - 1)
     full = {"q": q, "m": m}
     if p.get("coarse", 0):  # a second truncation of the same opening, by ``coarse`` bits
-        full["qc"] = ring.logical_rshift(r, int(p["coarse"])) if width == 64 else (r & ((1 << width) - 1)) >> int(
-            p["coarse"])
+        full["qc"] = top(int(p["coarse"]))
     if p.get("square"):
         full["q2"], full["qm"] = q * q, q * m
     fid = int(p.get("fid", -1))

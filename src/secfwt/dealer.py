@@ -232,8 +232,7 @@ class DealerClient:
         self._queue: deque[Pending] = deque()
         self._unconfirmed: dict[int, bytes] = {}  # server 0: own log digests the dealer has not confirmed yet
         self._tags: dict[int, str] = {}  # server 1: the dealer's log tags, not yet forwarded to server 0
-        self._record: list[tuple[str, dict[str, Any]]] | None = None  # requests made while recording
-        self._record_base = 0
+        self._record: Recording | None = None  # requests made while recording
         self._ahead: deque[tuple[bytes, Pending]] = deque()  # preloaded requests, not used yet
 
     def request(self, kind: str, **params: Any) -> Pending:
@@ -267,15 +266,14 @@ class DealerClient:
 
     def record(self) -> None:
         """Start logging the ``(kind, params)`` of every request (for :meth:`preload`); see :meth:`recorded`."""
-        self._record = []
-        self._record_base = self.index
+        self._record = Recording([], self.index)
 
     def recorded(self) -> Recording:
         """Stop logging; the requests made since :meth:`record` (canonical parameters), in order, with the
         index of the first (references to requests inside the recording are moved by :meth:`preload`)."""
         if self._record is None:
             raise RuntimeError("DealerClient.recorded() without record()")
-        out, self._record = Recording(self._record, self._record_base), None
+        out, self._record = self._record, None
         return out
 
     def preload(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> None:
@@ -285,11 +283,10 @@ class DealerClient:
         if self._ahead:
             raise RuntimeError(f"{self.comm.name}: preload() while {len(self._ahead)} preloaded requests are unused")
         index = self.index
-        base = getattr(requests, "base", None)
-        shift = 0 if base is None else index - base
+        base = getattr(requests, "base", index)
         for kind, params in requests:
-            if base is not None and shift:
-                params = _rebase(params, base, shift)
+            if base != self.index:
+                params = _rebase(params, base, self.index - base)
             canon, layout = check_request(kind, params, index, self.comm.name)
             line = canonical_request(index, kind, canon)
             self._ahead.append((line, self._issue(index, kind, canon, layout, line)))

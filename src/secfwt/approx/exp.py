@@ -95,6 +95,14 @@ def exp(ctx: PartyContext, x: AShare, bound: float | None = None) -> AShare:
         return _exp_masked(ctx, x, bound).share()
 
 
+def _fill_masked(ctx: PartyContext, x: AShare, mask_int: torch.Tensor) -> AShare:
+    """x with its masked positions (public 0 in ``mask_int``) replaced by -2^14 at x's scale (local)."""
+    x = mul_public_int(x, mask_int)
+    if ctx.rank == SERVER0:
+        x = AShare(x.data + (mask_int - 1) * round(_MASK_FILL * 2**x.scale), x.scale)
+    return x
+
+
 def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | None = None,
             coarse: AShare | None = None) -> AShare:
     """softmax(x) along ``dim``; ``mask`` (PUBLIC 0/1, broadcastable to x) gives masked positions 0.
@@ -139,10 +147,7 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
         mask_int = None
         if mask is not None:
             mask_int = torch.as_tensor(mask).to(torch.int64).expand(x.shape)
-            fill = (mask_int - 1) * round(_MASK_FILL * 2**f)
-            x = mul_public_int(x, mask_int)
-            if ctx.rank == SERVER0:
-                x = AShare(x.data + fill, f)
+            x = _fill_masked(ctx, x, mask_int)
         # Range: logits |x| < 2^13 (documented) and fills -2^14, so every difference the max tree compares and
         # every x - m has |.| <= 2^14 + 2^13: narrow comparisons on range_bits(f, that + 2^n) bits.
         if coarse is None:
@@ -152,11 +157,7 @@ def softmax(ctx: PartyContext, x: AShare, dim: int = -1, mask: torch.Tensor | No
             if coarse.scale != 0 or coarse.shape != x.shape:
                 raise ValueError(f"softmax: coarse must be x at scale 0 ({list(x.shape)}), got scale {coarse.scale} "
                                  f"and shape {list(coarse.shape)}")
-            xc = coarse
-            if mask_int is not None:
-                xc = mul_public_int(xc, mask_int)
-                if ctx.rank == SERVER0:
-                    xc = AShare(xc.data + (mask_int - 1) * round(_MASK_FILL), 0)
+            xc = coarse if mask_int is None else _fill_masked(ctx, coarse, mask_int)
             mc = max_(ctx, xc, dim=d, keepdim=True, bits=range_bits(0, _DIFF_BOUND + 2.0))
             m = AShare(ring.lshift(mc.data, f), f)  # x - m < 1 (docstring)
             lo, extra, top = -2, 4, 2

@@ -177,8 +177,12 @@ class MpcBackend:
         f = self.ctx.f
         if self.linear_bound is None or z.scale <= f:
             return arith.rescale(self.ctx, z)
-        width = width_for(min(62, math.ceil(math.log2(self.linear_bound)) + z.scale))
-        return trunc_masked(self.ctx, z, z.scale - f, width, tag="trunc").share()
+        return trunc_masked(self.ctx, z, z.scale - f, self._linear_width(z.scale), tag="trunc").share()
+
+    def _linear_width(self, scale: int) -> int:
+        """The opening width of a product's truncation under ``linear_bound`` (|output| < bound at ``scale``)."""
+        assert self.linear_bound is not None
+        return width_for(min(62, math.ceil(math.log2(self.linear_bound)) + scale))
 
     def linear(self, x: AShare, w: AShare, b: AShare | None) -> AShare:
         full = x.scale + w.scale  # untruncated, then one truncation (narrow under linear_bound)
@@ -211,8 +215,7 @@ class MpcBackend:
             return self.matmul(q, k_t)
         z = arith.matmul_aa(self.ctx, q, k_t, out_scale=full)
         with self.ctx.cost.scope("matmul"):
-            width = width_for(min(62, math.ceil(math.log2(self.linear_bound)) + full))
-            y = trunc_masked(self.ctx, z, full - self.ctx.f, width, tag="trunc", coarse=full)
+            y = trunc_masked(self.ctx, z, full - self.ctx.f, self._linear_width(full), tag="trunc", coarse=full)
         assert y.coarse is not None
         return Logits(y.share().data, self.ctx.f, y.coarse.share())
 
