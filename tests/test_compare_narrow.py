@@ -104,10 +104,10 @@ def test_costs_match_the_docstring_formula(bits: int) -> None:
     assert c0.rounds == int(math.log2(w))
     per = bits / 8 + (3 * (w // 2 - 2) + 3) / 8
     assert per * n <= c0.bytes_sent < per * n + c0.rounds * 150
-    # dealer -> server 1: rb (w / 8), q (w / 16), tc (16 per tree word), mono (56) per element
+    # dealer -> server 1: rb (w / 8), q (w / 16), tc (16 per tree word), mono (32) per element
     ws = compare_words(n, w)
     n0 = -(-n * w // 64)
-    dealer = 8 * n0 + 4 * n0 + 16 * sum(ws[1:]) + 56 * n
+    dealer = 8 * n0 + 4 * n0 + 16 * sum(ws[1:]) + 32 * n
     assert dealer <= res.costs[SERVER1].by_top_level()["ltz"].dealer_bytes < dealer + 4 * 150
 
 
@@ -155,7 +155,7 @@ def test_narrow_openings_are_uniform_whatever_the_inputs(bits: int) -> None:
 def test_dealer_checks_bits_and_narrow_layouts() -> None:
     _, lay = check_request("compare_sel", {"shape": [100], "prod_shape": [40], "bits": 32}, 0)
     assert lay["rb"] == ((50,), torch.int64) and lay["q"] == ((50,), torch.int32)
-    assert lay["monor"] == ((16, 40), torch.int64)
+    assert lay["monor"] == ((10, 40), torch.int64)
     canon, lay = check_request("compare", {"shape": [100]}, 0)
     assert canon["bits"] == 64 and lay["rb"] == ((100,), torch.int64)
     for bad in (12, 0, 72, "32", 32.0):
@@ -240,3 +240,17 @@ def test_shifted_rows_share_one_opening(bits: int) -> None:
 def test_tile_must_divide_the_shape() -> None:
     with pytest.raises(ProtocolMismatchError, match="multiple of tile"):
         check_request("compare", {"shape": [10], "bits": 32, "tile": 3}, 0)
+
+
+def test_low_bytes_round_trip_every_width() -> None:
+    """open_low's byte split and join (int32 / int16 / byte units by width) against the arithmetic form, on
+    the ring's edges and random words."""
+    from secfwt.protocols.compare import _from_low_bytes, _low_bytes
+
+    edges = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 255, 256, 2**31, -(2**31), 2**47 + 5], dtype=torch.int64)
+    v = torch.cat([edges, torch.randint(-(2**63), 2**63 - 1, (1000,), dtype=torch.int64)])
+    for nb in range(1, 8):
+        b = _low_bytes(v, nb)
+        shifts = torch.arange(nb, dtype=torch.int64) * 8
+        assert torch.equal(b, ((v.reshape(-1, 1) >> shifts) & 255).to(torch.uint8)), nb
+        assert torch.equal(_from_low_bytes(b, nb), v & ((1 << (8 * nb)) - 1)), nb

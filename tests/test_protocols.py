@@ -230,10 +230,10 @@ def test_costs_match_formulas_and_dealer_traffic_is_separate():
     # ltz: 6 rounds; 8 bytes (c) + packed tree bits 3 * (16 + 8 + 4 + 2) + 3 = 93 bits -> 19.625 bytes/element
     assert c0["ltz"].rounds == 6
     assert 19.625 * n <= c0["ltz"].bytes_sent < 19.625 * n + 6 * 150
-    # dealer -> server 1 for ltz: rb 8 + q 4 + 7 monomials 56 bytes per element + 2 dense AND-triple words
+    # dealer -> server 1 for ltz: rb 8 + q 4 + 4 monomials 32 bytes per element + 2 dense AND-triple words
     # per tree output word (~7.5 bytes per element)
     c1 = res.costs[SERVER1].by_top_level()
-    dealer = 68 * n + 16 * sum(compare_words(n)[1:])
+    dealer = 44 * n + 16 * sum(compare_words(n)[1:])
     assert dealer <= c1["ltz"].dealer_bytes < dealer + 4 * 150
     # relu = x - [x < 0] x with the product from ltz_select: the same 6 rounds and bytes as ltz.
     def prog2(ctx):

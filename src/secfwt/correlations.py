@@ -12,11 +12,12 @@ matmul        c = a @ b  (kind ``mul`` with ``op="matmul"``)              8 * nu
 square        c = a * a                                                   8 * numel(a)
 sqmul         c = a * b (broadcast), aa = a * a: x^2 and x y, one opening  8 * (numel(c) + numel(a))
 trunc         rq = floor(r / 2^k) (r unsigned), rm = msb(r)               16 * n
-compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 7.5 + 7 * 8) ~ 75.5 n
-              final masks s, a, b and their 7 monomials (arith);         (bits = 32: ~65.5 n, 16: ~60.5 n,
-              ``bits`` = l < 64: r mod 2^l, tree fields of w bits         8: ~58 n)
-compare_sel   compare + the 7 monomials times r for the first k elements   75.5 n + 56 k (l < 64: + 128 k;
-              (l < 64: r, mono r, r_t, mono r_t: 16 rows)                 r_t = bit l - 1 of the l-bit r)
+compare       r (arith), rb = r (XOR), pair products q, AND triples,      n * (8 + 4 + 7.5 + 4 * 8) ~ 51.5 n
+              final masks s, a, b and 4 monomials s, x (1 - 2 s) for     (bits = 32: ~41.5 n, 16: ~36.5 n,
+              x in a, b, ab (arith); ``bits`` = l < 64: r mod 2^l,       8: ~34 n)
+              tree fields of w bits
+compare_sel   compare + the 4 monomials times r for the first k elements   51.5 n + 32 k (l < 64: + 80 k;
+              (l < 64: r, mono r, r_t, mono r_t: 10 rows)                 r_t = bit l - 1 of the l-bit r)
 cossin        t in [0, 2^f), cos(2 pi t / 2^f), sin(2 pi t / 2^f)         16 * n
 bit2a         random bit s as XOR share and arithmetic share               8 * n
 wmask         a fixed mask B for one weight, kept by the dealer (stateful) 0
@@ -151,7 +152,7 @@ def _trunc_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
 #   t      AND triples (ta, tb1, tb2, tc1 = ta AND tb1, tc2 = ta AND tb2) for the 4 interactive tree levels as
 #          dense 64-bit words: level l uses compare_words(n)[l + 1] words, the levels one after the other
 #   fb     final-level masks s, a, b: one bit per element, 32 elements per word (low 32 bits), 3 rows
-#   mono   arithmetic shares of the monomials s, a, b, sa, sb, ab, sab per element (fused bit -> arithmetic)
+#   mono   arithmetic shares of s, a (1 - 2 s), b (1 - 2 s), ab (1 - 2 s) per element (fused bit -> arithmetic)
 _M32 = (1 << 32) - 1
 _EVEN = [(0x5555555555555555, 1), (0x3333333333333333, 2), (0x0F0F0F0F0F0F0F0F, 4),
          (0x00FF00FF00FF00FF, 8), (0x0000FFFF0000FFFF, 16), (0x00000000FFFFFFFF, 0)]
@@ -216,7 +217,7 @@ def _compare_draw0(p: dict[str, Any], st: PRGStream) -> Material:
     n, _, w, ws = _compare_dims(p)
     n0 = -(-n * w // 64)
     return {"r": _compare_r(p, st, n), "rb": st.ring((n0,)), "q": st.ring((n0,)), "t": st.ring((5, sum(ws[1:]))),
-            "fb": st.ring((3, ws[-1])), "mono": st.ring((7, n))}
+            "fb": st.ring((3, ws[-1])), "mono": st.ring((4, n))}
 
 
 def _compare_draw1(p: dict[str, Any], st: PRGStream) -> Material:
@@ -243,7 +244,8 @@ def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     t = m0["t"][:3] ^ m1["t"]
     tc = torch.stack([t[0] & t[1], t[0] & t[2]])
     s, a, b = word_bits(m0["fb"] ^ m1["fb"], n)
-    mono = torch.stack([s, a, b, s * a, s * b, a * b, s * a * b])
+    ns = 1 - 2 * s  # the root is linear in s, a (1 - 2 s), b (1 - 2 s), ab (1 - 2 s) (protocols/compare.py)
+    mono = torch.stack([s, a * ns, b * ns, a * b * ns])
     return {
         "rb": r ^ m0["rb"],
         "q": ((q ^ m0["q"]) & _M32).to(torch.int32),  # 4 bytes per word: only the low 32 bits are used
@@ -253,9 +255,9 @@ def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
 
 
 def _sel_rows(p: dict[str, Any]) -> int:
-    """Rows of ``monor``: 7 (mono_j r) for a 64-bit comparison; 16 for l < 64 (r, mono_j r, r_t, mono_j r_t
+    """Rows of ``monor``: 4 (mono_j r) for a 64-bit comparison; 10 for l < 64 (r, mono_j r, r_t, mono_j r_t
     with r the l-bit mask as an integer in [0, 2^l) and r_t its top bit)."""
-    return 7 if int(p.get("bits", 64)) == 64 else 16
+    return 4 if int(p.get("bits", 64)) == 64 else 10
 
 
 def _compare_sel_draw0(p: dict[str, Any], st: PRGStream) -> Material:
@@ -512,7 +514,7 @@ def _compare_layout(p: dict[str, Any]) -> Layout:
     if n % p["tile"]:
         raise ValueError(f"'shape' [{n}] is not a multiple of tile {p['tile']}")
     n0 = -(-n * w // 64)
-    return {"rb": ((n0,), _I64), "q": ((n0,), torch.int32), "tc": ((2, sum(ws[1:])), _I64), "mono": ((7, n), _I64)}
+    return {"rb": ((n0,), _I64), "q": ((n0,), torch.int32), "tc": ((2, sum(ws[1:])), _I64), "mono": ((4, n), _I64)}
 
 
 def _compare_sel_layout(p: dict[str, Any]) -> Layout:

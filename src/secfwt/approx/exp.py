@@ -80,7 +80,7 @@ def exp(ctx: PartyContext, x: AShare, bound: float | None = None) -> AShare:
     Cost: R(l) + 8 rounds, R(l) the comparison's (6 at l = 64, 5 at l = 32); bytes per element per server:
     ltz(l) + w1 / 8 + 6 + 7 + 6 n, w1 = width_for(f + n + 1) (24 at f = 16): 19.6 + 3 + 6 + 7 + 30 = 65.6 at
     l = 64, 55.6 at l = 32 (163.6 with Beaver squares and separate truncations, 71.6 with the 2nd-order base
-    and 7 squarings). Dealer -> server 1 per element: the comparison's + 128 (select) + 32 per masked
+    and 7 squarings). Dealer -> server 1 per element: the comparison's + 80 (select) + 32 per masked
     truncation (+ 32 for the cross products; the last one 16, or 32 with ``fid``).
     Valid range: x <= 0 (also accurate for 0 < x <= 1, error growing like x^4 / 8^n beyond); x > 1 is
     wrong (the base exceeds 1 and 2^n squarings grow without bound; softmax never passes x > 0).

@@ -20,7 +20,7 @@ Steps (:mod:`secfwt.protocols.masked`; every power is a masked value, so every p
   6. acc = sum_j c_j u^j with u^3 = u2 u, u^5 = u4 u, u^6 = u4 u2, u^8 = u4^2 (local, scale S = 2 s + 16),
      plus x_c / 2; one masked truncation to scale f (56 bits); plus P1.
 Cost: R(l) + 5 rounds (10 at f = 16 with l = 32); bytes per element per server: l / 8 + 2 tree(l) + 3 + 5 + 4
-+ 4 + 7 = 38.25 at l = 32 (tree(32) = 5.625); dealer -> server 1 per element: 2 (65.5 + 128) (comparisons
++ 4 + 7 = 38.25 at l = 32 (tree(32) = 5.625); dealer -> server 1 per element: 2 (41.5 + 80) (comparisons
 and their products) + 32 + 32 + 64 + 96 + 16.
 Valid range: |x| < ``bound`` (the comparisons are narrow; beyond it the region bits are wrong), f >= 10.
 Error: fit 3.9e-5 inside [-4, 4], the tail 1.27e-4 outside, plus the fixed point (x_c at scale s0 moves g by at

@@ -29,7 +29,7 @@ Steps of :func:`symmetric_eval` (breakpoints 0 = t_0 < t_1 < ... < t_K = T on a,
      truncation of the sum (1 round). Constants (c0, tanh/sigmoid tails) are local.
 Cost: 6 + 5 + 1 + 1 = 13 rounds for degree 7. Bytes per element per server: 19.625 (2K + 1) (ltz)
 + 72 K (poly, degree 7, untruncated) + 16 K (selection) + 8 (truncation): gelu 154.9 (K = 1), silu,
-tanh and sigmoid 282.1 (K = 2). Dealer -> server 1: 75.5 (2K + 1) + 56 * 3 (56 for tanh/sigmoid) + the
+tanh and sigmoid 282.1 (K = 2). Dealer -> server 1: 51.5 (2K + 1) + 32 * 3 (32 for tanh/sigmoid) + the
 Beaver/truncation material.
 Valid range: every x in the fixed-point range (tails are exact). With ``bound`` B (a public bound |x| < B the
 caller guarantees, e.g. a clipped input or a model's measured activation range), the comparisons are narrow

@@ -5,7 +5,7 @@ sending every tree bit packed (no byte per bit):
 
   1. The dealer gives r (arithmetic shares), r as XOR shares in one word, XOR shares of the 32 pair
      products q_j = r_(2j+1) AND r_(2j), AND triples for 4 tree levels and, for the last level, three mask
-     bits s, a, b with arithmetic shares of the 7 monomials s, a, b, sa, sb, ab, sab.
+     bits s, a, b with arithmetic shares of the 4 monomials s, a', b', (ab)', x' = x (1 - 2 s).
   2. Open c = x + r (mod 2^64). Then x = c - r and msb(x) = c_63 XOR r_63 XOR [c mod 2^63 < r mod 2^63].
   3. [c' < r'] by a carry tree over 2-bit blocks (G = "r is larger here", P = "equal here";
      (G, P) <- (G_hi XOR (P_hi AND G_lo), P_hi AND P_lo)). Bit 63 enters the tree as G = c_63 XOR r_63,
@@ -17,13 +17,15 @@ sending every tree bit packed (no byte per bit):
      per output word, i.e. 3 x 16, 8, 4, 2 bits per element with no padding inside a word.
   4. Level 6 fused with boolean -> arithmetic: open g XOR s, p XOR a, q XOR b (3 bits); the root
      G = g XOR (p AND q) = g + pq - 2gpq is a multilinear polynomial in (s, a, b) with public
-     coefficients, so it is a public combination of the dealer's arithmetic monomial shares.
+     coefficients, so it is a public combination of the dealer's arithmetic monomial shares. In that
+     polynomial the coefficients of sa, sb and sab are -2 times those of a, b and ab, so the dealer sends
+     the 4 combinations s, a (1 - 2 s), b (1 - 2 s), ab (1 - 2 s) instead of the 7 monomials.
 
 :func:`ltz_select` also returns b * x for chosen rows without any extra round: the dealer adds shares of
 mono_k * r, and b x = b c - b r (c public). :func:`relu` / :func:`maximum` use it (6 rounds, 19.625 bytes).
 
 Cost of ltz: 6 rounds; bytes sent per server per element: 8 (c) + (3 * (16 + 8 + 4 + 2) + 3) / 8
-= 19.625 (plus one frame header per round); dealer -> server 1 per element: 8 + 4 + 7.5 + 56 = 75.5.
+= 19.625 (plus one frame header per round); dealer -> server 1 per element: 8 + 4 + 7.5 + 32 = 51.5.
 The result is exact for every x in Z_2^64 (read as signed).
 
 Narrow comparisons (``bits=l`` < 64, l a multiple of 8; other values are rounded up): when the caller knows
@@ -45,7 +47,7 @@ every sign). Callers use it only where the range is guaranteed and state why (:f
 Cost with l bits: log2(w) rounds; bytes per server per element l / 8 + (3 (w / 2 - 2) + 3) / 8 (w = 64:
 8 + 93 / 8 = 19.625 at l = 64, 16.625 at l = 40; w = 32: 4 + 45 / 8 = 9.625 at l = 32, 8.625 at l = 24;
 w = 16: 2 + 21 / 8 = 4.625 at l = 16; w = 8: 1 + 9 / 8 = 2.125 at l = 8); dealer -> server 1 per element
-w / 8 + w / 16 + 16 (w / 64) (1 / 2 - 2 / w) + 56 (65.5 for w = 32), see secfwt.correlations.
+w / 8 + w / 16 + 16 (w / 64) (1 / 2 - 2 / w) + 32 (41.5 for w = 32), see secfwt.correlations.
 
 Reference: dealer-aided comparison in the
 style of ABY/CrypTen A2B, replaced by a mask-and-compare carry tree (Damgard et al. bit-decomposition;
@@ -96,10 +98,19 @@ def open_low(ctx: PartyContext, v: Tensor, bits: int, tag: str) -> Tensor:
     return (v + _from_low_bytes(other, nb).reshape(v.shape)) & ((1 << bits) - 1)
 
 
+def _unit(nb: int) -> torch.dtype:
+    """The widest integer type whose size divides ``nb`` bytes: strided copies of 4- or 2-byte units are several
+    times faster than of single bytes (measured: 7x for nb = 4, 4x for nb = 2)."""
+    return torch.int32 if nb % 4 == 0 else torch.int16 if nb % 2 == 0 else torch.uint8
+
+
 def _low_bytes(v: Tensor, nb: int) -> Tensor:
     """The low ``nb`` bytes of each int64 of the 1-D ``v``, little-endian, as an (n, nb) uint8 tensor."""
     if sys.byteorder == "little":  # a view of the words' bytes: no shifts (9x faster than the arithmetic form)
-        return v.contiguous().view(torch.uint8).reshape(-1, 8)[:, :nb].contiguous()
+        u = _unit(nb)
+        per = 8 // u.itemsize
+        low = v.contiguous().view(u).reshape(-1, per)[:, : nb // u.itemsize].contiguous()
+        return low.view(torch.uint8).reshape(-1, nb)
     shifts = torch.arange(nb, dtype=torch.int64) * 8
     return ((v.reshape(-1, 1) >> shifts) & 255).to(torch.uint8)
 
@@ -107,8 +118,9 @@ def _low_bytes(v: Tensor, nb: int) -> Tensor:
 def _from_low_bytes(b: Tensor, nb: int) -> Tensor:
     """The inverse of :func:`_low_bytes`: (n, nb) little-endian bytes -> n int64 in [0, 2^(8 nb))."""
     if sys.byteorder == "little":
-        full = torch.zeros(b.shape[0], 8, dtype=torch.uint8)
-        full[:, :nb] = b
+        u = _unit(nb)
+        full = torch.zeros(b.shape[0], 8 // u.itemsize, dtype=u)
+        full[:, : nb // u.itemsize] = b.contiguous().view(u)
         return full.view(torch.int64).reshape(-1)
     shifts = torch.arange(nb, dtype=torch.int64) * 8
     return (b.to(torch.int64) << shifts).sum(-1)
@@ -142,7 +154,7 @@ def ltz_select(ctx: PartyContext, x: AShare, rows: int, bits: int = 64) -> tuple
 
     The product needs no Beaver round: b x = b c - b r with c = x + r public, and b is a public combination
     of the dealer's monomials (step 4), so b r is the same combination of the dealer's shares of mono_k r
-    (kind ``compare_sel``: 56 more dealer bytes per product element). The product has x's scale.
+    (kind ``compare_sel``: 32 more dealer bytes per product element). The product has x's scale.
 
     With ``bits`` = l < 64 (exact for |x| < 2^(l-1), as :func:`ltz`) only c mod 2^l is public, so x is not
     c - r in Z_2^64. Write c_s = c - 2^l c_t (c read as a signed l-bit integer), r in [0, 2^l) with top bit
@@ -151,7 +163,7 @@ def ltz_select(ctx: PartyContext, x: AShare, rows: int, bits: int = 64) -> tuple
     b (B - 1) = -b (c_t XOR r_t) = -b (c_t + (1 - 2 c_t) r_t). Collecting terms:
         b x = b c_s - b r + 2^l c_t (b r_t),
     where b r and b r_t are public combinations of the dealer's shares of r, mono_j r, r_t, mono_j r_t
-    (16 rows, 128 dealer bytes per product element instead of 56).
+    (10 rows, 80 dealer bytes per product element instead of 32).
     """
     bits = _check_bits(bits)
     with ctx.cost.scope("ltz"):
@@ -232,30 +244,29 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int, bits: int,
     masked = torch.stack([odd_bits(g) ^ fb[0], odd_bits(p) ^ fb[1], even_bits(g) ^ fb[2]]).to(torch.int32)
     opened = open_(ctx, masked, "ltz/root", xor=True).to(torch.int64) & _M32
     mg, e, f = word_bits(opened, n)
-    g1, p1, q1 = 1 - 2 * mg, 1 - 2 * e, 1 - 2 * f  # 1 - 2 (opened bit)
-    mono = m["mono"]  # s, a, b, sa, sb, ab, sab
-    coef = [g1 * (1 - 2 * e * f), g1 * p1 * f, g1 * e * q1, -2 * g1 * p1 * f, -2 * g1 * e * q1,
-            g1 * p1 * q1, -2 * g1 * p1 * q1]
+    # G = mg + g1 (e f + (1 - 2 e f) s + p1 f a' + e q1 b' + p1 q1 ab') with g1, p1, q1 = 1 - 2 (opened bit)
+    # and x' = x (1 - 2 s) (step 4): four public coefficients times the dealer's four monomials.
+    g1, ef = 1 - 2 * mg, e * f
+    p1g, q1 = g1 - 2 * e * g1, 1 - 2 * f
+    coef = (g1 - 2 * ef * g1, p1g * f, (e * g1) * q1, p1g * q1)
+    mono = m["mono"]  # s, a (1 - 2 s), b (1 - 2 s), ab (1 - 2 s)
     out = coef[0] * mono[0]
-    for j in range(1, 7):
+    for j in range(1, 4):
         out += coef[j] * mono[j]
-    const = mg + g1 * e * f
+    const = mg + g1 * ef
     if s0:
         out += const
     if not k:
         return out, None
+    coef_k = torch.stack([c[:k] for c in coef])
     monor = m["monor"]
     if bits == 64:
         # b x = b c - b r, b r = const r + sum_j coef_j (mono_j r) (dealer shares of mono_j r).
-        br = const[:k] * pend.material["r"][:k]
-        for j in range(7):
-            br += coef[j][:k] * monor[j]
+        br = const[:k] * pend.material["r"][:k] + (coef_k * monor).sum(0)
         return out, out[:k] * c[:k] - br
     # b x = b c_s - b r + 2^l c_t (b r_t) (ltz_select's docstring); rows: r, mono r, r_t, mono r_t.
-    br, brt = const[:k] * monor[0], const[:k] * monor[8]
-    for j in range(7):
-        br += coef[j][:k] * monor[1 + j]
-        brt += coef[j][:k] * monor[9 + j]
+    br = const[:k] * monor[0] + (coef_k * monor[1:5]).sum(0)
+    brt = const[:k] * monor[5] + (coef_k * monor[6:10]).sum(0)
     ct = c[:k] >> (bits - 1)
     return out, out[:k] * (c[:k] - (ct << bits)) - br + ((ct << bits) * brt)
 

@@ -33,7 +33,7 @@ USENIX Security 2021) and SIGMA (Gupta et al., PETS 2024), specialised here to t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -92,13 +92,17 @@ class Masked:
     index: int = -1  # the dealer request that made it (a later truncation's ``cross`` names it)
     cross: tuple[int, ...] = ()
     coarse: Masked | None = None  # the same opening truncated by more bits (``trunc_masked(coarse=...)``)
+    _r_share: Tensor | None = field(default=None, init=False, repr=False, compare=False)  # cache of _r()
 
     @property
     def shape(self) -> torch.Size:
         return self.p.shape
 
     def _r(self) -> Tensor:
-        return self.comp["q"] - _shl(self.u * self.comp["m"], self.shift)
+        """This server's share of R (computed once: share, square and mul all need it)."""
+        if self._r_share is None:
+            self._r_share = self.comp["q"] - _shl(self.u * self.comp["m"], self.shift)
+        return self._r_share
 
     def share(self) -> AShare:
         """This server's additive share of y (local)."""
