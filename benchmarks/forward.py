@@ -26,7 +26,9 @@ is an upper bound). ``--preload`` measures that phase for real: the servers run 
 recording the dealer requests, preload them (:meth:`secfwt.dealer.DealerClient.preload`: the offline phase, its
 wall time is then ``offline_time_s``), and time the second, identical forward, which finds every correction at
 hand (an engine without preloading, as ``benchmarks/before_after.py --preload`` runs an old commit, runs the same
-untimed first forward, so both time a second forward of the session). Rows also name the CPU model and the
+untimed first forward, so both time a second forward of the session). One exchange between the servers
+just before the timed forward lets both start it together (as benchmarks/compare does): without it, the server
+that ends its offline phase first timed its wait for the other (up to 2 s here, 2026-12-05). Rows also name the CPU model and the
 servers' torch threads. Fields an older engine cannot give are None.
 
 Weights: as the model server does once per session (:meth:`secfwt.nn.mpc.MpcBackend.fix_matrix`), every weight
@@ -61,7 +63,7 @@ from secfwt.nn.backend import PlainBackend
 from secfwt.nn.config import AttentionConfig
 from secfwt.nn.encoder import Encoder
 from secfwt.nn.mpc import MpcBackend
-from secfwt.share import owner_share, receive_revealed, reveal_to
+from secfwt.share import open_, owner_share, receive_revealed, reveal_to
 
 try:
     from secfwt.cost import cpu_model
@@ -176,6 +178,12 @@ def server(ctx: PartyContext) -> dict[str, Any]:
         requests = dealer.recorded()
         with ctx.cost.scope("offline"):
             dealer.preload(requests)
+    # Both servers start the timed forward together: the offline phase (or the untimed first forward) ends at
+    # different times on the two servers (server 1 waits for the dealer's corrections, server 0 draws its
+    # material locally), and without this exchange the earlier one's timed forward would include waiting for
+    # the other to finish it.
+    with ctx.cost.scope("sync"):
+        open_(ctx, torch.zeros(1, dtype=torch.int64), "sync")
     with ctx.cost.scope("forward"):
         out = enc.forward(be, x, mask).hidden  # (B, T, H)
     reveal_to(ctx, out, OWNER, tag="hidden")
