@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from secfwt.cost import LAN, WAN
+from secfwt.cost import LAN, WAN, cpu_model
 from secfwt.tuning.report import report_dict
 from secfwt.tuning.runner import RunSpec, run
 
@@ -96,8 +97,28 @@ def row_for(name: str, spec: RunSpec, parties: str) -> dict[str, Any]:
         "bytes_per_forward": int(rep["bytes_per_server"] / forwards),
         "lan_s": round(LAN.project(cost.compute_s, cost.bytes_per_server, cost.rounds), 1) if mpc else None,
         "wan_s": round(WAN.project(cost.compute_s, cost.bytes_per_server, cost.rounds), 1) if mpc else None,
+        "best_z": [float(v) for v in result.best_z], "prompt_accuracy": result.prompt_accuracy,
+        "history": [{"iteration": h.iteration, "loss_min": h.loss_min, "loss_mean": h.loss_mean,
+                     "dev_acc": h.dev_acc, "dev_loss": h.dev_loss} for h in result.history],
     })
     return rep
+
+
+def oracle_check(private: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+    """How a private run compares with its plaintext oracle (same seeds and settings): whether it selected the
+    same prompt (CMA-ES draws the same candidates only while every generation's ranking agrees, so the selected
+    z is then bit-identical), the same accuracies, and the largest difference of the per-iteration losses."""
+    hp, hq = private["history"], plain["history"]
+    diffs = [abs(a[k] - b[k]) for a, b in zip(hp, hq, strict=False) for k in ("loss_min", "loss_mean")]
+    diffs += [abs(a["dev_loss"] - b["dev_loss"]) for a, b in zip(hp, hq, strict=False)
+              if a["dev_loss"] is not None and b["dev_loss"] is not None]
+    return {
+        "same_prompt": private["best_z"] == plain["best_z"] and private["used_prompt"] == plain["used_prompt"],
+        "same_accuracies": all(private[k] == plain[k] for k in
+                               ("accuracy", "zero_shot_accuracy", "dev_accuracy", "zero_shot_dev_accuracy")),
+        "max_loss_diff": max(diffs, default=0.0),
+        "same_iterations": len(hp) == len(hq),
+    }
 
 
 def _forwards(result: Any, spec: RunSpec) -> int:
@@ -110,7 +131,7 @@ def _forwards(result: Any, spec: RunSpec) -> int:
 
 
 def table(rows: list[dict[str, Any]]) -> Table:
-    t = Table(title="SST-2 forward-only tuning: private vs in the clear")
+    t = Table(title="forward-only tuning: private vs in the clear")
     cols = ("run", "test acc", "zero-shot", "dev / zs dev", "time s", "MB / server", "rounds", "forwards",
             "s / fwd", "MB / fwd", "LAN s", "WAN s")
     for c in cols:
@@ -127,7 +148,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
 
 
 def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
-    lines = [f"SST-2 ({header['settings']}); {header['date']}, {header['machine']}.", "",
+    lines = [f"{header['task']} ({header['settings']}); {header['date']}, {header['machine']}.", "",
              "| run | test acc | zero-shot | dev / zero-shot dev | time s | MB / server | rounds | forwards | s / fwd "
              "| MB / fwd | LAN s | WAN s |", "|" + "---|" * 12]
     for r in rows:
@@ -138,6 +159,14 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
             f"{'-' if r['lan_s'] is None else round(r['lan_s'])} | {'-' if r['wan_s'] is None else round(r['wan_s'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row_for(name, spec_for(a, name), a.parties))
         console.print(table(rows))
         header = {
-            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+            "task": a.task, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
+            "commit": _commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
             f"load average {os.getloadavg()[0]:.1f}",
             "settings": f"{a.model or 'all-MiniLM-L6-v2'}, k={a.k} per class, data seed {a.seed}, d={a.d}, "
                         f"{a.n_prompt} prompt tokens, population {a.popsize}, {a.iterations} iterations, train "
@@ -166,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                         + (f", alpha {a.alpha}" if a.alpha != 1.0 else ""),
             "command": "python benchmarks/sst2_tuning.py " + " ".join(sys.argv[1:] if argv is None else argv),
         }
+        plain = next((r for r in rows if r["run"] == "plaintext"), None)
+        for r in rows:
+            if plain is not None and r["mode"] == "mpc" and r["attention"] == plain["attention"]:
+                r["oracle"] = oracle_check(r, plain)
+                console.print(f"{r['run']} vs plaintext: {r['oracle']}")
         out.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")  # after every run: partial results
         out.with_suffix(".md").write_text(markdown(rows, header))
     console.print(f"results: {out} and {out.with_suffix('.md')}")
