@@ -411,3 +411,19 @@ def test_a_hello_that_overflows_the_decoder_is_refused_not_fatal(tmp_path):
     finally:
         s1.close()
         out["s0"].close()
+
+
+@pytest.mark.parametrize("value", [
+    torch.arange(-5, 5, dtype=torch.int64) * (2**61), torch.tensor([True, False, True]), torch.randn(3, 4).t(),
+    torch.zeros(0, 3, dtype=torch.int64), torch.arange(7, dtype=torch.uint8), torch.arange(5, dtype=torch.int32),
+])
+def test_wire_is_encode_and_owns_its_bytes(value: torch.Tensor) -> None:
+    """Frame.wire (the TCP send path, one payload copy) gives the bytes of Frame.encode for every dtype and
+    layout, and later in-place changes to the tensor do not reach the queued bytes."""
+    frame = tensor_frame(4, "w", value)
+    wire = frame.wire()
+    assert bytes(wire) == frame.encode()
+    before = bytes(wire)
+    if value.numel():
+        value.zero_() if value.dtype != torch.bool else value.logical_not_()
+    assert bytes(wire) == before

@@ -14,7 +14,7 @@ from helpers import split
 from secfwt import approx, ring
 from secfwt.comm.base import SERVER0, SERVER1
 from secfwt.context import FixedPoint
-from secfwt.correlations import check_request, compare_words, tree_width
+from secfwt.correlations import check_request, compare_words, even_bits, odd_bits, split_bits, tree_width
 from secfwt.errors import ProtocolMismatchError
 from secfwt.protocols.compare import ltz, ltz_select, range_bits, relu
 from secfwt.runtime import run_in_process
@@ -254,3 +254,22 @@ def test_low_bytes_round_trip_every_width() -> None:
         shifts = torch.arange(nb, dtype=torch.int64) * 8
         assert torch.equal(b, ((v.reshape(-1, 1) >> shifts) & 255).to(torch.uint8)), nb
         assert torch.equal(_from_low_bytes(b, nb), v & ((1 << (8 * nb)) - 1)), nb
+
+
+def _even_reference(v: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(v)
+    for i in range(32):
+        out |= ((v >> (2 * i)) & 1) << i
+    return out
+
+
+def test_bit_compaction_exact_on_edges_and_random_words() -> None:
+    """even_bits, odd_bits and the one-pass split_bits against a bit-by-bit reference (both signs, 0, -1,
+    the extreme words, alternating patterns)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-(2**63), 2**63 - 1, (4096,), generator=g, dtype=torch.int64)
+    x[:8] = torch.tensor([0, -1, 2**63 - 1, -(2**63), 1, -2, 0x5555555555555555, -0x5555555555555556])
+    odd, even = split_bits(x)
+    assert torch.equal(even, _even_reference(x)) and torch.equal(odd, _even_reference(x >> 1))
+    assert torch.equal(even_bits(x), even) and torch.equal(odd_bits(x), odd)
+    assert int(even.min()) >= 0 and int(odd.max()) < 2**32

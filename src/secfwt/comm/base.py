@@ -96,6 +96,24 @@ class Frame:
         p = self.payload()
         return _PREFIX.pack(MAGIC, len(h)) + h + _PAYLOAD_LEN.pack(len(p)) + p
 
+    def wire(self) -> bytes | memoryview:
+        """The same bytes as :meth:`encode`, with one copy of a tensor's payload instead of two: the frame is
+        assembled in one uninitialised buffer (no ``tobytes`` copy, no concatenation, no zero fill). The
+        tensor is copied here, so later in-place changes to it do not reach the wire."""
+        if self.kind != "tensor":
+            return self.encode()
+        assert self.tensor is not None
+        t = self.tensor.contiguous().reshape(-1)
+        nbytes = t.numel() * t.element_size()
+        h = self.header()
+        head = _PREFIX.pack(MAGIC, len(h)) + h + _PAYLOAD_LEN.pack(nbytes)
+        out = torch.empty(len(head) + nbytes, dtype=torch.uint8)
+        view = out.numpy().data
+        view[: len(head)] = head
+        if nbytes:
+            out[len(head) :] = t.view(torch.uint8)
+        return view
+
     @staticmethod
     def decode_header(raw: bytes) -> Frame:
         try:

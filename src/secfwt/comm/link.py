@@ -44,7 +44,7 @@ class Link:
         self.peak_held = 0
         self.reader = FrameReader(f"{owner}: message from {self.pname}", max_payload)
         self._paused = False
-        self._out: deque[bytes] = deque()
+        self._out: deque[bytes | memoryview] = deque()
         self._cur: memoryview | None = None
         self._lock = threading.Lock()
         self._idle = threading.Event()
@@ -59,7 +59,7 @@ class Link:
         self.thread.start()
 
     # -- called from party threads ---------------------------------------------------------------
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         """Queue ``data`` for sending; raises PeerClosedError if the connection is already broken."""
         with self._lock:
             if self._dead is not None:

@@ -420,7 +420,7 @@ class TcpCommunicator(Communicator):
         return link
 
     def _send_frame(self, peer: int, frame: Frame) -> None:
-        self._link(peer).send(frame.encode())
+        self._link(peer).send(frame.wire())
 
     def _recv_frame(self, peer: int, timeout: float) -> Frame:
         return self._link(peer).get(timeout)

@@ -66,8 +66,8 @@ from torch import Tensor
 from secfwt import ring
 from secfwt.comm.base import SERVER0
 from secfwt.context import PartyContext
-from secfwt.correlations import pack_fields, tree_width
-from secfwt.dealer import compare_words, even_bits, odd_bits, word_bits
+from secfwt.correlations import pack_fields, split_bits, tree_width
+from secfwt.dealer import compare_words, odd_bits, word_bits
 from secfwt.protocols.arith import mul_aa
 from secfwt.share import AShare, add, add_public, cat, open_, open_many, stack, sub
 
@@ -203,7 +203,7 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int, bits: int,
     tc = m["t"][3:] if s0 else m["tc"].to(torch.int64)
 
     # Level 1 (local): pairs (2j+1, 2j) -> bit j of a (w/2)-bit field per element, 64 / w fields per 32 bits.
-    ch, cl, rh, rl = odd_bits(cw), even_bits(cw), odd_bits(rb), even_bits(rb)
+    (ch, cl), (rh, rl) = split_bits(cw), split_bits(rb)
     nch, ncl = ~ch & _M32, ~cl & _M32
     g = (nch & rh) ^ (ncl & ((nch & rl) ^ q))  # G_hi XOR P_hi G_lo
     p = (nch & rl) ^ (ncl & rh) ^ q  # P_hi P_lo, public term below
@@ -228,7 +228,7 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int, bits: int,
         ta, tb1, tb2 = (t[i, off : off + size] for i in range(3))
         tc1, tc2 = (tc[i, off : off + size] for i in range(2))
         off += size
-        gh, gl, ph, pl = (_merge(h) for h in (odd_bits(g), even_bits(g), odd_bits(p), even_bits(p)))
+        gh, gl, ph, pl = (_merge(h) for h in (*split_bits(g), *split_bits(p)))
         e, f1, f2 = open_many(ctx, [ph ^ ta, gl ^ tb1, pl ^ tb2], f"ltz/tree{lv}", xor=True)
         z1 = tc1 ^ (e & tb1) ^ (f1 & ta)
         z2 = tc2 ^ (e & tb2) ^ (f2 & ta)
@@ -241,7 +241,8 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int, bits: int,
     # Level 6 fused with boolean -> arithmetic: G = g XOR (p AND q) from masked bits (step 4). Each word
     # now holds 32 elements' 2-bit fields; the opened bits are sent as int32 (1 bit per element).
     fb = m["fb"] & _M32
-    masked = torch.stack([odd_bits(g) ^ fb[0], odd_bits(p) ^ fb[1], even_bits(g) ^ fb[2]]).to(torch.int32)
+    g_hi, g_lo = split_bits(g)
+    masked = torch.stack([g_hi ^ fb[0], odd_bits(p) ^ fb[1], g_lo ^ fb[2]]).to(torch.int32)
     opened = open_(ctx, masked, "ltz/root", xor=True).to(torch.int64) & _M32
     mg, e, f = word_bits(opened, n)
     # G = mg + g1 (e f + (1 - 2 e f) s + p1 f a' + e q1 b' + p1 q1 ab') with g1, p1, q1 = 1 - 2 (opened bit)
