@@ -152,6 +152,37 @@ def test_preload_moves_references_inside_the_recording() -> None:
     assert res.costs[SERVER1].by_top_level()["online"].dealer_wait_s == 0.0
 
 
+def test_preloaded_fixed_weight_product_is_exact_and_precomputed() -> None:
+    """A preloaded fixed-weight product gets A_i F^T in the offline phase (``af`` in the material) and its
+    result on the ring is exactly the integer product x W^T (and x W), with wraparound: nothing changes but
+    where the work is done."""
+    from secfwt.protocols.arith import fix_weight, matmul_fixed
+
+    g = torch.Generator().manual_seed(9)
+    xi = torch.randint(-(2**63), 2**63 - 1, (3, 5, 8), generator=g, dtype=torch.int64)
+    wi = torch.randint(-(2**63), 2**63 - 1, (8, 8), generator=g, dtype=torch.int64)
+    xs = torch.randint(-(2**63), 2**63 - 1, xi.shape, generator=g, dtype=torch.int64)
+    ws = torch.randint(-(2**63), 2**63 - 1, wi.shape, generator=g, dtype=torch.int64)
+
+    def prog(ctx: Any) -> list[torch.Tensor]:
+        x = AShare(xi - xs if ctx.rank == SERVER0 else xs, 0)
+        w = fix_weight(ctx, AShare(wi - ws if ctx.rank == SERVER0 else ws, 0))
+        out = []
+        for transpose in (True, False):
+            ctx.dealer.record()
+            matmul_fixed(ctx, x, w, transpose=transpose, out_scale=0)
+            reqs = ctx.dealer.recorded()
+            ctx.dealer.preload(reqs)
+            assert "af" in ctx.dealer._ahead[0][1].material
+            out.append(reveal(ctx, matmul_fixed(ctx, x, w, transpose=transpose, out_scale=0)))
+        return out
+
+    res = run_in_process({SERVER0: prog, SERVER1: prog})
+    for r in (SERVER0, SERVER1):
+        got_t, got_n = res[r]
+        assert torch.equal(got_t, ring.matmul(xi, wi.t())) and torch.equal(got_n, ring.matmul(xi, wi))
+
+
 def test_preload_refuses_another_sequence_and_unused_requests() -> None:
     def other(ctx: Any) -> None:
         ctx.dealer.record()

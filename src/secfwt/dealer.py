@@ -67,7 +67,10 @@ request is the one preloaded at its index (else :class:`~secfwt.errors.ProtocolM
 already served the preloaded one, so the session cannot go on). Nothing new is sent: the same request and answer
 frames in the same order, only earlier; the request log and its checkpoints advance when a request is *used*,
 exactly as without preloading, so the binding and the log check are unchanged. A preloaded request never used
-fails the final log check; :meth:`DealerClient.close` names it first.
+fails the final log check; :meth:`DealerClient.close` names it first. Preloading also runs the servers' own
+input-independent work on the material (:meth:`DealerClient.derive`): a fixed-weight product's A_i F^T is
+computed then, so the online phase does one ring matmul per linear layer instead of two (the offline/online
+split of Delphi, Mishra et al. 2020, there with HE; here the mask comes from the dealer).
 
 The kinds, their parameters and the layout of their corrections: :mod:`secfwt.correlations`.
 """
@@ -79,7 +82,7 @@ import hmac
 import json
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from secfwt.comm.base import DEALER, PARTY_NAMES, SERVER0, SERVER1, Communicator
@@ -155,6 +158,9 @@ def _digest_of(msg: Any, n: int, sender: int, who: str) -> bytes:
     except (TypeError, KeyError, ValueError) as e:
         raise ProtocolMismatchError(
             f"{who}: malformed request-log check #{n} from {PARTY_NAMES[sender]}: {e}") from None
+
+
+Derivation = Callable[[dict[str, Any], Material], Material]
 
 
 class Pending:
@@ -234,6 +240,14 @@ class DealerClient:
         self._tags: dict[int, str] = {}  # server 1: the dealer's log tags, not yet forwarded to server 0
         self._record: Recording | None = None  # requests made while recording
         self._ahead: deque[tuple[bytes, Pending]] = deque()  # preloaded requests, not used yet
+        self._derive: dict[tuple[str, int], Derivation] = {}  # local precomputation of preloaded requests
+
+    def derive(self, kind: str, ref: int, fn: Derivation) -> None:
+        """Register input-independent local work for preloaded requests of ``kind`` that name request ``ref``
+        (their ``wid``): :meth:`preload` adds ``fn(params, material)`` to such a request's material in the
+        offline phase (e.g. A_i F^T of a fixed-weight product, :func:`secfwt.protocols.arith.fix_weight`).
+        It reads only this server's own material and public values: nothing is sent."""
+        self._derive[(kind, ref)] = fn
 
     def request(self, kind: str, **params: Any) -> Pending:
         """Ask for one correlation; returns at once (server 1's corrections are read on ``get()``)."""
@@ -289,7 +303,11 @@ class DealerClient:
                 params = _rebase(params, base, self.index - base)
             canon, layout = check_request(kind, params, index, self.comm.name)
             line = canonical_request(index, kind, canon)
-            self._ahead.append((line, self._issue(index, kind, canon, layout, line)))
+            pend = self._issue(index, kind, canon, layout, line)
+            fn = self._derive.get((kind, int(canon.get("wid", -1))))
+            if fn is not None:
+                pend.material.update(fn(canon, pend.material))
+            self._ahead.append((line, pend))
             index += 1
         while self._queue:
             self._queue.popleft()._fill()

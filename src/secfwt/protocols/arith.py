@@ -144,7 +144,10 @@ def fix_weight(ctx: PartyContext, w: AShare) -> FixedShare:
         pend = ctx.dealer.request("wmask", shape=list(w.shape))
         wid = ctx.dealer.index - 1
         opened = open_(ctx, w.data - pend.get()["b"], "fix_weight")
-        return FixedShare(w.data, w.scale, opened, wid)
+        fixed = FixedShare(w.data, w.scale, opened, wid)
+        ctx.dealer.derive("wmatmul", wid, lambda p, m: {
+            "af": ring.matmul(m["a"], fixed.right_operands(bool(p["transpose"]))[1])})
+        return fixed
 
 
 def matmul_fixed(ctx: PartyContext, x: AShare, w: FixedShare, transpose: bool = True,
@@ -157,7 +160,9 @@ def matmul_fixed(ctx: PartyContext, x: AShare, w: FixedShare, transpose: bool = 
     Cost: 1 round (+1 truncation); 8|x| bytes per server (the weight is not re-opened); dealer -> server 1:
     8|z|. Local compute: 2 exact ring matmuls per server, as :func:`matmul_aa`, with W_i and F prepared once
     for the session (:class:`secfwt.ring.RightOperand`: the int64 matrix, its limbs only where the limb kernel
-    is the faster one on the machine).
+    is the faster one on the machine). A_i @ F^T does not depend on the input: when the request was preloaded
+    (:meth:`secfwt.dealer.DealerClient.preload`, the offline phase) it was computed then (``af``), and the
+    online phase does 1 matmul.
     Exact on the ring; valid range as :func:`mul_aa`.
     """
     with ctx.cost.scope("matmul"):
@@ -167,7 +172,8 @@ def matmul_fixed(ctx: PartyContext, x: AShare, w: FixedShare, transpose: bool = 
         e = open_(ctx, x.data - mat["a"], "matmul")
         full = pend.get()
         wt, ft = w.right_operands(transpose)
-        z = full["c"] + ring.matmul(e, wt) + ring.matmul(full["a"], ft)
+        af = full.get("af")
+        z = full["c"] + ring.matmul(e, wt) + (af if af is not None else ring.matmul(full["a"], ft))
         return _finish(ctx, z, x.scale + w.scale, out_scale)
 
 
