@@ -1,8 +1,11 @@
 """One authenticated peer connection and the I/O thread that owns it (:mod:`secfwt.comm.tcp` builds them).
 
-The thread is the only one that touches the TLS object: it drains the socket into the link's inbox of decoded
-frames and writes queued outgoing frames, both without blocking, and stops reading while the inbox holds more
-than ``inbox_bytes`` (back-pressure; see the module docstring of :mod:`secfwt.comm.tcp`).
+The thread drains the socket into the link's inbox of decoded frames and writes queued outgoing frames, both
+without blocking, and stops reading while the inbox holds more than ``inbox_bytes`` (back-pressure; see the
+module docstring of :mod:`secfwt.comm.tcp`). A send that finds nothing queued writes its frame itself, without
+blocking, and hands only what the socket did not take to the thread: no wake-up and no thread switch on the
+common path of a round (measured: waking the thread was 10 % of a server's online CPU samples in an encoder
+layer). Every call into the TLS object holds ``_io``, so it is never used by two threads at once.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class Link:
         self._out: deque[bytes | memoryview] = deque()
         self._cur: memoryview | None = None
         self._lock = threading.Lock()
+        self._io = threading.Lock()  # held around every call into the TLS object
+        self._writing = False  # a party thread is writing a frame directly (the queue waits behind it)
         self._idle = threading.Event()
         self._idle.set()
         self._stop = threading.Event()
@@ -60,13 +65,46 @@ class Link:
 
     # -- called from party threads ---------------------------------------------------------------
     def send(self, data: bytes | memoryview) -> None:
-        """Queue ``data`` for sending; raises PeerClosedError if the connection is already broken."""
+        """Send ``data`` without blocking: written at once when nothing is queued before it (what the socket does
+        not take goes to the I/O thread), else queued; raises PeerClosedError if the connection is already
+        broken (a break found while writing is reported by the I/O thread, as for queued frames)."""
         with self._lock:
             if self._dead is not None:
                 raise PeerClosedError(f"{self.owner}: cannot send to {self.pname}: {self._dead}")
-            self._out.append(data)
             self._idle.clear()
-        self._wake()
+            direct = not self._out and self._cur is None and not self._writing
+            if direct:
+                self._writing = True
+            else:
+                self._out.append(data)
+        if not direct:
+            self._wake()
+            return
+        rest: memoryview | None = memoryview(data)
+        try:
+            with self._io:
+                rest = self._write_now(memoryview(data))
+        except (ssl.SSLError, OSError):
+            pass  # the I/O thread's own write finds the broken connection and reports it
+        with self._lock:
+            self._writing = False
+            if rest is not None and self._dead is None:
+                self._out.appendleft(rest)
+            pending = bool(self._out)
+            if not pending and self._cur is None:
+                self._idle.set()
+        if pending:
+            self._wake()
+
+    def _write_now(self, view: memoryview) -> memoryview | None:
+        """Write what the socket takes now (caller holds ``_io``); the unwritten rest, or None when all went."""
+        while view:
+            try:
+                n = self.sock.send(view[:_WRITE_CHUNK])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return view
+            view = view[n:]
+        return None
 
     def get(self, timeout: float) -> Frame:
         """The next frame; raises PeerTimeoutError after ``timeout`` s, or the link's error once broken."""
@@ -142,8 +180,9 @@ class Link:
                     if key.fileobj is self._wake_r:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
-                more = self._pump_read()
-                self._pump_write()
+                with self._io:
+                    more = self._pump_read()
+                    self._pump_write()
         except CommError as e:
             self._fail(e)
         except (ssl.SSLError, OSError) as e:
@@ -194,6 +233,8 @@ class Link:
         while True:
             if self._cur is None:
                 with self._lock:
+                    if self._writing:  # a party thread is writing: what is queued goes after its frame
+                        return
                     if not self._out:
                         self._idle.set()
                         return
