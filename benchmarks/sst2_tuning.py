@@ -171,6 +171,7 @@ def _commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    commit = _commit()  # at the start: the party processes import the code as it is now
     names = [n.strip() for n in a.runs.split(",") if n.strip()]
     bad = [n for n in names if n not in RUNS]
     if bad:
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(table(rows))
         header = {
             "task": a.task, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
-            "commit": _commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+            "commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
             f"load average {os.getloadavg()[0]:.1f}",
             "settings": f"{a.model or 'all-MiniLM-L6-v2'}, k={a.k} per class, data seed {a.seed}, d={a.d}, "
                         f"{a.n_prompt} prompt tokens, population {a.popsize}, {a.iterations} iterations, train "
