@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -247,29 +248,43 @@ def _ltz(ctx: PartyContext, xf: Tensor, k: int, bits: int,
     mg, e, f = word_bits(opened, n)
     # G = mg + g1 (e f + (1 - 2 e f) s + p1 f a' + e q1 b' + p1 q1 ab') with g1, p1, q1 = 1 - 2 (opened bit)
     # and x' = x (1 - 2 s) (step 4): four public coefficients times the dealer's four monomials.
-    g1, ef = 1 - 2 * mg, e * f
+    g1, ef = 1 - 2 * mg, e * f  # int8 (word_bits): values in {-1, 0, 1} until they meet ring elements
     p1g, q1 = g1 - 2 * e * g1, 1 - 2 * f
-    coef = (g1 - 2 * ef * g1, p1g * f, (e * g1) * q1, p1g * q1)
-    mono = m["mono"]  # s, a (1 - 2 s), b (1 - 2 s), ab (1 - 2 s)
-    out = coef[0] * mono[0]
-    for j in range(1, 4):
-        out += coef[j] * mono[j]
+    coef = (g1 - 2 * ef * g1, p1g * f, e * g1 * q1, p1g * q1)
     const = mg + g1 * ef
-    if s0:
-        out += const
+    out = _combine(const if s0 else None, coef, m["mono"])  # mono: s, a (1 - 2 s), b (1 - 2 s), ab (1 - 2 s)
     if not k:
         return out, None
-    coef_k = torch.stack([c[:k] for c in coef])
+    coef_k, const_k = [cf[:k] for cf in coef], const[:k]
     monor = m["monor"]
     if bits == 64:
         # b x = b c - b r, b r = const r + sum_j coef_j (mono_j r) (dealer shares of mono_j r).
-        br = const[:k] * pend.material["r"][:k] + (coef_k * monor).sum(0)
-        return out, out[:k] * c[:k] - br
+        br = _combine(None, coef_k, monor)
+        br += pend.material["r"][:k] * const_k
+        prod = out[:k] * c[:k]
+        prod -= br
+        return out, prod
     # b x = b c_s - b r + 2^l c_t (b r_t) (ltz_select's docstring); rows: r, mono r, r_t, mono r_t.
-    br = const[:k] * monor[0] + (coef_k * monor[1:5]).sum(0)
-    brt = const[:k] * monor[5] + (coef_k * monor[6:10]).sum(0)
-    ct = c[:k] >> (bits - 1)
-    return out, out[:k] * (c[:k] - (ct << bits)) - br + ((ct << bits) * brt)
+    br = _combine(None, coef_k, monor[1:5])
+    br += monor[0] * const_k
+    brt = _combine(None, coef_k, monor[6:10])
+    brt += monor[5] * const_k
+    cts = (c[:k] >> (bits - 1)) << bits
+    prod = out[:k] * (c[:k] - cts)
+    prod -= br
+    brt *= cts
+    prod += brt
+    return out, prod
+
+
+def _combine(const: Tensor | None, coef: Sequence[Tensor], rows: Tensor) -> Tensor:
+    """sum_j coef_j rows_j (+ const): small public coefficients (int8) times ring rows, accumulated in place."""
+    acc = rows[0] * coef[0]
+    for j in range(1, len(coef)):
+        acc += rows[j] * coef[j]
+    if const is not None:
+        acc += const
+    return acc
 
 
 def ltz_select_shifted(ctx: PartyContext, x: AShare, shifts: list[float], rows: int,
