@@ -28,8 +28,8 @@ wall time is then ``offline_time_s``), and time the second, identical forward, w
 hand (an engine without preloading, as ``benchmarks/before_after.py --preload`` runs an old commit, runs the same
 untimed first forward, so both time a second forward of the session). One exchange between the servers
 just before the timed forward lets both start it together (as benchmarks/compare does): without it, the server
-that ends its offline phase first timed its wait for the other (up to 2 s here, 2026-12-05). Rows also name the CPU model and the
-servers' torch threads. Fields an older engine cannot give are None.
+that ends its offline phase first timed its wait for the other (up to 2 s here, 2026-12-05). Rows also name the
+CPU model and the servers' torch threads. Fields an older engine cannot give are None.
 
 Weights: as the model server does once per session (:meth:`secfwt.nn.mpc.MpcBackend.fix_matrix`), every weight
 matrix's Beaver mask is fixed and W - B opened once before the timed forward; that session setup is reported as
