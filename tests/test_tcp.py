@@ -228,3 +228,28 @@ def test_malformed_frames(pair: dict[int, TcpCommunicator], raw: bytes, match: s
     with pytest.raises(ProtocolMismatchError, match=match):
         pair[SERVER1].recv(SERVER0, "a")
     assert time.monotonic() - t0 < 1.0
+
+
+def test_direct_writes_and_queued_rest_keep_frame_order(pair: dict[int, TcpCommunicator]) -> None:
+    """A send writes its frame itself when nothing is queued and hands what the socket did not take to the I/O
+    thread; later sends queue behind that rest. Mixed large (several MB: the socket takes only part) and small
+    frames from both sides at once, nothing read until all are sent: every frame arrives whole and in order."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [3, 2_000_000, 1, 5, 700_000, 0, 9, 1_200_000, 2, 4]
+    frames = {r: [torch.randint(-(2**63), 2**63 - 1, (n,), generator=g, dtype=torch.int64) for n in sizes]
+              for r in pair}
+    got: dict[int, list[torch.Tensor]] = {}
+
+    def run(r: int) -> None:
+        for i, v in enumerate(frames[r]):
+            pair[r].send(1 - r, f"m{i}", v)
+        got[r] = [pair[r].recv(1 - r, f"m{i}", shape=(n,)) for i, n in enumerate(sizes)]
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in pair]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for r in pair:
+        assert len(got[r]) == len(sizes)
+        assert all(torch.equal(a, b) for a, b in zip(got[r], frames[1 - r], strict=True))
