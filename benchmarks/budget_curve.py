@@ -282,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if all((task_name, seed, st, a.attention) in done for st in a.strategies.split(",")):
                 continue
             data = load_task_data(get_task(task_name), a.data_root, k=a.k, seed=seed, max_eval=a.max_eval)
-            spec = RunSpec(task=task_name, model=a.model, mode="plaintext", k=a.k, seed=seed,
+            spec = RunSpec(task=task_name, model=a.model, mode="plaintext", attention={"kind": "softmax"}, k=a.k,
+                           seed=seed,
                            max_length=a.max_length, progress=False)
 
             def job(ev: Any, data: Any = data, task_name: str = task_name, seed: int = seed) -> None:

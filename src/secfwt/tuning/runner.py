@@ -43,7 +43,7 @@ class RunSpec:
     task: str = "demo"
     model: str = ""  # model directory; "" = the bundled all-MiniLM-L6-v2
     mode: str = "mpc"  # "mpc" | "plaintext"
-    attention: dict[str, Any] = field(default_factory=lambda: {"kind": "rfa"})
+    attention: dict[str, Any] = field(default_factory=lambda: {"kind": "softmax"})  # as `secfwt tune`'s default
     embedding: str = "local"
     head: str = "auto"
     k: int | None = None  # examples per class; None: 16, or fewer when the task's data is smaller
