@@ -58,3 +58,16 @@ def test_tune_cli_defaults_are_the_budget_curve_choice() -> None:
     assert cfg == CLI_DEFAULTS
     # 31 generations of 6 x 8 train forwards + 32 dev, plus the zero-shot dev floor: within 1 % of BBT's budget
     assert cfg.max_iterations * (cfg.popsize * 8 + 32) + 32 <= 2560
+
+
+def test_run_spec_attention_default_is_the_cli_default() -> None:
+    """A RunSpec built in code (benchmarks) runs the attention `secfwt tune` runs by default: softmax."""
+    import argparse
+
+    from secfwt.cli.tune_cmd import add_mpc_arguments
+    from secfwt.tuning.runner import RunSpec
+
+    assert RunSpec().attention == {"kind": "softmax"}
+    p = argparse.ArgumentParser()
+    add_mpc_arguments(p)
+    assert p.parse_args([]).attention == RunSpec().attention["kind"]
