@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/before_after.py [--base REV] [--new REV] [--repeats 2] [--ops ltz,mul]
       python benchmarks/before_after.py --bench forward [--base REV]   # minilm, softmax, 128 tokens
+      python benchmarks/before_after.py --bench demo [--base REV]      # `secfwt demo`, a whole private tuning run
 
 A temporary ``git worktree`` of ``REV`` (default ``HEAD~1``; with ``--new``, one of that commit too, else the
 work tree as it is, uncommitted changes included) is made; the benchmark script of the *current* tree
@@ -12,6 +13,9 @@ sides alike. One table: per row, the bytes and rounds of each side (exact counts
 repeats, else the row says so) with their ratio, and the median time of each side with the ratio new / base;
 the CPU model and both commits in the header. Fields a base engine does not measure (online/offline split) are
 printed as "-". The table and every run's rows go to ``benchmarks/results/before_after-<base>-<new>.json``.
+``--bench demo`` runs each side's own ``secfwt demo`` (the CLI lives in ``src``: compare commits whose demo
+defaults agree) and takes one row from its report (the whole run's time, bytes, rounds, offline/online split)
+plus the process's wall time.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KEYS_EXACT = ("bytes_per_server", "rounds", "offline_bytes")  # exact counts
-KEYS_TIME = ("time_s", "online_time_s", "offline_time_s")  # medians, compared as ratios
+KEYS_TIME = ("time_s", "online_time_s", "offline_time_s", "wall_s")  # medians, compared as ratios
 
 
 def _git(*args: str, cwd: Path = ROOT) -> str:
@@ -57,6 +61,8 @@ def row_key(row: dict[str, Any]) -> str:
     """A row's name: the op (engine_ops) or model/attention/BxT (forward)."""
     if "op" in row:
         return str(row["op"])
+    if "task" in row:
+        return f"demo/{row['task']}/{row.get('attention')}"
     return f"{row.get('model')}/{row.get('attention')}/{row.get('batch')}x{row.get('seq')}"
 
 
@@ -102,7 +108,8 @@ def _ratio(new: Any, base: Any) -> str:
 
 COLUMNS = (("bytes_per_server", "MB sent/server", "bytes"), ("rounds", "rounds", "int"),
            ("offline_bytes", "offline MB", "bytes"), ("time_s", "time s", "time"),
-           ("online_time_s", "online s", "time"), ("offline_time_s", "offline s", "time"))
+           ("online_time_s", "online s", "time"), ("offline_time_s", "offline s", "time"),
+           ("wall_s", "process wall s", "time"))
 
 
 def table(base: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> str:
@@ -120,25 +127,34 @@ def table(base: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> st
     return "\n".join(lines) + "\n"
 
 
-def _command(bench: str, ops: str, out: Path, preload: bool = False) -> list[str]:
+def _command(bench: str, ops: str, out: Path, preload: bool = False, prefetch: bool = False) -> list[str]:
+    if bench == "demo":
+        return [sys.executable, "-m", "secfwt", "demo", "--quiet", "--out", str(out.parent / out.stem),
+                "--report", str(out), "--save-prompt", str(out.with_suffix(".prompt.safetensors"))]
     if bench == "engine_ops":
         return [sys.executable, str(HERE / "engine_ops.py"), "--mode", "process", "--ops", ops, "--repeats", "1",
                 "--out", str(out)]
     return [sys.executable, str(HERE / "forward.py"), "--models", "minilm", "--attention", "softmax", "--seq", "128",
-            "--repeats", "1", "--out", str(out)] + (["--preload"] if preload else [])
+            "--repeats", "1", "--out", str(out)] + (["--preload"] if preload else []) \
+        + (["--prefetch"] if prefetch else [])
 
 
-def run_side(src: Path, bench: str, ops: str, out: Path, preload: bool = False) -> dict[str, Any]:
+def run_side(src: Path, bench: str, ops: str, out: Path, preload: bool = False,
+             prefetch: bool = False) -> dict[str, Any]:
     """One run of the benchmark with the engine at ``src``; its JSON."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(src)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = _command(bench, ops, out, preload)
+    cmd = _command(bench, ops, out, preload, prefetch)
     print(f"before_after: {src}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, check=False)
+    wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"before_after: the benchmark failed with the engine at {src} (exit {proc.returncode})")
     data: dict[str, Any] = json.loads(out.read_text())
+    if bench == "demo":  # the demo's report is one row (its whole run); "wall" is what a user waits
+        data = {"rows": [{**data, "wall_s": wall}], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     return data
 
 
@@ -146,12 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="HEAD~1", help="the commit to compare against (default HEAD~1)")
     ap.add_argument("--new", default=None, help="a commit to run as 'new' (default: this work tree, as it is)")
-    ap.add_argument("--bench", choices=["engine_ops", "forward"], default="engine_ops")
+    ap.add_argument("--bench", choices=["engine_ops", "forward", "demo"], default="engine_ops")
     ap.add_argument("--ops", default="ltz,mul", help="engine_ops: comma list of ops")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side (alternating)")
     ap.add_argument("--preload", action="store_true",
                     help="forward: time a second forward of the session, its dealer material preloaded where the "
                          "engine can (an engine that cannot runs an untimed first forward instead)")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="forward: time a second forward of the session with the dealer running ahead where the "
+                         "engine can (else a plain second forward): the whole cost, dealer included")
     ap.add_argument("--out", default=None, help="JSON (default benchmarks/results/before_after-<base>-<new>.json)")
     a = ap.parse_args(argv)
     base_rev = _git("rev-parse", "--short", a.base)
@@ -173,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i in range(a.repeats):
                 for side in ("base", "new"):
                     runs[side].append(run_side(trees[side] / "src", a.bench, a.ops, Path(tmp) / f"{side}-{i}.json",
-                                                   a.preload))
+                                                   a.preload, a.prefetch))
         finally:
             for wt in made:
                 _git("worktree", "remove", "--force", str(wt))

@@ -1,7 +1,7 @@
 """Full private forward of an encoder, real processes over TLS: time, bytes and rounds per server (issue 3).
 
 Run:  python benchmarks/forward.py [--models bert-base,minilm] [--attention softmax,rfa] [--seq 128] [--batch 1]
-                                   [--preload] [--out benchmarks/results/forward.json]
+                                   [--preload | --prefetch] [--out benchmarks/results/forward.json]
 
 Models: ``bert-base`` = a BERT-base-sized encoder (``transformers.BertConfig()`` defaults: 12 layers, hidden
 768, 12 heads, FFN 3072, vocab 30522) with random weights built from the config (seeded, saved once under
@@ -26,7 +26,11 @@ is an upper bound). ``--preload`` measures that phase for real: the servers run 
 recording the dealer requests, preload them (:meth:`secfwt.dealer.DealerClient.preload`: the offline phase, its
 wall time is then ``offline_time_s``), and time the second, identical forward, which finds every correction at
 hand (an engine without preloading, as ``benchmarks/before_after.py --preload`` runs an old commit, runs the same
-untimed first forward, so both time a second forward of the session). One exchange between the servers
+untimed first forward, so both time a second forward of the session). ``--prefetch`` times the second forward
+with the dealer running ahead instead (:meth:`secfwt.dealer.DealerClient.prefetch`, as a tuning session does
+from a command's second run on): no offline phase, the dealer's generation overlaps the servers' work, and
+``time_s`` is the whole cost of a forward on the machine (an engine without prefetching times a plain second
+forward). One exchange between the servers
 just before the timed forward lets both start it together (as benchmarks/compare does): without it, the server
 that ends its offline phase first timed its wait for the other (up to 2 s here, 2026-12-05). Rows also name the
 CPU model and the servers' torch threads. Fields an older engine cannot give are None.
@@ -167,7 +171,9 @@ def server(ctx: PartyContext) -> dict[str, Any]:
     mask = torch.ones(b, t)
     dealer = ctx.dealer
     preload = bool(spec.get("preload")) and hasattr(dealer, "preload")
-    if not preload and spec.get("preload"):  # an engine without preloading: the same untimed first forward
+    prefetch = bool(spec.get("prefetch")) and hasattr(dealer, "prefetch")
+    if (spec.get("preload") and not preload) or (spec.get("prefetch") and not prefetch):
+        # an engine without preloading (prefetching): the same untimed first forward
         with ctx.cost.scope("warmup"):
             enc.forward(be, x, mask)
     if preload:  # the offline phase: record one forward's requests, then preload them for the timed one
@@ -178,6 +184,12 @@ def server(ctx: PartyContext) -> dict[str, Any]:
         requests = dealer.recorded()
         with ctx.cost.scope("offline"):
             dealer.preload(requests)
+    if prefetch:  # record one forward's requests; the timed one prefetches them (the dealer runs ahead)
+        assert dealer is not None
+        dealer.record()
+        with ctx.cost.scope("record"):
+            enc.forward(be, x, mask)
+        requests = dealer.recorded()
     # Both servers start the timed forward together: the offline phase (or the untimed first forward) ends at
     # different times on the two servers (server 1 waits for the dealer's corrections, server 0 draws its
     # material locally), and without this exchange the earlier one's timed forward would include waiting for
@@ -185,6 +197,8 @@ def server(ctx: PartyContext) -> dict[str, Any]:
     with ctx.cost.scope("sync"):
         open_(ctx, torch.zeros(1, dtype=torch.int64), "sync")
     with ctx.cost.scope("forward"):
+        if prefetch:
+            dealer.prefetch(requests)
         out = enc.forward(be, x, mask).hidden  # (B, T, H)
     reveal_to(ctx, out, OWNER, tag="hidden")
     tops = ctx.cost.by_top_level()
@@ -197,7 +211,7 @@ def server(ctx: PartyContext) -> dict[str, Any]:
             "dealer_recv_bytes": getattr(fwd, "dealer_recv_bytes", None),
             "offline_s": tops["offline"].time_s if preload else None,
             "offline_dealer_bytes": getattr(tops["offline"], "dealer_recv_bytes", None) if preload else None,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "prefetch": prefetch}
 
 
 def _owner(embeds: Tensor) -> Any:
@@ -209,7 +223,7 @@ def _owner(embeds: Tensor) -> Any:
 
 
 def run_private(shares: Path, attention: dict[str, Any], embeds: Tensor, timeout: float,
-                preload: bool = False) -> tuple[Any, Tensor, float]:
+                preload: bool = False, prefetch: bool = False) -> tuple[Any, Tensor, float]:
     """One private forward with server0, server1 and the dealer as processes; returns (results and cost
     ledgers of the processes, output, owner wall seconds)."""
     from secfwt.launch import PartyProcesses, load_parties_config, write_local_config
@@ -217,7 +231,7 @@ def run_private(shares: Path, attention: dict[str, Any], embeds: Tensor, timeout
 
     b, t, _ = embeds.shape
     env = {SPEC_ENV: json.dumps({"shares": str(shares), "attention": attention, "B": b, "T": t,
-                                 "preload": preload})}
+                                 "preload": preload, "prefetch": prefetch})}
     with tempfile.TemporaryDirectory(prefix="secfwt-forward-") as tmp:
         try:  # a loaded machine can starve the parties' start-up: a generous connection window
             config = write_local_config(Path(tmp), timeout=timeout, connect_timeout=180.0)
@@ -273,7 +287,8 @@ def split_fields(s0: dict[str, Any], s1: dict[str, Any], dealer_cost: Any) -> di
 
 
 def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeats: int, timeout: float,
-              on_row: Callable[[dict[str, Any]], None], preload: bool = False) -> list[dict[str, Any]]:
+              on_row: Callable[[dict[str, Any]], None], preload: bool = False,
+              prefetch: bool = False) -> list[dict[str, Any]]:
     model_dir = MODELS[name]()
     enc = Encoder.from_pretrained(model_dir)
     ids = input_ids(batch, seq, enc.config.vocab_size)
@@ -292,7 +307,7 @@ def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeat
         ref = e.forward(PlainBackend(), embeds, mask).hidden
         plain64 = time.perf_counter() - s
         print(f"  {att}: private forward ...", file=sys.stderr, flush=True)
-        res, out, wall = run_private(shares, ATTENTIONS[att], embeds, timeout, preload)
+        res, out, wall = run_private(shares, ATTENTIONS[att], embeds, timeout, preload, prefetch)
         err = float((out - ref).abs().max())
         if err > TOLERANCE[att]:
             raise SystemExit(f"forward: {name}/{att}: max abs error {err:.3g} exceeds {TOLERANCE[att]}; "
@@ -311,6 +326,7 @@ def run_model(name: str, attentions: Sequence[str], batch: int, seq: int, repeat
             "lan_s": LAN.project(t, max(s0["bytes"], s1["bytes"]), max(s0["rounds"], s1["rounds"])),
             "wan_s": WAN.project(t, max(s0["bytes"], s1["bytes"]), max(s0["rounds"], s1["rounds"])),
             **split_fields(s0, s1, res.costs.get(DEALER)),
+            "prefetch": bool(s1.get("prefetch")),
         })
         print(f"  {att}: {t:.1f} s, {rows[-1]['bytes_per_server'] / 1e9:.2f} GB/server, {rows[-1]['rounds']} "
               f"rounds, err {err:.1e}", file=sys.stderr, flush=True)
@@ -357,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/forward.json")
     ap.add_argument("--preload", action="store_true",
                     help="time a second forward whose dealer material was preloaded (a real offline phase)")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="time a second forward with the dealer running ahead (its requests prefetched; no offline "
+                         "phase: the time includes the dealer's generation)")
     a = ap.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     atts = [x.strip() for x in a.attention.split(",") if x.strip()]
@@ -390,7 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"`{header['command']}`\n\n" + markdown(rows))
 
     for m in models:
-        run_model(m, atts, a.batch, a.seq, a.repeats, a.timeout, save, a.preload)
+        if a.preload and a.prefetch:
+            raise SystemExit("forward: --preload and --prefetch are two ways to time the second forward: pick one")
+        run_model(m, atts, a.batch, a.seq, a.repeats, a.timeout, save, a.preload, a.prefetch)
     print(markdown(rows))
     print(f"results: {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0

@@ -199,8 +199,93 @@ def test_preload_refuses_another_sequence_and_unused_requests() -> None:
         _work(ctx, 100)
         ctx.dealer.preload(ctx.dealer.recorded())
 
-    with pytest.raises(ProtocolMismatchError, match="preloaded dealer requests .* were never used"):
+    with pytest.raises(ProtocolMismatchError, match="preloaded or prefetched dealer requests .* were never used"):
         run_in_process({SERVER0: unused, SERVER1: unused}, timeout=10)
+
+
+@pytest.mark.parametrize("window", [0, 1 << 16, 1 << 30])
+def test_prefetch_runs_the_dealer_ahead_with_the_same_results_and_frames(window: int) -> None:
+    """Prefetching a recorded run (the dealer ahead of the servers, no offline phase): exact outputs as
+    without it, references inside the recording moved (softmax: ``fid``, ``cross``) and the session's kept
+    (``wid``), the request-log checkpoints and the final check pass, the dealer sends the same bytes; server 1
+    has sent as many requests as the window allows (at least one) before it uses any, and every one by the
+    end."""
+    from secfwt.approx.exp import softmax
+    from secfwt.protocols.arith import fix_weight, matmul_fixed
+
+    g = torch.Generator().manual_seed(5)
+    xp = 3 * torch.randn(4, 16, generator=g, dtype=torch.float64)
+    wp = torch.randn(16, 16, generator=g, dtype=torch.float64)
+
+    def prog(ctx: Any, ahead: bool) -> tuple[Any, ...]:
+        x = AShare(ring.encode(xp, F), F) if ctx.rank == SERVER0 else AShare(torch.zeros(4, 16, dtype=torch.int64), F)
+        w = fix_weight(ctx, AShare(ring.encode(wp, F) if ctx.rank == SERVER0 else torch.zeros(16, 16,
+                                                                                               dtype=torch.int64), F))
+
+        def run() -> tuple[torch.Tensor, ...]:
+            return reveal(ctx, matmul_fixed(ctx, softmax(ctx, x), w)), *_many(ctx, 50)
+
+        ctx.dealer.record()
+        first = run()
+        reqs = ctx.dealer.recorded()
+        assert len(reqs) > 256  # the prefetched run crosses a checkpoint
+        sent = None
+        if ahead:
+            ctx.dealer.prefetch(reqs, window=window)
+            sent = len(ctx.dealer._ahead)
+        with ctx.cost.scope("second"):
+            second = run()
+        assert not ctx.dealer._ahead and not ctx.dealer._plan
+        return first, second, sent, len(reqs)
+
+    ref = run_in_process({SERVER0: lambda c: prog(c, False), SERVER1: lambda c: prog(c, False)})
+    got = run_in_process({SERVER0: lambda c: prog(c, True), SERVER1: lambda c: prog(c, True)})
+    want = torch.softmax(xp, -1) @ wp.T
+    for run in (ref, got):
+        for r in (SERVER0, SERVER1):
+            first, second, _, _ = run[r]
+            for out in (first, second):
+                assert float((out[0] - want).abs().max()) < 2e-3
+                err, sign, sign_want = out[1:]
+                assert float(err) < 1e-3 and torch.equal(sign, sign_want)
+    _, _, sent, n = got[SERVER1]
+    if window == 0:
+        assert sent == 1
+    elif window >= 1 << 30:
+        assert sent == n
+    else:
+        assert 1 <= sent < n
+    assert got[SERVER0][2] == 0  # server 0 sends nothing to the dealer: it draws at use
+    assert got.costs[DEALER].dealer_sent_bytes() == ref.costs[DEALER].dealer_sent_bytes()
+
+
+def test_prefetch_refuses_another_sequence_and_unused_requests() -> None:
+    def other(ctx: Any) -> None:
+        ctx.dealer.record()
+        _work(ctx, 100)
+        ctx.dealer.prefetch(ctx.dealer.recorded())
+        _work(ctx, 101)  # other shapes than prefetched
+
+    with pytest.raises(ProtocolMismatchError, match=r"request #\d+ is .* but the preloaded request"):
+        run_in_process({SERVER0: other, SERVER1: other}, timeout=10)
+
+    def unused(ctx: Any) -> None:
+        ctx.dealer.record()
+        _work(ctx, 100)
+        ctx.dealer.prefetch(ctx.dealer.recorded(), window=0)
+
+    with pytest.raises(ProtocolMismatchError, match="preloaded or prefetched dealer requests .* were never used"):
+        run_in_process({SERVER0: unused, SERVER1: unused}, timeout=10)
+
+    def twice(ctx: Any) -> None:
+        ctx.dealer.record()
+        _work(ctx, 100)
+        reqs = ctx.dealer.recorded()
+        ctx.dealer.prefetch(reqs)
+        ctx.dealer.prefetch(reqs)
+
+    with pytest.raises(RuntimeError, match=r"prefetch\(\) while \d+ earlier preloaded or prefetched"):
+        run_in_process({SERVER0: twice, SERVER1: twice}, timeout=10)
 
 
 def test_report_keys_kept_and_split_keys_added(demo_ev: Any, demo_data: Any) -> None:

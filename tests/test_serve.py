@@ -15,9 +15,13 @@ from secfwt.nn.config import AttentionConfig
 from secfwt.nn.encoder import Encoder
 from secfwt.nn.heads import MaskedLMHead, SimilarityHead, label_embeddings
 from secfwt.runtime import run_in_process
-from secfwt.serve.session import HeadSpec, PrivateModelClient, serve_model
+from secfwt.serve.session import HeadSpec, ModelServer, PrivateModelClient, serve_loop, serve_model
 from secfwt.serve.shares import load_server_shares, owner_word_table, share_model
 from secfwt.tuning.testing import make_tiny_bert, minilm_dir
+
+
+def _servers_from(prog):
+    return {SERVER0: prog, SERVER1: prog}
 
 
 def _servers(shares_dir: Path):
@@ -113,6 +117,54 @@ def test_similarity_head_matches_plaintext(tmp_path):
     word = enc.params["emb.word"]
     want = head.forward(be, enc.forward(be, word[x["input_ids"]], x["attention_mask"].double(), prompt=prompts[0]))
     assert (got[0] - want).abs().max() < 0.05
+
+
+def test_repeated_forwards_prefetch_the_dealer_with_the_same_logits(tiny):
+    """A forward on a batch and prompt shape seen before runs with the dealer ahead (its recorded requests
+    prefetched): every repeat's logits match plaintext as the first's do; a new shape is recorded first; a new
+    setup (another attention) forgets the recordings; with ``prefetch`` off nothing is prefetched."""
+    model_dir, shares_dir = tiny
+    enc = Encoder.from_pretrained(model_dir)
+    labels = [[7], [9, 11]]
+    ids, mask, mask_pos, prompts = _inputs(enc.config.vocab_size)
+
+    def server(ctx):
+        srv = ModelServer(ctx, load_server_shares(shares_dir / f"server{ctx.rank}.safetensors", ctx.rank))
+        seen = []
+        forward = srv.forward
+
+        def spy(msg):
+            forward(msg)
+            seen.append(srv.prefetched)
+
+        srv.forward = spy  # type: ignore[method-assign]
+        serve_loop(ctx, srv)
+        return seen
+
+    def owner(ctx):
+        client = PrivateModelClient(ctx, 32, enc.config.vocab_size, word_table=owner_word_table(shares_dir))
+        client.setup(AttentionConfig("softmax"), HeadSpec("mlm", labels), max_rows=4)
+        train = client.register(ids, mask, mask_pos)
+        outs = [client.forward(train, prompts) for _ in range(3)]
+        outs.append(client.forward(train, prompts[:1]))  # another P: recorded, not prefetched
+        outs.append(client.forward(train, prompts[1:]))  # that shape again: prefetched
+        client.setup(AttentionConfig("softmax"), HeadSpec("mlm", labels), max_rows=4)
+        outs.append(client.forward(train, prompts))  # after a new setup: recorded again
+        client.setup(AttentionConfig("softmax"), HeadSpec("mlm", labels), max_rows=4, prefetch=False)
+        outs += [client.forward(train, prompts) for _ in range(2)]  # off: never prefetched
+        client.stop()
+        return outs
+
+    res = run_in_process(_servers_from(server) | {OWNER: owner}, timeout=300)
+    be = PlainBackend()
+    head = MaskedLMHead.from_encoder(enc, labels)
+    pos = torch.nn.functional.one_hot(mask_pos, 7).double()
+    want = torch.stack([head.forward(be, enc.forward(be, enc.params["emb.word"][ids], mask, prompt=p), pos)
+                        for p in prompts])
+    outs = res[OWNER]
+    for got, w in zip(outs, [want, want, want, want[:1], want[1:], want, want, want], strict=True):
+        assert (got - w).abs().max() < 2e-2
+    assert res[SERVER0] == res[SERVER1] == [0, 1, 2, 2, 3, 3, 3, 3]
 
 
 def test_share_files_are_checked(tiny, tmp_path):

@@ -628,6 +628,11 @@ def check_request(kind: Any, params: Any, index: int, who: str = "dealer") -> tu
     return canon, layout
 
 
+def layout_bytes(layout: Layout) -> int:
+    """Bytes of the corrections a layout describes (what the dealer sends for one request)."""
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in layout.values())
+
+
 def correction_layout(kind: str, params: dict[str, Any]) -> Layout:
     """Shape and dtype of every correction the dealer sends for a request (see :func:`check_request`)."""
     return check_request(kind, params, -1)[1]

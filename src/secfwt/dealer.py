@@ -72,6 +72,15 @@ input-independent work on the material (:meth:`DealerClient.derive`): a fixed-we
 computed then, so the online phase does one ring matmul per linear layer instead of two (the offline/online
 split of Delphi, Mishra et al. 2020, there with HE; here the mask comes from the dealer).
 
+Prefetching (the dealer running ahead, no offline phase). :meth:`DealerClient.prefetch` takes a recording as
+:meth:`~DealerClient.preload` does, but server 1 only *sends* the requests early, as many as keep at most
+:data:`PREFETCH_BYTES` of answers outstanding (at least one), topping the window up at each request it uses;
+the answers are read when used, as always. The dealer thus generates while the servers compute instead of
+between their rounds; the window bounds the memory on both ends (the dealer's send queue, server 1's inbox).
+Server 0 does nothing different (it draws at use). The same frames go in the same order: only their timing
+moves. A session (:mod:`secfwt.serve.session`) prefetches every command it has seen before with the same
+public signature.
+
 The kinds, their parameters and the layout of their corrections: :mod:`secfwt.correlations`.
 """
 
@@ -98,6 +107,7 @@ from secfwt.correlations import (
     correction_layout,
     draws,
     even_bits,
+    layout_bytes,
     odd_bits,
     word_bits,
 )
@@ -105,6 +115,7 @@ from secfwt.errors import ProtocolMismatchError
 from secfwt.prg import PRG, PRGStream
 
 CHECK_EVERY = 256  # requests between two request-log checkpoints
+PREFETCH_BYTES = 256 << 20  # dealer corrections server 1 lets be outstanding in a prefetch (its run-ahead window)
 _REQ_LABEL = b"secfwt/dealer/request\x00"
 _LOG_LABEL = b"secfwt/dealer/log\x00"
 
@@ -174,6 +185,8 @@ class Pending:
         self._kind = kind
         self._layout = layout
         self._done = done
+        self.nbytes = 0 if done else layout_bytes(layout)
+        client._outstanding += self.nbytes
 
     def _fill(self) -> None:
         c = self._client
@@ -187,6 +200,7 @@ class Pending:
         if (self.index + 1) % c.check_every == 0:
             c._take_tag(self.index + 1)
         c.comm.cost.on_dealer_wait(time.perf_counter() - start)
+        c._outstanding -= self.nbytes
         self._done = True
 
     def get(self) -> Material:
@@ -241,6 +255,9 @@ class DealerClient:
         self._record: Recording | None = None  # requests made while recording
         self._ahead: deque[tuple[bytes, Pending]] = deque()  # preloaded requests, not used yet
         self._derive: dict[tuple[str, int], Derivation] = {}  # local precomputation of preloaded requests
+        self._plan: deque[tuple[int, str, dict[str, Any], Layout, bytes]] = deque()  # prefetched, not yet sent
+        self._outstanding = 0  # server 1: bytes of dealer answers requested and not yet read
+        self._window = PREFETCH_BYTES
 
     def derive(self, kind: str, ref: int, fn: Derivation) -> None:
         """Register input-independent local work for preloaded requests of ``kind`` that name request ``ref``
@@ -256,6 +273,8 @@ class DealerClient:
         line = canonical_request(index, kind, canon)
         if self._record is not None:
             self._record.append((kind, canon))
+        if self._plan and not self._ahead:
+            self._top_up()
         if self._ahead:
             want, pend = self._ahead.popleft()
             if want != line:
@@ -265,6 +284,8 @@ class DealerClient:
         else:
             pend = self._issue(index, kind, canon, layout, line)
         self._advance(line)
+        if self._plan:
+            self._top_up()
         return pend
 
     def _issue(self, index: int, kind: str, canon: dict[str, Any], layout: Layout, line: bytes) -> Pending:
@@ -294,23 +315,56 @@ class DealerClient:
         """The offline phase for the next ``len(requests)`` requests (see module docstring): derive this
         server's material and (server 1) read every dealer answer now. Both servers must preload the same list
         at the same point; the following requests must be exactly these, in order."""
-        if self._ahead:
-            raise RuntimeError(f"{self.comm.name}: preload() while {len(self._ahead)} preloaded requests are unused")
-        index = self.index
-        base = getattr(requests, "base", index)
-        for kind, params in requests:
-            if base != self.index:
-                params = _rebase(params, base, self.index - base)
-            canon, layout = check_request(kind, params, index, self.comm.name)
-            line = canonical_request(index, kind, canon)
+        for index, kind, canon, layout, line in self._planned(requests, "preload"):
             pend = self._issue(index, kind, canon, layout, line)
             fn = self._derive.get((kind, int(canon.get("wid", -1))))
             if fn is not None:
                 pend.material.update(fn(canon, pend.material))
             self._ahead.append((line, pend))
-            index += 1
         while self._queue:
             self._queue.popleft()._fill()
+
+    def prefetch(self, requests: Sequence[tuple[str, dict[str, Any]]], window: int = PREFETCH_BYTES) -> None:
+        """Let the dealer run ahead through the next ``len(requests)`` requests (a recording of an earlier
+        computation with the same shapes, as for :meth:`preload`), without an offline phase: server 1 sends
+        the requests as early as it may, keeping at most ``window`` bytes of answers outstanding (at least
+        one request), and tops the window up at every request it uses; the dealer computes and sends while
+        the servers compute. Server 0 derives its material locally at use, as always: prefetching is server 1
+        sending the same request frames in the same order, only earlier (the request log, its checkpoints and
+        the binding are unchanged). Both servers call it at the same point with the same list; the following
+        requests must be exactly these, in order (else :class:`~secfwt.errors.ProtocolMismatchError`). What
+        it buys: the dealer's generation overlaps the servers' work instead of alternating with it (on a
+        machine with idle cores while a server waits for the dealer)."""
+        if type(window) is not int or window < 0:
+            raise ValueError(f"prefetch: window must be a non-negative int of bytes, got {window!r}")
+        plan = self._planned(requests, "prefetch")
+        if self.rank == SERVER1:
+            self._window = window
+            self._plan.extend(plan)
+            self._top_up()
+
+    def _planned(self, requests: Sequence[tuple[str, dict[str, Any]]],
+                 what: str) -> list[tuple[int, str, dict[str, Any], Layout, bytes]]:
+        """The next requests of a recording, moved to this point and checked: (index, kind, canon, layout,
+        line) each."""
+        if self._ahead or self._plan:
+            raise RuntimeError(f"{self.comm.name}: {what}() while {len(self._ahead) + len(self._plan)} earlier "
+                               "preloaded or prefetched requests are unused")
+        base = getattr(requests, "base", self.index)
+        out = []
+        for index, (kind, params) in enumerate(requests, start=self.index):
+            if base != self.index:
+                params = _rebase(params, base, self.index - base)
+            canon, layout = check_request(kind, params, index, self.comm.name)
+            out.append((index, kind, canon, layout, canonical_request(index, kind, canon)))
+        return out
+
+    def _top_up(self) -> None:
+        """Server 1: send planned requests while the answers outstanding fit the window (at least one when
+        none is ready to use)."""
+        while self._plan and (self._outstanding < self._window or not self._ahead):
+            index, kind, canon, layout, line = self._plan.popleft()
+            self._ahead.append((line, self._issue(index, kind, canon, layout, line)))
 
     def _advance(self, line: bytes) -> None:
         """Log one request; at every ``check_every``-th, run the checkpoint exchange with the other server."""
@@ -378,9 +432,10 @@ class DealerClient:
     def close(self) -> None:
         """End of the session: the final, synchronous request-log check (see module docstring), then stop."""
         n = self.index
-        if self._ahead:
+        if self._ahead or self._plan:
             raise ProtocolMismatchError(
-                f"{self.comm.name}: {len(self._ahead)} preloaded dealer requests (from #{n}) were never used; "
+                f"{self.comm.name}: {len(self._ahead) + len(self._plan)} preloaded or prefetched dealer requests "
+                f"(from #{n}) were never used; "
                 "the request logs cannot match")
         with self.comm.cost.scope("dealer_check"):
             if self.rank == SERVER1:

@@ -145,6 +145,12 @@ class DecoderServer(BaseServer):
         missing = [s for s in slots if s not in self.caches]
         if missing:
             raise ProtocolMismatchError(f"forward_cached: slots {missing[:5]} were never prefilled")
+        lengths = tuple(int(self.caches[s].mask.shape[1]) for s in slots)  # the shapes the requests depend on
+        with self._dealer_ahead((-1, n_pop, n_prompt, *lengths)):
+            self._forward_cached(slots, n_pop, n_prompt)
+
+    def _forward_cached(self, slots: list[int], n_pop: int, n_prompt: int) -> None:
+        assert self.dec is not None and self.head is not None and self.tail is not None
         prompts = self.be.from_owner((n_pop, n_prompt, self.hidden)) if n_prompt else None
         per_chunk = max(1, self.max_rows // n_pop)
         outs = []

@@ -25,6 +25,11 @@ ONE command loop (:func:`serve_loop`) serves both model families; :class:`BaseSe
 servers share (inputs, batches, chunked forward) and :mod:`secfwt.serve.entry` picks the server from the
 share file's format.
 
+The dealer runs ahead of the servers through every forward command seen before with the same public signature
+(registered batch number, P, prompt length; for ``forward_cached`` the cached prefixes' lengths): the first run
+records its dealer requests, later runs prefetch them (:meth:`secfwt.dealer.DealerClient.prefetch`). A setup
+forgets the recordings; ``setup`` may carry ``"prefetch": false`` to turn it off (for comparisons).
+
 What the servers learn: shapes (P, B, sequence length, prompt length, number of labels), each example's
 padding mask (its token count), and which registered batch number each forward uses (a counter the owner
 assigns in order of first use). Not the tokens, labels, label words, prompts, logits or loss; the owner's
@@ -33,8 +38,9 @@ content hashes of its batches never leave it (README, "What the servers learn").
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -44,6 +50,7 @@ from torch import Tensor
 from secfwt.comm.base import OWNER, SERVER0, SERVER1
 from secfwt.context import PartyContext
 from secfwt.cost import CostTracker
+from secfwt.dealer import Recording
 from secfwt.errors import ConfigError, ProtocolMismatchError
 from secfwt.nn.config import AttentionConfig
 from secfwt.nn.encoder import Encoder
@@ -139,6 +146,9 @@ class BaseServer:
         self.max_rows = 64
         self.batches: dict[int, RegisteredBatch] = {}
         self.rows_served = 0  # sequence forwards (prompt x example rows) computed: a count of public shapes
+        self.prefetch = True  # the dealer runs ahead through a forward seen before (:meth:`_dealer_ahead`)
+        self.prefetched = 0  # commands run with the dealer ahead
+        self._recordings: dict[tuple[int, ...], Recording] = {}  # forward signature -> its dealer requests
 
     def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
         return {"setup": self.setup, "register": self.register, "forward": self.forward}
@@ -160,6 +170,8 @@ class BaseServer:
             with self.be.scope("fix_weights"):
                 self.word = self.be.fix(self.word)  # the one-hot products reuse one opening of the table
         self.max_rows = int(msg["max_rows"])
+        self.prefetch = bool(msg.get("prefetch", True))
+        self._recordings.clear()  # another model, attention or head: other request sequences
 
     def _embed(self, b: int, t: int) -> AShare:
         """Inputs from the owner: shared embeddings (local mode) or shared one-hot ids x shared table."""
@@ -196,6 +208,32 @@ class BaseServer:
             raise ProtocolMismatchError(f"forward: unknown batch #{key} (register it first)")
         batch = self.batches[key]
         n_pop, n_prompt = int(msg["P"]), int(msg["n_prompt"])
+        with self._dealer_ahead((key, n_pop, n_prompt)):
+            self._forward(batch, n_pop, n_prompt)
+
+    @contextlib.contextmanager
+    def _dealer_ahead(self, signature: tuple[int, ...]) -> Iterator[None]:
+        """Run a command with the dealer ahead of the servers: the first time a command of this ``signature``
+        (public: registered batch number and shapes) runs, its dealer requests are recorded; every later time
+        they are prefetched at its start (:meth:`secfwt.dealer.DealerClient.prefetch`), so the dealer computes
+        the command's correlations while the servers compute. The servers' results and everything sent are
+        unchanged; only when the dealer's answers are sent moves (earlier). The same command on the same
+        registered batch makes the same requests: every request depends on public shapes only."""
+        dealer = self.ctx.dealer
+        if not self.prefetch or dealer is None or not hasattr(dealer, "prefetch"):
+            yield
+            return
+        rec = self._recordings.get(signature)
+        if rec is not None:
+            dealer.prefetch(rec)
+            self.prefetched += 1
+            yield
+            return
+        dealer.record()
+        yield
+        self._recordings[signature] = dealer.recorded()
+
+    def _forward(self, batch: RegisteredBatch, n_pop: int, n_prompt: int) -> None:
         prompts = self.be.from_owner((n_pop, n_prompt, self.hidden)) if n_prompt else None
         self.rows_served += n_pop * int(batch.mask.shape[0])
 
@@ -322,8 +360,9 @@ class PrivateModelClient:
             owner_share(self.ctx, oh, scale=0)
 
     def setup(self, attention: AttentionConfig, head: HeadSpec, max_rows: int = 64,
-              label_inputs: tuple[Tensor, Tensor] | None = None) -> None:
-        """Configure the servers. Similarity heads need ``label_inputs`` = (ids (L, T), mask (L, T))."""
+              label_inputs: tuple[Tensor, Tensor] | None = None, prefetch: bool = True) -> None:
+        """Configure the servers. Similarity heads need ``label_inputs`` = (ids (L, T), mask (L, T)).
+        ``prefetch``: let the dealer run ahead through repeated forwards (module docstring; off only to compare)."""
         if head.kind == "similarity" and label_inputs is None:
             raise ConfigError("similarity head: label descriptions (ids, mask) are required")
         self.head = head
@@ -334,7 +373,7 @@ class PrivateModelClient:
         if label_inputs is not None:
             hj["T"] = int(label_inputs[0].shape[1])
         self._cmd({"cmd": "setup", "attention": attention_to_json(attention), "head": hj,
-                   "embedding": self.embedding, "max_rows": int(max_rows)})
+                   "embedding": self.embedding, "max_rows": int(max_rows), "prefetch": bool(prefetch)})
         if head.kind == "mlm":
             self._share_selection(head.label_token_ids)
         else:
