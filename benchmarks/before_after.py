@@ -130,7 +130,8 @@ def table(base: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> st
 def _command(bench: str, ops: str, out: Path, preload: bool = False, prefetch: bool = False) -> list[str]:
     if bench == "demo":
         return [sys.executable, "-m", "secfwt", "demo", "--quiet", "--out", str(out.parent / out.stem),
-                "--report", str(out), "--save-prompt", str(out.with_suffix(".prompt.safetensors"))]
+                "--report", str(out), "--save-prompt", str(out.with_suffix(".prompt.safetensors")),
+                "--plot", str(out.with_suffix(".png"))]
     if bench == "engine_ops":
         return [sys.executable, str(HERE / "engine_ops.py"), "--mode", "process", "--ops", ops, "--repeats", "1",
                 "--out", str(out)]

@@ -178,3 +178,46 @@ def test_tiny_secfwt_paper_rows_end_to_end(tmp_path):
     details = json.loads(out.with_name("p.details.json").read_text())["rows"]
     assert all(d["setup_bytes_per_server"] >= 8 * (4 * h * h + 2 * h * f + 2 * h) and d["setup_rounds"] == 5
                for d in details if d["engine"] == "secfwt")
+
+
+def test_spu_paper_call_carries_the_rfa_frequencies(tmp_path):
+    """SPU runs every paper method; its venv has no torch, so fot_rfa gets the frequencies from a file the
+    driver writes once: the same arrays ref_small_model(rfa=True) draws, and the same model output."""
+    args = run.argparse.Namespace(methods=list(W.PAPER_METHODS), batch=1, layers=2, tiny=True, cache_dir=tmp_path)
+    cmd = run._paper_cmd("spu", 6, args)
+    assert cmd[1].endswith("spu_worker.py") and cmd[cmd.index("--method") + 1] == ",".join(W.PAPER_METHODS)
+    with np.load(cmd[cmd.index("--rfa-freqs") + 1]) as f:
+        ws = [f["l0"], f["l1"]]
+    d = W.BertDims(W.TINY_PAPER.hidden, W.TINY_PAPER.heads, W.TINY_PAPER.ffn, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(ws, W.paper_rfa_frequencies(d), strict=True))
+    case = W.make_paper_case(6, 2, "fot_rfa", tiny=True)
+    drawn = W.ref_small_model(case.x, case.params, d, rfa=True)
+    given = W.ref_small_model(case.x, case.params, d, rfa=True, rfa_ws=ws)
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, given, strict=True))
+    args.methods = ["fot"]
+    assert "--rfa-freqs" not in run._paper_cmd("spu", 6, args)
+    assert ("paper_iteration", 6, "spu") in run.calls(["paper_iteration"], ["secfwt", "spu"],
+                                                      run.argparse.Namespace(seqs=[6], methods=["sft"]))
+
+
+SPU_PYTHON = run.setup_envs.venv_python(run.setup_envs.default_cache_dir() / run.setup_envs.ENGINES["spu"][0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SPU_PYTHON.exists(), reason="SPU venv not installed (benchmarks/compare/setup_envs.py)")
+def test_tiny_spu_paper_rows_are_checked_against_float64(tmp_path):
+    """SPU's four paper methods at toy sizes, two real processes: every row ok and within tolerance of its
+    float64 reference (loss, gradients and updates for sft / prompt_tuning; hidden state and logits for fot)."""
+    freqs = tmp_path / "f.npz"
+    d = W.BertDims(W.TINY_PAPER.hidden, W.TINY_PAPER.heads, W.TINY_PAPER.ffn, 1)
+    np.savez(freqs, **{f"l{i}": w for i, w in enumerate(W.paper_rfa_frequencies(d))})
+    proc = subprocess.run([str(SPU_PYTHON), str(COMPARE / "spu_worker.py"), "--workload", "paper_iteration",
+                           "--tiny", "--seq", "6", "--method", ",".join(W.PAPER_METHODS), "--rfa-freqs", str(freqs)],
+                          capture_output=True, text=True, timeout=900)
+    rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert [r["method"] for r in rows] == list(W.PAPER_METHODS), proc.stderr[-2000:]
+    for r in rows:
+        assert r["status"] == "ok", r.get("error")
+        assert r["max_abs_error"] < run.TOLERANCE["paper_iteration"] and r["bytes_per_server"] > 0
+        assert r["attention"] == W.METHOD_ATTENTION[r["method"]]
+    assert {"loss", "grad", "update"} <= set(rows[0]["errors"]) and {"hidden", "logits"} == set(rows[2]["errors"])

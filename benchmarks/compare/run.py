@@ -56,7 +56,20 @@ TOLERANCE = {"matmul": 1e-2, "softmax": 2e-2, "gelu": 2e-2, "layernorm": 5e-2, "
              "small_model_forward": 0.25, "tuning_step": 0.1, "paper_iteration": 0.25}
 # paper_iteration (issue 18) rows carry these keys too; engines that run it and the methods each runs
 PAPER_KEYS = ("method", "seq", "layers")
-PAPER_ENGINE_METHODS = {"secfwt": ("fot", "fot_rfa"), "crypten": W.PAPER_METHODS}
+PAPER_ENGINE_METHODS = {"secfwt": ("fot", "fot_rfa"), "crypten": W.PAPER_METHODS, "spu": W.PAPER_METHODS}
+
+
+def _rfa_freqs_file(args: argparse.Namespace) -> Path:
+    """The paper model's RFA frequencies for SPU's fot_rfa (its venv has no torch to draw them), written once."""
+    import numpy as np
+
+    d = W.TINY_PAPER if args.tiny else W.ROBERTA_LARGE
+    d = W.BertDims(d.hidden, d.heads, d.ffn, args.layers)
+    path = args.cache_dir.expanduser().resolve() / f"rfa-freqs-{d.head_dim}x{d.layers}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{f"l{i}": w for i, w in enumerate(W.paper_rfa_frequencies(d))})
+    return path
 
 
 def _paper_cmd(engine: str, seq: int, args: argparse.Namespace) -> list[str]:
@@ -69,6 +82,10 @@ def _paper_cmd(engine: str, seq: int, args: argparse.Namespace) -> list[str]:
         return [sys.executable, str(HERE / "secfwt_runner.py"), *common, "--attention", atts] + (
             ["--tiny"] if args.tiny else [])
     venv = args.cache_dir.expanduser().resolve() / setup_envs.ENGINES[engine][0]
+    if engine == "spu":
+        freqs = ["--rfa-freqs", str(_rfa_freqs_file(args))] if "fot_rfa" in methods else []
+        return [str(setup_envs.venv_python(venv)), str(HERE / "spu_worker.py"), *common, "--method", ",".join(methods),
+                *freqs]
     return [str(setup_envs.venv_python(venv)), str(HERE / "crypten_worker.py"), *common, "--method", ",".join(methods)]
 
 

@@ -63,6 +63,9 @@ class JaxOps:
     tanh = staticmethod(jnp.tanh)
     erf = staticmethod(jax.scipy.special.erf)
     rsqrt = staticmethod(jax.lax.rsqrt)
+    cos = staticmethod(jnp.cos)
+    sin = staticmethod(jnp.sin)
+    concatenate = staticmethod(jnp.concatenate)
 
 
 # --------------------------------------------------------------------------- programs
@@ -102,6 +105,55 @@ def program(case: W.Case, gelu: str, lr: float):
 
         return step, (case.x, onehot, case.params)
     raise ValueError(n)
+
+
+def paper_program(case: W.Case, method: str, gelu: str, lr: float, rfa_ws: list[np.ndarray] | None):
+    """(jax function, arguments) of one ``paper_iteration`` method (issue 18), as CrypTen's rows define it:
+    sft = forward, cross-entropy, backward and SGD on every weight (outputs: loss, every gradient, every updated
+    weight); prompt_tuning = the same with only the soft prompt (the first n_prompt positions) trainable;
+    fot = one forward (outputs: last hidden state, logits); fot_rfa = fot with RFA (SPU's own cos and sin;
+    the public frequencies ``rfa_ws`` are constants of the program)."""
+    d = W.BertDims(**case.meta["dims"])
+    n = case.meta["n_prompt"]
+    onehot = np.eye(W.N_CLASSES)[case.labels]
+    if method in ("fot", "fot_rfa"):
+        ws = rfa_ws if method == "fot_rfa" else None
+        if method == "fot_rfa" and ws is None:
+            raise ValueError("fot_rfa needs the RFA frequencies (--rfa-freqs; SPU's venv has no torch to draw them)")
+        return (lambda x, p: W.ref_small_model(x, p, d, JaxOps, gelu, rfa=ws is not None, rfa_ws=ws)), (case.x,
+                                                                                                      case.params)
+
+    def sgd(tree, grads):
+        return jax.tree_util.tree_map(lambda a, g: a - lr * g, tree, grads)
+
+    if method == "sft":
+        def sft(x, y, p):
+            loss, grads = jax.value_and_grad(lambda q: _cross_entropy(W.ref_small_model(x, q, d, JaxOps, gelu)[1],
+                                                                      y))(p)
+            return loss, grads, sgd(p, grads)
+
+        return sft, (case.x, onehot, case.params)
+    if method == "prompt_tuning":
+        def prompt_step(prompt, rest, y, p):
+            def loss_fn(pr):
+                return _cross_entropy(W.ref_small_model(jnp.concatenate([pr, rest], 1), p, d, JaxOps, gelu)[1], y)
+
+            loss, g = jax.value_and_grad(loss_fn)(prompt)
+            return loss, g, sgd(prompt, g)
+
+        return prompt_step, (case.x[:, :n], case.x[:, n:], onehot, case.params)
+    raise ValueError(f"paper_iteration: unknown method {method!r}")
+
+
+def paper_reference(case: W.Case, method: str, lr: float, rfa_ws: list[np.ndarray] | None) -> list:
+    """float64 outputs of the same program (exact-erf GELU), in the order of its outputs' leaves."""
+    if method in ("fot", "fot_rfa"):
+        d = W.BertDims(**case.meta["dims"])
+        return list(W.ref_small_model(case.x, case.params, d, rfa=method == "fot_rfa", rfa_ws=rfa_ws))
+    fn, args = paper_program(case, method, "erf", lr, rfa_ws)
+    with jax.experimental.enable_x64():
+        out = jax.jit(fn)(*jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), args))
+        return [np.asarray(a) for a in jax.tree_util.tree_leaves(out)]
 
 
 def reference_outputs(case: W.Case, gelu: str, lr: float):
@@ -250,9 +302,9 @@ def _error_summary(name: str, errs: list[float], refs: list, n_params: int) -> d
     return dict(zip(names, errs, strict=True))
 
 
-def run_workload(name: str, args) -> dict:
-    case = W.make_case(name, batch=args.batch, seq=args.seq, seed=args.seed)
-    fn, fargs = program(case, args.gelu, args.lr)
+def secure_run(fn, fargs, args) -> tuple[list, list[float], dict]:
+    """Compile ``fn`` for SPU, share ``fargs`` (all secret), run it ``warmup + repeats`` times as two parties;
+    returns (reconstructed outputs, the timed repeats' seconds, link statistics and compile time)."""
     fargs32 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), fargs)
     leaves = jax.tree_util.tree_leaves(fargs32)
     in_names = [f"in{i}" for i in range(len(leaves))]
@@ -270,8 +322,6 @@ def run_workload(name: str, args) -> dict:
         results, stats = runner(cfg, executable, shares, runs, tmpdir)
     outs = [io.reconstruct([results[0]["outs"][i], results[1]["outs"][i]])
             for i in range(len(executable.output_names))]
-    refs = reference_outputs(case, args.gelu, args.lr)
-    errs = [float(np.max(np.abs(np.asarray(o, np.float64) - r))) for o, r in zip(outs, refs, strict=True)]
     per_rep = [max(r["times"][i] for r in results) for i in range(args.warmup, runs)]
     # stats[p] has one (send, recv, send_actions, recv_actions) tuple per run of party p
     have_stats = all(len(s) == runs for s in stats)
@@ -283,28 +333,80 @@ def run_workload(name: str, args) -> dict:
     else:
         per_party_bytes = per_party_rounds = None
         bytes_per_server = rounds = None
-    extra = {
+    link = {"bytes_per_server": bytes_per_server, "rounds": rounds, "bytes_per_party": per_party_bytes,
+            "rounds_per_party": per_party_rounds, "have_stats": have_stats, "compile_s": compile_s, "cfg": cfg}
+    return outs, per_rep, link
+
+
+def _link_fields(link: dict, args) -> dict:
+    """The record fields every SPU row carries about the protocol and the link."""
+    b = link["bytes_per_party"]
+    return {
         "status": "ok",
         "protocol": "SPU SEMI2K, FM64, trusted-first-party beaver",
-        "fxp_fraction_bits": cfg.fxp_fraction_bits or "default",
+        "fxp_fraction_bits": link["cfg"].fxp_fraction_bits or "default",
         "link": "brpc over 127.0.0.1, 2 processes" if args.link == "proc" else "in-memory, 2 threads",
+        "bytes_per_party": b,
+        "total_bytes": sum(b) / 2 if b else None,
+        "rounds_per_party": link["rounds_per_party"],
+        "dealer_bytes": 0,
+        "bytes_note": "per-party SPU link stats: send + recv bytes; rounds = send actions of one party"
+                      if link["have_stats"] else "SPU did not log link statistics",
+        "compile_s": round(link["compile_s"], 2),
+    }
+
+
+def run_workload(name: str, args) -> dict:
+    case = W.make_case(name, batch=args.batch, seq=args.seq, seed=args.seed)
+    fn, fargs = program(case, args.gelu, args.lr)
+    outs, per_rep, link = secure_run(fn, fargs, args)
+    refs = reference_outputs(case, args.gelu, args.lr)
+    errs = [float(np.max(np.abs(np.asarray(o, np.float64) - r))) for o, r in zip(outs, refs, strict=True)]
+    extra = {
+        **_link_fields(link, args),
         "gelu": args.gelu if name not in ("matmul", "softmax", "layernorm") else None,
         "times_s": [round(t, 4) for t in per_rep],
-        "bytes_per_party": per_party_bytes,
-        "total_bytes": sum(per_party_bytes) / 2 if per_party_bytes else None,
-        "rounds_per_party": per_party_rounds,
-        "dealer_bytes": 0,
         "errors": _error_summary(name, errs, refs, len(case.params)),
-        "bytes_note": "per-party SPU link stats: send + recv bytes; rounds = send actions of one party"
-                      if have_stats else "SPU did not log link statistics",
-        "compile_s": round(compile_s, 2),
         **case.meta,
     }
     if name == "tuning_step":
         extra["lr"] = args.lr
         extra["note"] = ("random-init MiniLM-sized model; jax.value_and_grad + SGD compiled into SPU; "
                          "reference: the same jax program in float64 on the CPU")
-    return W.result_record(name, ENGINE, per_rep, bytes_per_server, rounds, max(errs), args.repeats, **extra)
+    return W.result_record(name, ENGINE, per_rep, link["bytes_per_server"], link["rounds"], max(errs), args.repeats,
+                           **extra)
+
+
+def run_paper(method: str, args) -> dict:
+    """One ``paper_iteration`` method (paper_program) at ``--seq``, ``--layers``; checked against float64."""
+    case = W.make_paper_case(args.seq, args.layers, method, batch=args.batch, seed=args.seed, tiny=args.tiny)
+    rfa_ws = None
+    if args.rfa_freqs:
+        with np.load(args.rfa_freqs) as f:
+            rfa_ws = [f[f"l{i}"] for i in range(args.layers)]
+    t0 = time.perf_counter()
+    fn, fargs = paper_program(case, method, args.gelu, args.lr, rfa_ws)
+    outs, per_rep, link = secure_run(fn, fargs, args)
+    refs = paper_reference(case, method, args.lr, rfa_ws)
+    errs = [float(np.max(np.abs(np.asarray(o, np.float64) - r))) for o, r in zip(outs, refs, strict=True)]
+    if method in ("fot", "fot_rfa"):
+        errors = {"hidden": errs[0], "logits": errs[1]}
+    else:  # leaves: loss, gradients, updated tensors (sft: one per weight; prompt_tuning: the prompt)
+        k = (len(errs) - 1) // 2
+        errors = {"loss": errs[0], "grad": max(errs[1:1 + k]), "update": max(errs[1 + k:]),
+                  "grad_abs_max_ref": max(float(np.max(np.abs(r))) for r in refs[1:1 + k])}
+    rec = W.result_record(
+        "paper_iteration", ENGINE, per_rep, link["bytes_per_server"], link["rounds"],
+        max(v for key, v in errors.items() if key != "grad_abs_max_ref"), args.repeats, method=method,
+        seq=args.seq, layers=args.layers, positions=case.meta["positions"], n_prompt=case.meta["n_prompt"],
+        **_link_fields(link, args), gelu=args.gelu, times_s=[round(t, 4) for t in per_rep], errors=errors,
+        lr=args.lr, wall_s=round(time.perf_counter() - t0, 2), dims=case.meta["dims"], init="random",
+        note={"sft": "forward, cross-entropy, backward, SGD on every weight (jax.value_and_grad compiled by SPU)",
+              "prompt_tuning": "forward, cross-entropy, backward to the soft prompt, SGD on it",
+              "fot": "one candidate's forward (softmax attention)",
+              "fot_rfa": "one candidate's forward, RFA with SPU's cos and sin"}[method])
+    rec["attention"] = W.METHOD_ATTENTION[method]
+    return rec
 
 
 def main(argv=None) -> int:
@@ -320,9 +422,27 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also append the JSON lines to this file")
+    ap.add_argument("--method", default="sft,prompt_tuning,fot", help="paper_iteration: comma list of methods")
+    ap.add_argument("--layers", type=int, default=1, help="paper_iteration: RoBERTa-large-sized layers")
+    ap.add_argument("--tiny", action="store_true", help="paper_iteration: toy sizes (tests)")
+    ap.add_argument("--rfa-freqs", help="paper_iteration fot_rfa: .npz of each layer's RFA frequencies (l0, l1, ...)")
     args = ap.parse_args(argv)
     status = 0
     for name in W.parse_workloads(args.workload):
+        if name == "paper_iteration":
+            for method in [m.strip() for m in args.method.split(",") if m.strip()]:
+                if method not in W.PAPER_METHODS:
+                    sys.exit(f"--method: unknown {method!r}; choose from {W.PAPER_METHODS}")
+                try:
+                    rec = run_paper(method, args)
+                except Exception as exc:  # keep going with the other methods
+                    rec = W.result_record("paper_iteration", ENGINE, [], None, None, None, args.repeats,
+                                          status="failed", method=method, seq=args.seq, layers=args.layers,
+                                          error=repr(exc)[:2000])
+                    rec["attention"] = W.METHOD_ATTENTION[method]
+                W.emit(rec, args.out)
+                status |= rec.get("status") != "ok"
+            continue
         try:
             rec = run_workload(name, args)
         except Exception as exc:  # keep going with the other workloads

@@ -105,6 +105,11 @@ def rfa_frequencies(m: int, d: int, seed: int) -> np.ndarray:
     return torch.cat(blocks)[:m].numpy()
 
 
+def paper_rfa_frequencies(d: BertDims) -> list[np.ndarray]:
+    """Every layer's RFA frequencies of a paper_iteration model (what ref_small_model(rfa=True) draws)."""
+    return [rfa_frequencies(RFA.m, d.head_dim, RFA.seed + i) for i in range(d.layers)]
+
+
 @dataclass
 class Case:
     """Plain inputs of one workload: ``x`` (party 0) and ``params`` (party 1)."""
@@ -207,6 +212,9 @@ class NumpyOps:
     sqrt = staticmethod(np.sqrt)
     tanh = staticmethod(np.tanh)
     erf = staticmethod(_erf)
+    cos = staticmethod(np.cos)
+    sin = staticmethod(np.sin)
+    concatenate = staticmethod(np.concatenate)
 
     @staticmethod
     def rsqrt(x):
@@ -239,7 +247,7 @@ def ref_rfa(q, k, v, w, rfa: RfaParams = RFA, ops=NumpyOps):
 
     def phi(t):
         u = t @ w.T
-        return np.concatenate([np.cos(u), np.sin(u)], -1)
+        return ops.concatenate([ops.cos(u), ops.sin(u)], -1)
 
     t, m = q.shape[-2], w.shape[0]
     pq, pk = phi(unit(q)), phi(unit(k))
@@ -271,10 +279,12 @@ def ref_encoder_layer(x, p: dict, prefix: str, d: BertDims, ops=NumpyOps, gelu: 
     return ref_layernorm(f + a, p[prefix + "ln2_g"], p[prefix + "ln2_b"], ops)
 
 
-def ref_small_model(x, p: dict, d: BertDims = MINILM, ops=NumpyOps, gelu: str = "erf", rfa: bool = False):
-    """Returns (last hidden state, logits). ``rfa``: RFA attention (RFA params, layer i seeded RFA.seed + i)."""
+def ref_small_model(x, p: dict, d: BertDims = MINILM, ops=NumpyOps, gelu: str = "erf", rfa: bool = False,
+                    rfa_ws: list[np.ndarray] | None = None):
+    """Returns (last hidden state, logits). ``rfa``: RFA attention (RFA params, layer i seeded RFA.seed + i);
+    ``rfa_ws``: those frequencies given (paper_rfa_frequencies; for a venv without torch)."""
     for i in range(d.layers):
-        w = rfa_frequencies(RFA.m, d.head_dim, RFA.seed + i) if rfa else None
+        w = (rfa_ws[i] if rfa_ws is not None else rfa_frequencies(RFA.m, d.head_dim, RFA.seed + i)) if rfa else None
         x = ref_encoder_layer(x, p, f"l{i}.", d, ops, gelu, rfa_w=w)
     logits = x.mean(-2) @ p["head_w"] + p["head_b"]
     return x, logits
