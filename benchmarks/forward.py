@@ -176,20 +176,15 @@ def server(ctx: PartyContext) -> dict[str, Any]:
         # an engine without preloading (prefetching): the same untimed first forward
         with ctx.cost.scope("warmup"):
             enc.forward(be, x, mask)
-    if preload:  # the offline phase: record one forward's requests, then preload them for the timed one
-        assert dealer is not None
+    if preload or prefetch:  # record one forward's requests: preloaded now (the offline phase) or prefetched
+        assert dealer is not None  # by the timed forward (the dealer runs ahead)
         dealer.record()
         with ctx.cost.scope("record"):
             enc.forward(be, x, mask)
         requests = dealer.recorded()
+    if preload:
         with ctx.cost.scope("offline"):
             dealer.preload(requests)
-    if prefetch:  # record one forward's requests; the timed one prefetches them (the dealer runs ahead)
-        assert dealer is not None
-        dealer.record()
-        with ctx.cost.scope("record"):
-            enc.forward(be, x, mask)
-        requests = dealer.recorded()
     # Both servers start the timed forward together: the offline phase (or the untimed first forward) ends at
     # different times on the two servers (server 1 waits for the dealer's corrections, server 0 draws its
     # material locally), and without this exchange the earlier one's timed forward would include waiting for

@@ -460,9 +460,7 @@ def main(argv=None) -> int:
     status = 0
     for name in W.parse_workloads(args.workload):
         if name == "paper_iteration":
-            for method in [m.strip() for m in args.method.split(",") if m.strip()]:
-                if method not in W.PAPER_METHODS:
-                    sys.exit(f"--method: unknown {method!r}; choose from {W.PAPER_METHODS}")
+            for method in W.paper_methods(args.method):
                 rec = run_paper(method, args)
                 W.emit(rec, args.out)
                 status |= rec.get("status") != "ok"

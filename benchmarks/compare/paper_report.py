@@ -34,9 +34,8 @@ METHOD_NAMES = {"sft": "full fine-tuning (SFT)", "prompt_tuning": "gradient prom
                 "fot": "forward-only tuning (FoT)", "fot_rfa": "FoT + RFA"}
 # Engines without paper_iteration rows, and why
 NOT_RUN = {
-    "spu": "not run: spu_worker.py has no paper_iteration program. At the MiniLM sizes SPU's SFT step was already "
-           "the slowest engine (78-112 s at 128 tokens); a RoBERTa-large layer at 512 tokens (about 30x the matmul "
-           "work) did not fit the session's time budget on this shared 2-core machine",
+    "spu": "not run in this invocation (benchmarks/compare/setup_envs.py --only spu installs it; spu_worker.py runs "
+           "every method)",
     "plaintext": "not run for paper_iteration (the plaintext floor of a layer is in compare.json's encoder_layer)",
 }
 ITERATION = (
@@ -91,8 +90,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> 
               "(projection = measured time + rounds x latency + bytes sent x 8 / bandwidth).", "", ITERATION, "",
               "Model: RoBERTa-large sizes (hidden 1024, 16 heads, FFN 4096, post-LN, random weights) from the input "
               "embeddings, mean pooling, a 2-class head; batch 1. Engines: secfwt (2 servers + dealer, TLS "
-              "processes, exact-erf GELU) and CrypTen 0.4.1 (TTP, tanh GELU; its RFA uses CrypTen's own "
-              "`cossin`). MB/GB = 10^6/10^9 bytes SENT by one server (CrypTen's sent + received counter halved); "
+              "processes, exact-erf GELU), CrypTen 0.4.1 (TTP, tanh GELU; its RFA uses CrypTen's own "
+              "`cossin`) and SPU 0.9.5 (SEMI2K, FM64, tanh GELU; training steps by jax.value_and_grad compiled by "
+              "SPU; its RFA uses SPU's cos and sin). MB/GB = 10^6/10^9 bytes SENT by one server (CrypTen's and "
+              "SPU's sent + received counters halved); "
               "dealer/TTP traffic excluded. `24 layers` = 24 x the per-layer row (see paper_report.py).", ""]
     for seq in seqs:
         sft = _find(prow, "crypten", "sft", seq)
@@ -181,7 +182,7 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
     series: list[tuple[str, list[float | None], list[float | None]]] = [
         ("paper (CrypTen, its setup)", [PAPER[m][0] for m in W.PAPER_METHODS],
          [PAPER[m][1] for m in W.PAPER_METHODS])]
-    for eng in ("crypten", "secfwt"):
+    for eng in ("crypten", "spu", "secfwt"):
         for seq in seqs:
             found = [_find(prow, eng, m, seq) for m in W.PAPER_METHODS]
             if not any(found):
@@ -189,7 +190,7 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
             fm = [full_model(r) if r else None for r in found]
             series.append((f"{eng}, {seq} tokens (x24 layers)", [f["time_s"] if f else None for f in fm],
                            [f["bytes"] / GB if f else None for f in fm]))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / len(series)
     for ax, idx, label in ((axes[0], 1, "time per iteration, s (log)"), (axes[1], 2, "GB sent per server (log)")):
         for i, s in enumerate(series):

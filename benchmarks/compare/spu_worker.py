@@ -430,9 +430,7 @@ def main(argv=None) -> int:
     status = 0
     for name in W.parse_workloads(args.workload):
         if name == "paper_iteration":
-            for method in [m.strip() for m in args.method.split(",") if m.strip()]:
-                if method not in W.PAPER_METHODS:
-                    sys.exit(f"--method: unknown {method!r}; choose from {W.PAPER_METHODS}")
+            for method in W.paper_methods(args.method):
                 try:
                     rec = run_paper(method, args)
                 except Exception as exc:  # keep going with the other methods

@@ -337,6 +337,15 @@ def emit(rec: dict, out_path: str | None = None) -> None:
             fh.write(line + "\n")
 
 
+def paper_methods(spec: str) -> list[str]:
+    """The paper_iteration methods of a ``--method`` comma list, all checked before any runs."""
+    methods = [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in methods if m not in PAPER_METHODS]
+    if bad:
+        sys.exit(f"--method: unknown {bad[0]!r}; choose from {PAPER_METHODS}")
+    return methods
+
+
 def parse_workloads(spec: str) -> list[str]:
     names = WORKLOADS if spec == "all" else [w.strip() for w in spec.split(",") if w.strip()]
     bad = [w for w in names if w not in WORKLOADS]
