@@ -24,6 +24,7 @@ from secfwt.share import AShare, reveal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import before_after  # noqa: E402
+import dealer_material  # noqa: E402
 
 F = 16
 
@@ -368,3 +369,25 @@ def test_before_after_table_from_two_result_files(tmp_path: Path) -> None:
     assert ltz_row[1:4] == ["8.00", "4.00", "0.500"]
     varies = before_after.merge_runs([files[1], _fake_run([dict(new_rows[0], rounds=3)])])
     assert varies["mul"]["rounds"] == "varies" and "varies" in before_after.table(varies, varies)
+
+
+def test_dealer_material_replays_a_recording_by_kind() -> None:
+    """benchmarks/dealer_material.py's replay: every kind of a recorded run (a comparison with products, a
+    softmax with masked truncations and a fixed-weight product) is generated again off-line, timed per kind."""
+    from secfwt.approx.exp import softmax
+    from secfwt.protocols.arith import fix_weight, matmul_fixed
+    from secfwt.protocols.compare import ltz_select
+
+    def prog(ctx: Any) -> Any:
+        x = AShare(torch.zeros(4, 16, dtype=torch.int64), F)
+        w = fix_weight(ctx, AShare(torch.zeros(16, 16, dtype=torch.int64), F))
+        ctx.dealer.record()
+        matmul_fixed(ctx, softmax(ctx, x), w)
+        ltz_select(ctx, x, 2, bits=32)
+        mul_aa(ctx, x, x)
+        return ctx.dealer.recorded()
+
+    reqs = run_in_process({SERVER0: prog, SERVER1: prog})[SERVER1]
+    secs = dealer_material.replay(list(reqs), reqs.base)
+    assert set(secs) == {k for k, _ in reqs} >= {"compare_sel", "mtrunc", "wmatmul", "mul"}
+    assert all(v >= 0.0 for v in secs.values())
