@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import forward as F  # noqa: E402
 
 from secfwt.comm.base import OWNER, SERVER0, SERVER1  # noqa: E402
 from secfwt.context import PartyContext  # noqa: E402
-from secfwt.correlations import KINDS, STATEFUL, correction_layout, draws  # noqa: E402
+from secfwt.correlations import correct, correction_layout, draws, layout_bytes  # noqa: E402
 from secfwt.cost import cpu_model  # noqa: E402
 from secfwt.dealer import canonical_request, check_request, request_stream  # noqa: E402
 from secfwt.nn.config import AttentionConfig  # noqa: E402
@@ -76,10 +75,7 @@ def replay(requests: list[tuple[str, dict[str, Any]]], base: int) -> dict[str, f
         draw0, draw1 = draws(kind)
         start = time.perf_counter()
         m0, m1 = draw0(canon, request_stream(prg0, line)), draw1(canon, request_stream(prg1, line))
-        if kind in STATEFUL:
-            STATEFUL[kind][2](canon, m0, m1, store, index)
-        else:
-            KINDS[kind][2](canon, m0, m1)
+        correct(kind, canon, m0, m1, store, index)
         secs[kind] += time.perf_counter() - start
     return dict(secs)
 
@@ -108,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         row = by_kind.setdefault(kind, {"requests": 0, "bytes": 0, "components": defaultdict(int)})
         row["requests"] += 1
         for name, (shape, dtype) in correction_layout(kind, params).items():
-            nb = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            nb = layout_bytes({name: (shape, dtype)})
             row["bytes"] += nb
             row["components"][name] += nb
     secs = replay(reqs, base)

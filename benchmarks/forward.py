@@ -183,6 +183,7 @@ def server(ctx: PartyContext) -> dict[str, Any]:
             enc.forward(be, x, mask)
         requests = dealer.recorded()
     if preload:
+        assert dealer is not None
         with ctx.cost.scope("offline"):
             dealer.preload(requests)
     # Both servers start the timed forward together: the offline phase (or the untimed first forward) ends at
@@ -193,6 +194,7 @@ def server(ctx: PartyContext) -> dict[str, Any]:
         open_(ctx, torch.zeros(1, dtype=torch.int64), "sync")
     with ctx.cost.scope("forward"):
         if prefetch:
+            assert dealer is not None
             dealer.prefetch(requests)
         out = enc.forward(be, x, mask).hidden  # (B, T, H)
     reveal_to(ctx, out, OWNER, tag="hidden")

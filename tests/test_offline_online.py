@@ -184,13 +184,19 @@ def test_preloaded_fixed_weight_product_is_exact_and_precomputed() -> None:
         assert torch.equal(got_t, ring.matmul(xi, wi.t())) and torch.equal(got_n, ring.matmul(xi, wi))
 
 
-def test_preload_refuses_another_sequence_and_unused_requests() -> None:
+@pytest.mark.parametrize("ahead", ["preload", "prefetch"])
+def test_preload_and_prefetch_refuse_another_sequence_and_unused_requests(ahead: str) -> None:
+    def load(ctx: Any, reqs: Any) -> None:  # prefetch: window 0, so unused requests are still unsent
+        if ahead == "preload":
+            ctx.dealer.preload(reqs)
+        else:
+            ctx.dealer.prefetch(reqs, window=0)
+
     def other(ctx: Any) -> None:
         ctx.dealer.record()
         _work(ctx, 100)
-        reqs = ctx.dealer.recorded()
-        ctx.dealer.preload(reqs)
-        _work(ctx, 101)  # other shapes than preloaded
+        load(ctx, ctx.dealer.recorded())
+        _work(ctx, 101)  # other shapes than preloaded / prefetched
 
     with pytest.raises(ProtocolMismatchError, match=r"request #\d+ is .* but the preloaded request"):
         run_in_process({SERVER0: other, SERVER1: other}, timeout=10)
@@ -198,7 +204,7 @@ def test_preload_refuses_another_sequence_and_unused_requests() -> None:
     def unused(ctx: Any) -> None:
         ctx.dealer.record()
         _work(ctx, 100)
-        ctx.dealer.preload(ctx.dealer.recorded())
+        load(ctx, ctx.dealer.recorded())
 
     with pytest.raises(ProtocolMismatchError, match="preloaded or prefetched dealer requests .* were never used"):
         run_in_process({SERVER0: unused, SERVER1: unused}, timeout=10)
@@ -260,24 +266,7 @@ def test_prefetch_runs_the_dealer_ahead_with_the_same_results_and_frames(window:
     assert got.costs[DEALER].dealer_sent_bytes() == ref.costs[DEALER].dealer_sent_bytes()
 
 
-def test_prefetch_refuses_another_sequence_and_unused_requests() -> None:
-    def other(ctx: Any) -> None:
-        ctx.dealer.record()
-        _work(ctx, 100)
-        ctx.dealer.prefetch(ctx.dealer.recorded())
-        _work(ctx, 101)  # other shapes than prefetched
-
-    with pytest.raises(ProtocolMismatchError, match=r"request #\d+ is .* but the preloaded request"):
-        run_in_process({SERVER0: other, SERVER1: other}, timeout=10)
-
-    def unused(ctx: Any) -> None:
-        ctx.dealer.record()
-        _work(ctx, 100)
-        ctx.dealer.prefetch(ctx.dealer.recorded(), window=0)
-
-    with pytest.raises(ProtocolMismatchError, match="preloaded or prefetched dealer requests .* were never used"):
-        run_in_process({SERVER0: unused, SERVER1: unused}, timeout=10)
-
+def test_prefetch_refuses_a_second_prefetch_over_unused_requests() -> None:
     def twice(ctx: Any) -> None:
         ctx.dealer.record()
         _work(ctx, 100)

@@ -472,6 +472,15 @@ def draws(kind: str) -> tuple[_Draw, _Draw]:
     return spec[0], spec[1]
 
 
+def correct(kind: str, params: dict[str, Any], m0: Material, m1: Material, store: dict[Any, Any],
+            index: int) -> Material:
+    """The dealer's corrections of request ``index`` from both servers' material (stateful kinds read and write
+    ``store``, the session's kept masks)."""
+    if kind in STATEFUL:
+        return STATEFUL[kind][2](params, m0, m1, store, index)
+    return KINDS[kind][2](params, m0, m1)
+
+
 # -- request validation: parameter types and ranges, and the shape and dtype of every correction --
 
 

@@ -104,6 +104,7 @@ from secfwt.correlations import (
     brief,
     check_request,
     compare_words,
+    correct,
     correction_layout,
     draws,
     even_bits,
@@ -482,10 +483,7 @@ def serve(comm: Communicator, prg0: PRG, prg1: PRG, idle_timeout: float | None =
             draw0, draw1 = draws(kind)
             with comm.cost.scope(f"dealer/{kind}"):
                 m0, m1 = draw0(canon, request_stream(prg0, line)), draw1(canon, request_stream(prg1, line))
-                if kind in STATEFUL:
-                    corr = STATEFUL[kind][2](canon, m0, m1, store, index)
-                else:
-                    corr = KINDS[kind][2](canon, m0, m1)
+                corr = correct(kind, canon, m0, m1, store, index)
                 if list(corr) != list(layout):
                     raise RuntimeError(f"dealer: {kind} computed corrections {list(corr)}, layout says {list(layout)}")
                 for name, (shape, dtype) in layout.items():

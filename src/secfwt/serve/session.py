@@ -220,7 +220,7 @@ class BaseServer:
         unchanged; only when the dealer's answers are sent moves (earlier). The same command on the same
         registered batch makes the same requests: every request depends on public shapes only."""
         dealer = self.ctx.dealer
-        if not self.prefetch or dealer is None or not hasattr(dealer, "prefetch"):
+        if not self.prefetch or dealer is None:
             yield
             return
         rec = self._recordings.get(signature)
