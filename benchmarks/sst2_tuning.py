@@ -64,6 +64,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--init-text", default=None, help="p0: this phrase's token embeddings (--n-prompt = its tokens)")
     p.add_argument("--alpha", type=float, default=1.0, help="projection scale (BBT's alpha)")
     p.add_argument("--sigma", type=float, default=1.0, help="CMA-ES initial step size")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="save each run's loop state under DIR/<run> and resume from it (a run may span sessions)")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="iterations between checkpoints")
     p.add_argument("--out", default="benchmarks/results/sst2_tuning.json")
     return p.parse_args(argv)
 
@@ -72,12 +75,13 @@ def spec_for(a: argparse.Namespace, name: str) -> RunSpec:
     mode, attention = RUNS[name]
     tune = {"d": a.d, "n_prompt": a.n_prompt, "popsize": a.popsize, "iterations": a.iterations,
             "train_batch": a.train_batch, "eval_every": a.eval_every or a.iterations, "patience": None,
-            "seed": a.tune_seed, "alpha": a.alpha, "sigma": a.sigma}
+            "seed": a.tune_seed, "alpha": a.alpha, "sigma": a.sigma, "checkpoint_every": a.checkpoint_every}
     if a.init_text:
         tune.update(init="text", init_text=a.init_text)
     return RunSpec(task=a.task, model=a.model, mode=mode, attention=dict(attention), k=a.k, seed=a.seed,
                    data_root=a.data_root, max_eval=a.max_eval, max_length=a.max_length, max_rows=a.max_rows,
-                   prompt_position=a.prompt_position, tune=tune, progress=False, timeout=600)
+                   prompt_position=a.prompt_position, tune=tune, progress=False, timeout=600,
+                   checkpoint_dir=str((Path(a.checkpoint_dir) / name).resolve()) if a.checkpoint_dir else None)
 
 
 def row_for(name: str, spec: RunSpec, parties: str) -> dict[str, Any]:
