@@ -32,23 +32,15 @@ from secfwt.context import PartyContext  # noqa: E402
 from secfwt.correlations import correct, correction_layout, draws, layout_bytes  # noqa: E402
 from secfwt.cost import cpu_model  # noqa: E402
 from secfwt.dealer import canonical_request, check_request, request_stream  # noqa: E402
-from secfwt.nn.config import AttentionConfig  # noqa: E402
 from secfwt.nn.encoder import Encoder  # noqa: E402
-from secfwt.nn.mpc import ENCODER_LINEAR_BOUND, MpcBackend  # noqa: E402
 from secfwt.prg import PRG, new_key  # noqa: E402
 from secfwt.runtime import run_in_process  # noqa: E402
-from secfwt.serve.shares import load_server_shares  # noqa: E402
 from secfwt.share import owner_share, receive_revealed, reveal_to  # noqa: E402
 
 
 def _server(shares: Path, attention: str, b: int, t: int) -> Any:
     def prog(ctx: PartyContext) -> Any:
-        sh = load_server_shares(shares / f"server{ctx.rank}.safetensors", ctx.rank)
-        be = MpcBackend(ctx, linear_bound=ENCODER_LINEAR_BOUND)
-        body = {k: v for k, v in sh.params.items() if not k.startswith("mlm.") and k != "emb.word"}
-        body = Encoder(sh.config, body).fuse_qkv(be).params
-        body = {k: be.fix_matrix(k, v) for k, v in body.items()}
-        enc = Encoder(sh.config, body, AttentionConfig(**F.ATTENTIONS[attention]))
+        be, enc = F.load_encoder(ctx, shares, F.ATTENTIONS[attention])
         x = be.from_owner((b, t, enc.config.hidden))
         assert ctx.dealer is not None
         ctx.dealer.record()

@@ -146,12 +146,12 @@ def _spec() -> dict[str, Any]:
     return dict(json.loads(os.environ[SPEC_ENV]))
 
 
-def server(ctx: PartyContext) -> dict[str, Any]:
-    """Load this server's shares, receive the shared input, run the encoder, reveal the output to the owner."""
+def load_encoder(ctx: PartyContext, shares_dir: Path, attention: dict[str, Any]) -> tuple[Any, Encoder[Any]]:
+    """This server's backend and encoder body, set up once per session as the model server does (QKV fused,
+    weights fixed: not part of a forward). Tolerates older engines (``before_after.py`` runs them)."""
     from secfwt.serve.shares import load_server_shares
 
-    spec = _spec()
-    shares = load_server_shares(Path(spec["shares"]) / f"server{ctx.rank}.safetensors", ctx.rank)
+    shares = load_server_shares(shares_dir / f"server{ctx.rank}.safetensors", ctx.rank)
     try:  # the encoder model server's backend (linear_bound: narrow truncations), where the engine has it
         from secfwt.nn.mpc import ENCODER_LINEAR_BOUND
 
@@ -164,8 +164,13 @@ def server(ctx: PartyContext) -> dict[str, Any]:
             if hasattr(Encoder, "fuse_qkv"):
                 body = Encoder(shares.config, body).fuse_qkv(be).params
             body = {k: be.fix_matrix(k, v) for k, v in body.items()}
-    enc = Encoder(shares.config, body, AttentionConfig(**spec["attention"]))
-    del shares
+    return be, Encoder(shares.config, body, AttentionConfig(**attention))
+
+
+def server(ctx: PartyContext) -> dict[str, Any]:
+    """Load this server's shares, receive the shared input, run the encoder, reveal the output to the owner."""
+    spec = _spec()
+    be, enc = load_encoder(ctx, Path(spec["shares"]), spec["attention"])
     b, t, h = spec["B"], spec["T"], enc.config.hidden
     x = be.from_owner((b, t, h))
     mask = torch.ones(b, t)
