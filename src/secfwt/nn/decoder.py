@@ -41,7 +41,7 @@ from secfwt.errors import ConfigError
 from secfwt.nn.backend import Backend, V
 from secfwt.nn.config import AttentionConfig, AttentionKind
 from secfwt.nn.decoder_attention import RFA_FLOOR, RFA_FORMS, CausalSelfAttention, LayerKV, causal_key_mask
-from secfwt.nn.inputs import check_inputs
+from secfwt.nn.inputs import check_inputs, insert_prompt
 from secfwt.nn.llama_weights import DecoderConfig, load_llama
 
 W = TypeVar("W")
@@ -293,24 +293,6 @@ class Decoder(Generic[V]):
                              query_last=layer.index == cfg.n_layers - 1)
         assert h is not None
         return DecoderOutput(h, torch.ones(r, 1, dtype=torch.float64), n_prompt, -1)
-
-
-def insert_prompt(be: Backend[V], x: V, prompt: V | None, at: int) -> tuple[V, int]:
-    """x (B, T, H) -> (B, T + P, H) with the prompt (P, H) or (B, P, H) after the first ``at`` tokens."""
-    if prompt is None:
-        return x, 0
-    b, t, h = be.shape(x)
-    ps = be.shape(prompt)
-    if len(ps) == 2:
-        prompt = be.expand(be.reshape(prompt, (1, ps[0], ps[1])), (b, ps[0], ps[1]))  # (B, P, H)
-    ps = be.shape(prompt)
-    if len(ps) != 3 or ps[0] != b or ps[2] != h:
-        raise ValueError(f"prompt: expected shape (P, {h}) or ({b}, P, {h}), got {ps}")
-    if not 0 <= at <= t:
-        raise ValueError(f"prompt_at: must be in [0, {t}], got {at}")
-    head = be.index(x, (slice(None), slice(0, at)))  # (B, a, H)
-    tail = be.index(x, (slice(None), slice(at, t)))  # (B, T - a, H)
-    return be.cat([head, prompt, tail], dim=1), ps[1]
 
 
 __all__ = ["CausalSelfAttention", "Decoder", "DecoderLayer", "DecoderOutput", "GatedMLP", "PrefixCache", "RFA_FLOOR",

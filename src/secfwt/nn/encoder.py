@@ -29,7 +29,7 @@ from secfwt.errors import ConfigError
 from secfwt.nn.attention import SelfAttention
 from secfwt.nn.backend import Backend, V
 from secfwt.nn.config import AttentionConfig, EncoderConfig
-from secfwt.nn.inputs import check_inputs
+from secfwt.nn.inputs import check_inputs, insert_prompt
 from secfwt.nn.weights import map_checkpoint, read_checkpoint
 
 W = TypeVar("W")
@@ -50,18 +50,7 @@ class Embeddings(Generic[V]):
         cfg = self.cfg
         b, t, h = be.shape(embeds)
         x = embeds
-        n_prompt = 0
-        if prompt is not None:
-            ps = be.shape(prompt)
-            if len(ps) == 2:
-                prompt = be.expand(be.reshape(prompt, (1, ps[0], ps[1])), (b, ps[0], ps[1]))  # (B, P, H)
-            ps = be.shape(prompt)
-            if len(ps) != 3 or ps[0] != b or ps[2] != h:
-                raise ValueError(f"prompt: expected shape (P, {h}) or ({b}, P, {h}), got {ps}")
-            n_prompt = ps[1]
-            first = be.index(x, (slice(None), slice(0, 1)))  # (B, 1, H)
-            rest = be.index(x, (slice(None), slice(1, None)))  # (B, T - 1, H)
-            x = be.cat([first, prompt, rest], dim=1)  # (B, T + P, H)
+        x, n_prompt = insert_prompt(be, x, prompt, 1)  # (B, T + P, H): the prompt after [CLS]
         total = t + n_prompt
         if total > cfg.max_tokens:
             raise ValueError(f"sequence of {t} tokens + {n_prompt} prompt vectors exceeds the model's "

@@ -38,6 +38,24 @@ def check_inputs(be: Backend[V], inputs_embeds: V, attention_mask: Tensor, hidde
     return b, t
 
 
+def insert_prompt(be: Backend[V], x: V, prompt: V | None, at: int) -> tuple[V, int]:
+    """x (B, T, H) -> (B, T + P, H) with the prompt (P, H) or (B, P, H) after the first ``at`` tokens."""
+    if prompt is None:
+        return x, 0
+    b, t, h = be.shape(x)
+    ps = be.shape(prompt)
+    if len(ps) == 2:
+        prompt = be.expand(be.reshape(prompt, (1, ps[0], ps[1])), (b, ps[0], ps[1]))  # (B, P, H)
+    ps = be.shape(prompt)
+    if len(ps) != 3 or ps[0] != b or ps[2] != h:
+        raise ValueError(f"prompt: expected shape (P, {h}) or ({b}, P, {h}), got {ps}")
+    if not 0 <= at <= t:
+        raise ValueError(f"prompt_at: must be in [0, {t}], got {at}")
+    head = be.index(x, (slice(None), slice(0, at)))  # (B, a, H)
+    tail = be.index(x, (slice(None), slice(at, t)))  # (B, T - a, H)
+    return be.cat([head, prompt, tail], dim=1), ps[1]
+
+
 def embed_local(word_table: Tensor, input_ids: Tensor) -> Tensor:
     """Data-owner side of mode (a): look the ids (B, T) up in the disclosed table (vocab, H) -> (B, T, H)."""
     if int(input_ids.max()) >= word_table.shape[0] or int(input_ids.min()) < 0:
@@ -62,4 +80,4 @@ def position_one_hot(positions: Tensor, seq_len: int) -> Tensor:
     return torch.nn.functional.one_hot(positions.long(), seq_len).to(torch.float64)
 
 
-__all__ = ["check_inputs", "embed_local", "embed_private", "one_hot", "position_one_hot"]
+__all__ = ["check_inputs", "embed_local", "embed_private", "insert_prompt", "one_hot", "position_one_hot"]
