@@ -11,7 +11,6 @@ of the same similarity head). One untimed warm-up run first; ``time_s`` is the m
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from secfwt_cases import (  # noqa: E402
     plain_op,
     tuning_texts,
 )
-from secfwt_runner import Job, add_job_args, job_kwargs, jobs_for  # noqa: E402
+from secfwt_runner import Job, runner_main  # noqa: E402
 
 from secfwt.nn.backend import PlainBackend  # noqa: E402
 
@@ -140,17 +139,7 @@ def _record(job: Job, times: list[float], errors: dict[str, float], **extra: Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", default="all", help=f"comma list of {W.WORKLOADS} or 'all'")
-    ap.add_argument("--attention", default="softmax,rfa", help="attention kinds for encoder_layer and the model")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--out", help="also append the JSON lines to this file")
-    add_job_args(ap)
-    args = ap.parse_args(argv)
-    for job in jobs_for(W.parse_workloads(args.workload), args.attention.split(","), repeats=args.repeats,
-                        **job_kwargs(args)):
-        W.emit(run_job(job), args.out)
-    return 0
+    return runner_main(__doc__, run_job, argv)
 
 
 if __name__ == "__main__":

@@ -543,19 +543,23 @@ def job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "max_rows": args.max_rows, "model": args.model, "tiny": args.tiny, "layers": args.layers}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def runner_main(doc: str, run: Callable[[Job], dict[str, Any]], argv: list[str] | None) -> int:
+    """A runner's command line (this one's and the plaintext runner's): the jobs asked for, one JSON line each."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--workload", default="all", help=f"comma list of {W.WORKLOADS} or 'all'")
     ap.add_argument("--attention", default="softmax,rfa", help="attention kinds for encoder_layer and the model")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", help="also append the JSON lines to this file")
     add_job_args(ap)
     args = ap.parse_args(argv)
-    jobs = jobs_for(W.parse_workloads(args.workload), args.attention.split(","), repeats=args.repeats,
-                    **job_kwargs(args))
-    for job in jobs:
-        W.emit(run_job(job), args.out)
+    for job in jobs_for(W.parse_workloads(args.workload), args.attention.split(","), repeats=args.repeats,
+                        **job_kwargs(args)):
+        W.emit(run(job), args.out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner_main(__doc__, run_job, argv)
 
 
 if __name__ == "__main__":
