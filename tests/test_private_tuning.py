@@ -39,6 +39,33 @@ def test_mpc_losses_follow_the_plaintext_loop(tiny, parties, optimizer):
     assert sum(v["dealer_bytes"] for k, v in costs[0].items() if k != "setup") == 0
 
 
+def test_released_minibatches_keep_the_plaintext_path(tiny, monkeypatch):
+    """A fresh minibatch per generation with room for only two registered batches: the owner releases the least
+    recently used ones on the servers as it goes (dev is registered again when it comes back), and the private
+    run still follows the plaintext loop."""
+    from secfwt.tuning import objective
+
+    monkeypatch.setattr(objective, "KEEP_BATCHES", 2)
+    released: list[int] = []
+    release = objective.Registrations.__init__
+
+    def spy(self, rel, keep=None):  # type: ignore[no-untyped-def]
+        release(self, lambda n: (released.append(n), rel(n))[1], keep)
+
+    monkeypatch.setattr(objective.Registrations, "__init__", spy)
+    model, d = tiny
+
+    def spec(mode: str) -> RunSpec:
+        s = _spec(model, d, mode)
+        s.tune = {**s.tune, "train_batch": 2, "iterations": 4, "eval_every": 2}
+        return s
+
+    plain, _ = run(spec("plaintext"))
+    private, costs = run(spec("mpc"), parties="inprocess")
+    assert_follows_plaintext(private, plain, costs)
+    assert len(released) >= 4  # every generation's minibatch, and dev between its uses
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(7200)
 def test_private_sst2_run_in_processes_beats_zero_shot_on_dev():

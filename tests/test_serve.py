@@ -167,6 +167,51 @@ def test_repeated_forwards_prefetch_the_dealer_with_the_same_logits(tiny):
     assert res[SERVER0] == res[SERVER1] == [0, 1, 2, 2, 3, 3, 3, 3]
 
 
+def test_released_batches_are_forgotten_and_refused(tiny):
+    """``release`` drops a batch and its recordings on both servers; later batches keep their own numbers (a
+    counter, not the number held), their forwards still match plaintext; a forward on a released batch, or a
+    second release, is one clear error at the owner before anything is sent."""
+    model_dir, shares_dir = tiny
+    enc = Encoder.from_pretrained(model_dir)
+    labels = [[7], [9, 11]]
+    ids, mask, mask_pos, prompts = _inputs(enc.config.vocab_size)
+
+    def server(ctx):
+        srv = ModelServer(ctx, load_server_shares(shares_dir / f"server{ctx.rank}.safetensors", ctx.rank))
+        serve_loop(ctx, srv)
+        return sorted(srv.batches), sorted(sig[0] for sig in srv._recordings)
+
+    def owner(ctx):
+        client = PrivateModelClient(ctx, 32, enc.config.vocab_size, word_table=owner_word_table(shares_dir))
+        client.setup(AttentionConfig("softmax"), HeadSpec("mlm", labels), max_rows=4)
+        a = client.register(ids, mask, mask_pos)
+        client.forward(a, prompts)
+        client.release(a)
+        errors = []
+        for call in (lambda: client.forward(a, prompts), lambda: client.release(a)):
+            with pytest.raises(ConfigError) as err:
+                call()
+            errors.append(str(err.value))
+        b = client.register(ids[:2], mask[:2], mask_pos[:2])
+        c = client.register(ids, mask, mask_pos)
+        out = client.forward(c, prompts)
+        client.forward(b, prompts[:1])
+        client.stop()
+        return (a, b, c), errors, out
+
+    res = run_in_process(_servers_from(server) | {OWNER: owner}, timeout=300)
+    numbers, errors, out = res[OWNER]
+    assert numbers == (0, 1, 2)
+    assert errors == ["batch #0 was released", "batch #0 was released"]
+    assert res[SERVER0] == res[SERVER1] == ([1, 2], [1, 2])
+    be = PlainBackend()
+    head = MaskedLMHead.from_encoder(enc, labels)
+    pos = torch.nn.functional.one_hot(mask_pos, 7).double()
+    want = torch.stack([head.forward(be, enc.forward(be, enc.params["emb.word"][ids], mask, prompt=p), pos)
+                        for p in prompts])
+    assert (out - want).abs().max() < 2e-2
+
+
 def test_share_files_are_checked(tiny, tmp_path):
     _, shares_dir = tiny
     with pytest.raises(ConfigError, match="this party is 'server1'"):

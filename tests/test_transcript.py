@@ -27,6 +27,7 @@ import torch
 from secfwt import runtime
 from secfwt.comm.base import DEALER, OWNER, PARTY_NAMES, SERVER0, SERVER1, Frame
 from secfwt.comm.local import LocalHub
+from secfwt.tuning import objective
 from secfwt.tuning.data import Example, TaskData
 from secfwt.tuning.fot import TuneConfig, tune
 from secfwt.tuning.runner import RunSpec, run_job
@@ -88,6 +89,7 @@ def _data(seed: int, words: tuple[str, ...], lengths: dict[str, tuple[int, ...]]
 def _private_run(model: Model, data: TaskData, monkeypatch: pytest.MonkeyPatch) -> list[Record]:
     log: list[Record] = []
     monkeypatch.setattr(runtime, "LocalHub", lambda ranks: RecordingHub(ranks, log))
+    monkeypatch.setattr(objective, "KEEP_BATCHES", 2)  # registered batches are released within this short run
     spec = RunSpec(task="demo", model=str(model.path), mode="mpc", attention={"kind": "softmax"}, max_length=16,
                    max_rows=16, shares_dir=str(model.shares), progress=False, timeout=120,
                    prompt_position=model.position)
@@ -216,6 +218,7 @@ def test_servers_and_dealer_see_the_same_transcript_whatever_the_texts_and_label
     assert {r.dst for r in ta} == {SERVER0, SERVER1, DEALER}
     cmds = {r.frame.obj.get("cmd") for r in ta if r.frame.kind == "json" and isinstance(r.frame.obj, dict)}
     assert {"register", "prefill"} & cmds
+    assert "register" not in cmds or "release" in cmds  # releases are part of what is compared
     diffs = _differences(ta, tb)
     assert not diffs, "\n".join(diffs[:10])
     total = 0

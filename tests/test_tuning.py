@@ -317,3 +317,29 @@ def test_spsa_estimates_the_gradient_and_descends() -> None:
         Spsa(6, popsize=5, lr=0.1, eps=0.1, seed=0)
     with pytest.raises(ConfigError, match="even popsize"):
         TuneConfig(optimizer="spsa", popsize=5)
+
+
+def test_registrations_keep_the_most_recently_used_and_release_the_rest() -> None:
+    from secfwt.tuning.objective import Registrations
+
+    released: list[int] = []
+    made: list[str] = []
+    counter = iter(range(100))
+
+    def make(key: str):  # type: ignore[no-untyped-def]
+        def register() -> tuple[int, str]:
+            made.append(key)
+            return next(counter), key
+
+        return register
+
+    reg: Registrations[str] = Registrations(released.append, keep=2)
+    assert reg.get("dev", make("dev")) == (0, "dev")
+    assert reg.get("mb1", make("mb1")) == (1, "mb1")
+    assert reg.get("dev", make("dev")) == (0, "dev")  # a hit: dev is now the most recent
+    assert reg.get("mb2", make("mb2")) == (2, "mb2")  # mb1 is the least recently used
+    assert released == [1] and len(reg) == 2
+    assert reg.get("mb1", make("mb1")) == (3, "mb1")  # registered again under a new number; dev goes
+    assert released == [1, 0] and made == ["dev", "mb1", "mb2", "mb1"]
+    with pytest.raises(ConfigError, match="keep: expected at least 1"):
+        Registrations(released.append, keep=0)

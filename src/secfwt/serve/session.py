@@ -15,6 +15,7 @@ command               what the servers do
 ``register``          store a batch of examples (shared embeddings or shared one-hot ids, public mask, for
                       masked-LM heads the shared one-hot of the <mask> position) under the next batch number
                       (0, 1, 2, ...: a counter, nothing derived from the data): sent once, reused every step
+``release``           forget a registered batch and its recordings (the owner keeps a bounded number)
 ``forward``           for P shared soft prompts and a registered batch, run the P x B forwards in chunks of
                       ``max_rows`` sequences (:mod:`secfwt.serve.rows`) and reveal the (P, B, L) logits to
                       the owner only
@@ -31,9 +32,11 @@ records its dealer requests, later runs prefetch them (:meth:`secfwt.dealer.Deal
 forgets the recordings; ``setup`` may carry ``"prefetch": false`` to turn it off (for comparisons).
 
 What the servers learn: shapes (P, B, sequence length, prompt length, number of labels), each example's
-padding mask (its token count), and which registered batch number each forward uses (a counter the owner
-assigns in order of first use). Not the tokens, labels, label words, prompts, logits or loss; the owner's
-content hashes of its batches never leave it (README, "What the servers learn").
+padding mask (its token count), which registered batch number each forward uses (a counter the owner assigns
+in order of first use) and when one is released (least recently used first: fixed by the sequence of batches
+the tuning loop asks for, which follows its seeds, not the data). Not the tokens, labels, label words,
+prompts, logits or loss; the owner's content hashes of its batches never leave it (README, "What the servers
+learn").
 """
 
 from __future__ import annotations
@@ -144,14 +147,15 @@ class BaseServer:
         self.hidden, self.vocab_size, self.word = hidden, vocab_size, word
         self.embedding = "local"
         self.max_rows = 64
-        self.batches: dict[int, RegisteredBatch] = {}
+        self.batches: dict[int, RegisteredBatch] = {}  # by batch number (0, 1, 2, ... in order of registration)
+        self._registrations = 0
         self.rows_served = 0  # sequence forwards (prompt x example rows) computed: a count of public shapes
         self.prefetch = True  # the dealer runs ahead through a forward seen before (:meth:`_dealer_ahead`)
         self.prefetched = 0  # commands run with the dealer ahead
         self._recordings: dict[tuple[int, ...], Recording] = {}  # forward signature -> its dealer requests
 
     def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
-        return {"setup": self.setup, "register": self.register, "forward": self.forward}
+        return {"setup": self.setup, "register": self.register, "release": self.release, "forward": self.forward}
 
     def setup(self, msg: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -198,7 +202,18 @@ class BaseServer:
         embeds = self._embed(b, t)
         mask = self._recv_public("mask", (b, t))
         position = self.be.from_owner((b, t), scale=0) if self._needs_position() else None
-        self.batches[len(self.batches)] = RegisteredBatch(embeds, mask, position)
+        self.batches[self._registrations] = RegisteredBatch(embeds, mask, position)
+        self._registrations += 1
+
+    def release(self, msg: dict[str, Any]) -> None:
+        """Forget a registered batch (its shares and its forwards' dealer recordings): the owner keeps a bounded
+        number registered, so a long run's memory does not grow with its minibatches."""
+        key = int(msg["batch"])
+        if key not in self.batches:
+            raise ProtocolMismatchError(f"release: unknown batch #{key}")
+        del self.batches[key]
+        for sig in [s for s in self._recordings if s[0] == key]:
+            del self._recordings[sig]
 
     def forward(self, msg: dict[str, Any]) -> None:
         if not self._ready():
@@ -341,7 +356,7 @@ class PrivateModelClient:
         self.n_labels = 0
         self.logit_bound = MAX_LOGIT  # |logit| beyond this means a fixed-point range was exceeded under MPC
         self.configured = False
-        self.registered: list[int] = []  # rows of each registered batch, by batch number
+        self.registered: list[int] = []  # rows of each registered batch, by batch number (-1: released)
 
     def _cmd(self, msg: dict[str, Any]) -> None:
         for s in _SERVERS:
@@ -406,11 +421,22 @@ class PrivateModelClient:
         self.registered.append(int(b))
         return len(self.registered) - 1
 
+    def _rows(self, batch: int) -> int:
+        if not 0 <= batch < len(self.registered):
+            raise ConfigError(f"batch #{batch} is not registered ({len(self.registered)} batches were)")
+        if self.registered[batch] < 0:
+            raise ConfigError(f"batch #{batch} was released")
+        return self.registered[batch]
+
+    def release(self, batch: int) -> None:
+        """Let the servers forget registered batch ``batch`` (a later forward on it is an error)."""
+        self._rows(batch)
+        self._cmd({"cmd": "release", "batch": int(batch)})
+        self.registered[batch] = -1
+
     def forward(self, batch: int, prompts: Tensor) -> Tensor:
         """Label logits (P, B, L) for soft prompts (P, n_prompt, H) on the registered batch number ``batch``."""
-        if not 0 <= batch < len(self.registered):
-            raise ConfigError(f"batch #{batch} is not registered ({len(self.registered)} batches are)")
-        n_ex = self.registered[batch]
+        n_ex = self._rows(batch)
         out = self._prompted({"cmd": "forward", "batch": int(batch)}, prompts, n_ex)
         return out.reshape(prompts.shape[0], n_ex, self.n_labels)
 

@@ -54,7 +54,7 @@ from secfwt.tuning.decoder_encode import (
     tail_ids,
 )
 from secfwt.tuning.encode import initial_prompt
-from secfwt.tuning.objective import Batch, EvalCost
+from secfwt.tuning.objective import Batch, EvalCost, Registrations
 from secfwt.tuning.tasks import TaskSpec
 
 T = TypeVar("T")
@@ -204,7 +204,7 @@ class MpcDecoderEvaluator(_DecoderEvaluatorBase):
             rows = torch.stack([word_table[g].mean(0) for g in ids])
         client.setup_decoder(attention, ids, max_rows=max_rows, prompt_at=self.prompt_at, owner_rows=rows,
                              tail_ids=self.tail)
-        self._registered: dict[tuple[tuple[str, ...], str, int], tuple[int, Tensor]] = {}
+        self._registered: Registrations[Tensor] = Registrations(client.release)
         self._slots: dict[tuple[str, tuple[int, ...]], int] = {}  # (example id, prefix ids) -> server slot
 
     def logits(self, prompts: Tensor, batch: Batch) -> Tensor:
@@ -216,12 +216,13 @@ class MpcDecoderEvaluator(_DecoderEvaluatorBase):
         self._calls += 1
         if self.position == "after-text":
             return self._logits_cached(prompts, batch, n_prompt)
-        key = batch.cache_key(n_prompt)
-        if key not in self._registered:
+
+        def register() -> tuple[int, Tensor]:
             enc = self.encode(batch, n_prompt)
             order = by_length(enc.attention_mask)
-            self._registered[key] = (self.client.register(enc.input_ids[order], enc.attention_mask[order]), order)
-        number, order = self._registered[key]
+            return self.client.register(enc.input_ids[order], enc.attention_mask[order]), order
+
+        number, order = self._registered.get(batch.cache_key(n_prompt), register)
         out = self.client.forward(number, prompts.to(torch.float64)).float()  # (P, B, L), sorted row order
         unsorted = torch.empty_like(out)
         unsorted[:, order] = out

@@ -20,7 +20,7 @@ from secfwt.nn.config import AttentionConfig
 from secfwt.serve.session import HeadSpec, PrivateModelClient
 from secfwt.tuning.data import Example
 from secfwt.tuning.encode import Encoded, encode_examples, initial_prompt, label_word_id
-from secfwt.tuning.objective import Batch, EvalCost
+from secfwt.tuning.objective import Batch, EvalCost, Registrations
 from secfwt.tuning.tasks import TaskSpec
 
 
@@ -57,7 +57,7 @@ class MpcEvaluator:
         self.max_length = max_length
         self.word_table = word_table
         self.template = task.template if head == "mlm" else task.similarity_template
-        self._cache: dict[tuple[tuple[str, ...], str, int], tuple[int, Encoded, torch.Tensor]] = {}
+        self._cache: Registrations[tuple[Encoded, torch.Tensor]] = Registrations(client.release)
         self._calls = 0
         if head == "mlm":
             spec = HeadSpec("mlm", [[label_word_id(tokenizer, task.name, w)] for w in task.words])
@@ -74,15 +74,17 @@ class MpcEvaluator:
         Returns the servers' batch number (a counter), the encoding (sorted) and ``order``: sorted row i is
         example ``order[i]``.
         """
-        key = batch.cache_key(n_prompt)
-        if key not in self._cache:
+
+        def register() -> tuple[int, tuple[Encoded, torch.Tensor]]:
             enc = encode_examples(self.tokenizer, self.template, batch.examples, self.max_length, n_prompt)
             order = torch.argsort(enc.attention_mask.sum(1), stable=True)
             enc = Encoded(enc.input_ids[order], enc.attention_mask[order], enc.mask_pos[order])
             number = self.client.register(enc.input_ids, enc.attention_mask,
                                           enc.mask_pos if self.head == "mlm" else None)
-            self._cache[key] = (number, enc, order)
-        return self._cache[key]
+            return number, (enc, order)
+
+        number, (enc, order) = self._cache.get(batch.cache_key(n_prompt), register)
+        return number, enc, order
 
     def logits(self, prompts: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Label logits ``(P, B, n_labels)`` for ``prompts`` ``(P, n_prompt, hidden)``."""

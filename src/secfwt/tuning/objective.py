@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,40 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+
+R = TypeVar("R")
+
+KEEP_BATCHES = 8  # registered batches the owner keeps on the servers (dev, test and the latest minibatches)
+
+
+class Registrations(Generic[R]):
+    """The owner's batches registered on the servers, at most ``keep``: a new one beyond that releases the least
+    recently used (``release(number)``), so a run with a fresh minibatch per generation holds bounded memory on
+    the servers. What the servers see (registration and release order) follows the sequence of cache keys the
+    tuning loop asks for: example ids and split names from its seeds, never texts or labels."""
+
+    def __init__(self, release: Callable[[int], None], keep: int | None = None) -> None:
+        keep = KEEP_BATCHES if keep is None else keep
+        if keep < 1:
+            raise ConfigError(f"keep: expected at least 1 registered batch, got {keep}")
+        self._release, self.keep = release, keep
+        self._by_key: OrderedDict[Hashable, tuple[int, R]] = OrderedDict()
+
+    def get(self, key: Hashable, register: Callable[[], tuple[int, R]]) -> tuple[int, R]:
+        """(batch number, owner's data) of ``key``, registering it with ``register()`` the first time."""
+        if key in self._by_key:
+            self._by_key.move_to_end(key)
+            return self._by_key[key]
+        value = register()
+        self._by_key[key] = value
+        while len(self._by_key) > self.keep:
+            _, (number, _) = self._by_key.popitem(last=False)
+            self._release(number)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._by_key)
 
 
 @dataclass(frozen=True)
