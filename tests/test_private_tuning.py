@@ -40,30 +40,43 @@ def test_mpc_losses_follow_the_plaintext_loop(tiny, parties, optimizer):
 
 
 def test_released_minibatches_keep_the_plaintext_path(tiny, monkeypatch):
-    """A fresh minibatch per generation with room for only two registered batches: the owner releases the least
-    recently used ones on the servers as it goes (dev is registered again when it comes back), and the private
-    run still follows the plaintext loop."""
+    """A fresh minibatch per generation with room for two: the owner releases the least recently used minibatch
+    on the servers before registering a new one (dev and test stay), the servers never hold more than that,
+    and the private run still follows the plaintext loop."""
+    from secfwt.serve.session import BaseServer
     from secfwt.tuning import objective
 
     monkeypatch.setattr(objective, "KEEP_BATCHES", 2)
     released: list[int] = []
-    release = objective.Registrations.__init__
+    init = objective.Registrations.__init__
 
     def spy(self, rel, keep=None):  # type: ignore[no-untyped-def]
-        release(self, lambda n: (released.append(n), rel(n))[1], keep)
+        init(self, lambda n: (released.append(n), rel(n))[1], keep)
 
     monkeypatch.setattr(objective.Registrations, "__init__", spy)
+    held: list[int] = []
+    register = BaseServer.register
+
+    def count(self, msg):  # type: ignore[no-untyped-def]
+        register(self, msg)
+        held.append(len(self.batches))
+
+    monkeypatch.setattr(BaseServer, "register", count)
     model, d = tiny
 
     def spec(mode: str) -> RunSpec:
         s = _spec(model, d, mode)
-        s.tune = {**s.tune, "train_batch": 2, "iterations": 4, "eval_every": 2}
+        s.tune = {**s.tune, "train_batch": 2, "iterations": 8, "eval_every": 2}
         return s
 
     plain, _ = run(spec("plaintext"))
     private, costs = run(spec("mpc"), parties="inprocess")
     assert_follows_plaintext(private, plain, costs)
-    assert len(released) >= 4  # every generation's minibatch, and dev between its uses
+    # Whole-run batches stay: dev without (#0) and with the prompt (#3), test without and with (#8, #9). The
+    # seeded minibatches are #1, #2, #4 (drawn twice in a row), #5 (twice), #6, #7: each new one beyond two
+    # releases the least recently used.
+    assert released == [1, 2, 4, 5]
+    assert max(held) == held[-1] == 6  # 4 whole-run batches + 2 minibatches, on each server
 
 
 @pytest.mark.slow

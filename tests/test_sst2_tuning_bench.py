@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pytest  # noqa: E402
 import sst2_tuning  # noqa: E402
 
-from secfwt.tuning import checkpoint  # noqa: E402
+from secfwt.tuning import checkpoint, fot  # noqa: E402
 
 
 def _argv(model: Path, out: Path, ckpt: Path) -> list[str]:
@@ -19,17 +20,23 @@ def _argv(model: Path, out: Path, ckpt: Path) -> list[str]:
             "--max-length", "24", "--checkpoint-dir", str(ckpt), "--out", str(out)]
 
 
-def test_checkpointed_run_resumes_and_reports_the_same_row(tiny_dir: Path, tmp_path: Path) -> None:
+def test_checkpointed_run_resumes_and_reports_the_same_row(tiny_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = tmp_path / "ckpt"
     assert sst2_tuning.main(_argv(tiny_dir, tmp_path / "a.json", ckpt)) == 0
     state = checkpoint.load(ckpt / "plaintext")  # one directory per run
     assert state is not None and state["iteration"] == 3 and state["stop_reason"] == "budget"
+
+    def no_step(self: object) -> None:
+        raise AssertionError("a resumed, finished run takes no step")
+
     # The same command again: the loop resumes from the finished checkpoint and only re-scores the selection.
+    monkeypatch.setattr(fot._Loop, "step", no_step)
     assert sst2_tuning.main(_argv(tiny_dir, tmp_path / "b.json", ckpt)) == 0
     a, b = (json.loads((tmp_path / f).read_text())["rows"][0] for f in ("a.json", "b.json"))
     for key in ("best_z", "history", "accuracy", "zero_shot_accuracy", "dev_accuracy", "forwards", "used_prompt"):
         assert a[key] == b[key], key
-    assert b["time_s"] >= a["time_s"] > 0  # the whole run's time: the first session's plus the re-scoring
+    assert b["time_s"] >= state["elapsed_s"] > 0  # the whole run's time: the first session's and the re-scoring
 
 
 def test_oracle_check_names_what_differs() -> None:

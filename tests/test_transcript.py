@@ -89,7 +89,7 @@ def _data(seed: int, words: tuple[str, ...], lengths: dict[str, tuple[int, ...]]
 def _private_run(model: Model, data: TaskData, monkeypatch: pytest.MonkeyPatch) -> list[Record]:
     log: list[Record] = []
     monkeypatch.setattr(runtime, "LocalHub", lambda ranks: RecordingHub(ranks, log))
-    monkeypatch.setattr(objective, "KEEP_BATCHES", 2)  # registered batches are released within this short run
+    monkeypatch.setattr(objective, "KEEP_BATCHES", 1)  # minibatches are released within this short run
     spec = RunSpec(task="demo", model=str(model.path), mode="mpc", attention={"kind": "softmax"}, max_length=16,
                    max_rows=16, shares_dir=str(model.shares), progress=False, timeout=120,
                    prompt_position=model.position)

@@ -329,17 +329,24 @@ def test_registrations_keep_the_most_recently_used_and_release_the_rest() -> Non
     def make(key: str):  # type: ignore[no-untyped-def]
         def register() -> tuple[int, str]:
             made.append(key)
+            assert len(reg) - held_whole_run() < 2  # the least recently used went before the new one came
             return next(counter), key
 
         return register
 
     reg: Registrations[str] = Registrations(released.append, keep=2)
-    assert reg.get("dev", make("dev")) == (0, "dev")
+
+    def held_whole_run() -> int:
+        return len(reg._whole_run)
+
+    assert reg.get("dev", make("dev"), whole_run=True) == (0, "dev")
     assert reg.get("mb1", make("mb1")) == (1, "mb1")
-    assert reg.get("dev", make("dev")) == (0, "dev")  # a hit: dev is now the most recent
-    assert reg.get("mb2", make("mb2")) == (2, "mb2")  # mb1 is the least recently used
-    assert released == [1] and len(reg) == 2
-    assert reg.get("mb1", make("mb1")) == (3, "mb1")  # registered again under a new number; dev goes
-    assert released == [1, 0] and made == ["dev", "mb1", "mb2", "mb1"]
+    assert reg.get("mb2", make("mb2")) == (2, "mb2")
+    assert reg.get("mb1", make("mb1")) == (1, "mb1")  # a hit: mb1 is now the most recent
+    assert reg.get("mb3", make("mb3")) == (3, "mb3")  # mb2 was the least recently used
+    assert released == [2] and len(reg) == 3
+    assert reg.get("mb2", make("mb2")) == (4, "mb2")  # registered again under a new number; mb1 goes
+    assert reg.get("dev", make("dev"), whole_run=True) == (0, "dev")  # whole-run batches are never released
+    assert released == [2, 1] and made == ["dev", "mb1", "mb2", "mb3", "mb2"]
     with pytest.raises(ConfigError, match="keep: expected at least 1"):
         Registrations(released.append, keep=0)

@@ -15,7 +15,8 @@ command               what the servers do
 ``register``          store a batch of examples (shared embeddings or shared one-hot ids, public mask, for
                       masked-LM heads the shared one-hot of the <mask> position) under the next batch number
                       (0, 1, 2, ...: a counter, nothing derived from the data): sent once, reused every step
-``release``           forget a registered batch and its recordings (the owner keeps a bounded number)
+``release``           forget a registered batch and its recordings (the owner keeps its whole splits and the
+                      8 most recently used minibatches: :class:`secfwt.tuning.objective.Registrations`)
 ``forward``           for P shared soft prompts and a registered batch, run the P x B forwards in chunks of
                       ``max_rows`` sequences (:mod:`secfwt.serve.rows`) and reveal the (P, B, L) logits to
                       the owner only

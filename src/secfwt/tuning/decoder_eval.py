@@ -222,7 +222,7 @@ class MpcDecoderEvaluator(_DecoderEvaluatorBase):
             order = by_length(enc.attention_mask)
             return self.client.register(enc.input_ids[order], enc.attention_mask[order]), order
 
-        number, order = self._registered.get(batch.cache_key(n_prompt), register)
+        number, order = self._registered.get(batch.cache_key(n_prompt), register, batch.whole_run)
         out = self.client.forward(number, prompts.to(torch.float64)).float()  # (P, B, L), sorted row order
         unsorted = torch.empty_like(out)
         unsorted[:, order] = out

@@ -206,8 +206,8 @@ class _Loop:
         if config.loss == "hinge":
             self.loss_fn = lambda lg, y: hinge(lg, y, config.margin)
         self.proj = make_projection(evaluator, config)
-        self.train = Batch.of("train", data.train)
-        self.dev = Batch.of("dev", data.dev)
+        self.train = Batch.of("train", data.train, whole_run=True)
+        self.dev = Batch.of("dev", data.dev, whole_run=True)
         self.fingerprint = _fingerprint(config, evaluator, data)
         # Checkpointed state
         self.cma = CMA(mean=np.zeros(config.d), sigma=config.sigma, population_size=config.popsize, seed=config.seed)
@@ -400,7 +400,9 @@ def _finish(loop: _Loop, elapsed: float) -> TuneResult:
     """Evaluate the selected prompt and the zero-shot floor on the evaluation split."""
     start = time.perf_counter()
     data, cfg, ev = loop.data, loop.cfg, loop.ev
-    eval_batch = Batch.of(data.eval_split, data.eval)
+    # "eval-dev" / "eval-test": ids unique per set of examples (the k-shot dev set is "dev" even when the
+    # evaluation split is the task's dev file), so whether a registration is reused never depends on content
+    eval_batch = Batch.of(f"eval-{data.eval_split}", data.eval, whole_run=True)
     best_z = loop.best_z if loop.best_z is not None else np.asarray(loop.mean(), dtype=np.float64)
     dev_acc = loop.best_dev[0] if loop.best_z is not None else loop._score(best_z, loop.dev)[0]
     zs_acc = loop._score(None, eval_batch)[0]

@@ -83,7 +83,7 @@ class MpcEvaluator:
                                           enc.mask_pos if self.head == "mlm" else None)
             return number, (enc, order)
 
-        number, (enc, order) = self._cache.get(batch.cache_key(n_prompt), register)
+        number, (enc, order) = self._cache.get(batch.cache_key(n_prompt), register, batch.whole_run)
         return number, enc, order
 
     def logits(self, prompts: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -44,17 +44,20 @@ class Batch:
     labels: torch.Tensor = field(repr=False)  # (B,) int64
     key: str
     ids: tuple[str, ...] = ()
+    whole_run: bool = False  # used throughout the run (a whole split): kept registered, never released
 
     @staticmethod
-    def of(name: str, examples: Sequence[Example], ids: Sequence[str] | None = None) -> Batch:
-        """A batch named ``name``; ``ids`` default to ``name:0 .. name:B-1`` (a minibatch passes its parent's)."""
+    def of(name: str, examples: Sequence[Example], ids: Sequence[str] | None = None, *,
+           whole_run: bool = False) -> Batch:
+        """A batch named ``name``; ``ids`` default to ``name:0 .. name:B-1`` (a minibatch passes its parent's).
+        Names must be unique per set of examples: equal ids mean equal examples."""
         exs = tuple(examples)
         ids = tuple(ids) if ids is not None else tuple(f"{name}:{i}" for i in range(len(exs)))
         if len(ids) != len(exs):
             raise ConfigError(f"batch {name!r}: {len(ids)} ids for {len(exs)} examples")
         blob = json.dumps([[list(e.texts), e.label] for e in exs]).encode()
         labels = torch.tensor([e.label for e in exs], dtype=torch.int64)
-        return Batch(name, exs, labels, hashlib.sha256(blob).hexdigest()[:16], ids)
+        return Batch(name, exs, labels, hashlib.sha256(blob).hexdigest()[:16], ids, whole_run)
 
     def cache_key(self, n_prompt: int) -> tuple[tuple[str, ...], str, int]:
         """What an evaluator caches one encoding of this batch under (owner side only)."""
@@ -66,36 +69,40 @@ class Batch:
 
 R = TypeVar("R")
 
-KEEP_BATCHES = 8  # registered batches the owner keeps on the servers (dev, test and the latest minibatches)
+KEEP_BATCHES = 8  # minibatches (and prediction batches) the owner keeps registered on the servers
 
 
 class Registrations(Generic[R]):
-    """The owner's batches registered on the servers, at most ``keep``: a new one beyond that releases the least
-    recently used (``release(number)``), so a run with a fresh minibatch per generation holds bounded memory on
-    the servers. What the servers see (registration and release order) follows the sequence of cache keys the
-    tuning loop asks for: example ids and split names from its seeds, never texts or labels."""
+    """The owner's batches registered on the servers: the whole-run ones (train, dev, evaluation splits) stay;
+    of the others (minibatches, predictions) at most ``keep``, the least recently used released first
+    (``release(number)``) before a new one is registered. A run with a fresh minibatch per generation thus holds
+    bounded memory on the servers. What the servers see (registration and release order) follows the sequence
+    of batches the tuning loop asks for: example ids and split names from its seeds, never texts or labels."""
 
     def __init__(self, release: Callable[[int], None], keep: int | None = None) -> None:
         keep = KEEP_BATCHES if keep is None else keep
         if keep < 1:
             raise ConfigError(f"keep: expected at least 1 registered batch, got {keep}")
         self._release, self.keep = release, keep
-        self._by_key: OrderedDict[Hashable, tuple[int, R]] = OrderedDict()
+        self._by_key: OrderedDict[Hashable, tuple[int, R]] = OrderedDict()  # released in this order
+        self._whole_run: dict[Hashable, tuple[int, R]] = {}
 
-    def get(self, key: Hashable, register: Callable[[], tuple[int, R]]) -> tuple[int, R]:
+    def get(self, key: Hashable, register: Callable[[], tuple[int, R]], whole_run: bool = False) -> tuple[int, R]:
         """(batch number, owner's data) of ``key``, registering it with ``register()`` the first time."""
+        if key in self._whole_run:
+            return self._whole_run[key]
         if key in self._by_key:
             self._by_key.move_to_end(key)
             return self._by_key[key]
-        value = register()
-        self._by_key[key] = value
-        while len(self._by_key) > self.keep:
+        while not whole_run and len(self._by_key) >= self.keep:
             _, (number, _) = self._by_key.popitem(last=False)
             self._release(number)
+        value = register()
+        (self._whole_run if whole_run else self._by_key)[key] = value
         return value
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return len(self._by_key) + len(self._whole_run)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ plaintext evaluator too, which is the oracle the MPC predictions are compared wi
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,9 @@ def classify(
     if not examples:
         raise ConfigError("predict: no input texts")
     prompts = prompt[None] if prompt.shape[0] else torch.zeros(1, 0, ev.hidden_size)
-    logits = ev.logits(prompts.float(), Batch.of("predict", examples))[0].double()  # (B, L)
+    # A fresh name per call: predicting the same texts twice registers them twice, so the servers cannot tell
+    batch = Batch.of(f"predict-{secrets.token_hex(8)}", examples)
+    logits = ev.logits(prompts.float(), batch)[0].double()  # (B, L)
     probs = torch.softmax(logits, dim=-1)
     out = []
     for ex, p in zip(examples, probs, strict=True):
