@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from secfwt.comm.base import OWNER, SERVER0, SERVER1
-from secfwt.errors import ConfigError
+from secfwt.errors import ConfigError, ProtocolMismatchError
 from secfwt.nn.backend import PlainBackend
 from secfwt.nn.config import AttentionConfig
 from secfwt.nn.encoder import Encoder
@@ -210,6 +210,32 @@ def test_released_batches_are_forgotten_and_refused(tiny):
     want = torch.stack([head.forward(be, enc.forward(be, enc.params["emb.word"][ids], mask, prompt=p), pos)
                         for p in prompts])
     assert (out - want).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("raw", [{"cmd": "release", "batch": 3}, {"cmd": "release", "batch": 0, "again": 1}])
+def test_servers_refuse_a_release_of_an_unknown_batch(tiny, raw):
+    """The servers check a release themselves (an owner that skipped its own check): an unknown or already
+    released batch number stops them with one clear error."""
+    model_dir, shares_dir = tiny
+    enc = Encoder.from_pretrained(model_dir)
+    ids, mask, mask_pos, _ = _inputs(enc.config.vocab_size)
+
+    def server(ctx):
+        srv = ModelServer(ctx, load_server_shares(shares_dir / f"server{ctx.rank}.safetensors", ctx.rank))
+        with pytest.raises(ProtocolMismatchError) as err:
+            serve_loop(ctx, srv)
+        return str(err.value)
+
+    def owner(ctx):
+        client = PrivateModelClient(ctx, 32, enc.config.vocab_size, word_table=owner_word_table(shares_dir))
+        client.setup(AttentionConfig("softmax"), HeadSpec("mlm", [[7], [9]]), max_rows=4)
+        client.register(ids, mask, mask_pos)
+        for _ in range(1 + int(raw.get("again", 0))):
+            client._cmd({"cmd": "release", "batch": raw["batch"]})
+
+    res = run_in_process(_servers_from(server) | {OWNER: owner}, timeout=300)
+    want = f"release: unknown batch #{raw['batch']}"
+    assert res[SERVER0] == res[SERVER1] == want
 
 
 def test_share_files_are_checked(tiny, tmp_path):
