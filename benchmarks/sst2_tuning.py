@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from secfwt.cost import LAN, WAN, cpu_model
+from secfwt.tuning import checkpoint
 from secfwt.tuning.report import report_dict
 from secfwt.tuning.runner import RunSpec, run
 
@@ -85,6 +86,8 @@ def spec_for(a: argparse.Namespace, name: str) -> RunSpec:
 
 
 def row_for(name: str, spec: RunSpec, parties: str) -> dict[str, Any]:
+    state = checkpoint.load(Path(spec.checkpoint_dir)) if spec.checkpoint_dir else None
+    resumed_at = int(state["iteration"]) if state is not None else 0  # earlier sessions' generations
     start = time.perf_counter()
     result, _ = run(spec, parties=parties if spec.mode == "mpc" else "inprocess")
     wall = time.perf_counter() - start
@@ -94,7 +97,8 @@ def row_for(name: str, spec: RunSpec, parties: str) -> dict[str, Any]:
     mpc = cost is not None and spec.mode == "mpc"
     forwards = _forwards(result, spec)
     rep.update({
-        "run": name, "parties": parties if spec.mode == "mpc" else "-", "wall_s": round(wall, 1),
+        "run": name, "parties": parties if spec.mode == "mpc" else "-", "wall_s": round(wall, 1),  # this session
+        "resumed_at_iteration": resumed_at,
         "dev_accuracy": result.dev_accuracy, "zero_shot_dev_accuracy": result.zero_shot_dev_accuracy,
         "used_prompt": result.used_prompt, "forwards": forwards,
         "s_per_forward": round(result.time_s / forwards, 4),

@@ -36,6 +36,7 @@ def test_checkpointed_run_resumes_and_reports_the_same_row(tiny_dir: Path, tmp_p
     a, b = (json.loads((tmp_path / f).read_text())["rows"][0] for f in ("a.json", "b.json"))
     for key in ("best_z", "history", "accuracy", "zero_shot_accuracy", "dev_accuracy", "forwards", "used_prompt"):
         assert a[key] == b[key], key
+    assert (a["resumed_at_iteration"], b["resumed_at_iteration"]) == (0, 3)
     assert b["time_s"] >= state["elapsed_s"] > 0  # the whole run's time: the first session's and the re-scoring
 
 
