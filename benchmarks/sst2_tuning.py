@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/sst2_tuning.py [--runs plaintext,mpc-softmax,mpc-rfa] [--parties local]
                                       [--k 16] [--iterations 2] [--popsize 4] [--max-eval 32] [--out ...]
+                                      [--checkpoint-dir DIR]   (resumes each run from DIR/<run>)
 
 Every run uses the same task split (LM-BFF SST-2 ``16-<seed>``; evaluation on the 872-example GLUE dev set,
 subsampled to ``--max-eval`` with a fixed seed), the same CMA-ES seed, the bundled all-MiniLM-L6-v2 (similarity
