@@ -49,6 +49,19 @@ def _inputs(vocab: int):
     return ids, mask, mask_pos, prompts
 
 
+def _model_server(ctx, shares_dir: Path) -> ModelServer:
+    return ModelServer(ctx, load_server_shares(shares_dir / f"server{ctx.rank}.safetensors", ctx.rank))
+
+
+def _plain_mlm_logits(enc, labels, ids, mask, mask_pos, prompts):
+    """The plaintext oracle: MLM logits (P, B, L) of each prompt on the batch, on the same model definition."""
+    be = PlainBackend()
+    head = MaskedLMHead.from_encoder(enc, labels)
+    pos = torch.nn.functional.one_hot(mask_pos, ids.shape[1]).double()
+    return torch.stack([head.forward(be, enc.forward(be, enc.params["emb.word"][ids], mask, prompt=p), pos)
+                        for p in prompts])
+
+
 @pytest.mark.parametrize("embedding", ["local", "private"])
 @pytest.mark.parametrize("kind", ["softmax", "rfa"])
 def test_mlm_logits_match_plaintext(tiny, embedding, kind):
@@ -129,7 +142,7 @@ def test_repeated_forwards_prefetch_the_dealer_with_the_same_logits(tiny):
     ids, mask, mask_pos, prompts = _inputs(enc.config.vocab_size)
 
     def server(ctx):
-        srv = ModelServer(ctx, load_server_shares(shares_dir / f"server{ctx.rank}.safetensors", ctx.rank))
+        srv = _model_server(ctx, shares_dir)
         seen = []
         forward = srv.forward
 
@@ -156,11 +169,7 @@ def test_repeated_forwards_prefetch_the_dealer_with_the_same_logits(tiny):
         return outs
 
     res = run_in_process(_servers_from(server) | {OWNER: owner}, timeout=300)
-    be = PlainBackend()
-    head = MaskedLMHead.from_encoder(enc, labels)
-    pos = torch.nn.functional.one_hot(mask_pos, 7).double()
-    want = torch.stack([head.forward(be, enc.forward(be, enc.params["emb.word"][ids], mask, prompt=p), pos)
-                        for p in prompts])
+    want = _plain_mlm_logits(enc, labels, ids, mask, mask_pos, prompts)
     outs = res[OWNER]
     for got, w in zip(outs, [want, want, want, want[:1], want[1:], want, want, want], strict=True):
         assert (got - w).abs().max() < 2e-2
@@ -177,7 +186,7 @@ def test_released_batches_are_forgotten_and_refused(tiny):
     ids, mask, mask_pos, prompts = _inputs(enc.config.vocab_size)
 
     def server(ctx):
-        srv = ModelServer(ctx, load_server_shares(shares_dir / f"server{ctx.rank}.safetensors", ctx.rank))
+        srv = _model_server(ctx, shares_dir)
         serve_loop(ctx, srv)
         return sorted(srv.batches), sorted(sig[0] for sig in srv._recordings)
 
@@ -204,11 +213,7 @@ def test_released_batches_are_forgotten_and_refused(tiny):
     assert numbers == (0, 1, 2)
     assert errors == ["batch #0 was released", "batch #0 was released"]
     assert res[SERVER0] == res[SERVER1] == ([1, 2], [1, 2])
-    be = PlainBackend()
-    head = MaskedLMHead.from_encoder(enc, labels)
-    pos = torch.nn.functional.one_hot(mask_pos, 7).double()
-    want = torch.stack([head.forward(be, enc.forward(be, enc.params["emb.word"][ids], mask, prompt=p), pos)
-                        for p in prompts])
+    want = _plain_mlm_logits(enc, labels, ids, mask, mask_pos, prompts)
     assert (out - want).abs().max() < 2e-2
 
 
@@ -221,7 +226,7 @@ def test_servers_refuse_a_release_of_an_unknown_batch(tiny, raw):
     ids, mask, mask_pos, _ = _inputs(enc.config.vocab_size)
 
     def server(ctx):
-        srv = ModelServer(ctx, load_server_shares(shares_dir / f"server{ctx.rank}.safetensors", ctx.rank))
+        srv = _model_server(ctx, shares_dir)
         with pytest.raises(ProtocolMismatchError) as err:
             serve_loop(ctx, srv)
         return str(err.value)
